@@ -1,0 +1,95 @@
+"""Shared fixtures: a tiny random Whisper (fast unit tests), the real embedded models, audio files.
+
+The tiny model keeps the real multilingual tokenizer and generation config, so prompts, language
+tokens and decoding behave exactly as with real weights; only the network is small and random.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_EN = REPO.parent / "shared" / "data" / "speech-en"
+DEMO = REPO / "demo" / "data"
+SR = 16000
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Model conversions go to a per-session cache, so tests never depend on a user's cache."""
+    os.environ["WHISPER_LORA_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    yield
+
+
+@pytest.fixture(scope="session")
+def base_model_dir(isolated_cache) -> Path:
+    """The real embedded whisper-base, converted once per session (~7 s)."""
+    from whisper_lora.models import resolve_model
+
+    return Path(resolve_model(None).location)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(base_model_dir, tmp_path_factory) -> Path:
+    """A randomly initialised 2-layer Whisper with the real tokenizer and generation config."""
+    import torch
+    from transformers import WhisperConfig, WhisperForConditionalGeneration, WhisperProcessor
+
+    real = WhisperConfig.from_pretrained(base_model_dir)
+    config = WhisperConfig(vocab_size=real.vocab_size, num_mel_bins=80, d_model=64, encoder_layers=2,
+                           decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+                           encoder_ffn_dim=128, decoder_ffn_dim=128, max_source_positions=1500,
+                           max_target_positions=448, pad_token_id=real.pad_token_id, bos_token_id=real.bos_token_id,
+                           eos_token_id=real.eos_token_id, decoder_start_token_id=real.decoder_start_token_id)
+    torch.manual_seed(0)
+    model = WhisperForConditionalGeneration(config)
+    from transformers import GenerationConfig
+
+    generation = GenerationConfig.from_pretrained(base_model_dir)
+    generation.alignment_heads = [[1, 0], [1, 1]]
+    model.generation_config = generation
+    out = tmp_path_factory.mktemp("tiny-whisper")
+    model.save_pretrained(out)
+    WhisperProcessor.from_pretrained(base_model_dir).save_pretrained(out)
+    return out
+
+
+def write_tone(path: Path, seconds: float = 1.0, rate: int = SR, channels: int = 1, freq: float = 440.0, **kw) -> Path:
+    t = np.arange(int(seconds * rate)) / rate
+    wave = (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+    data = np.stack([wave] * channels, axis=1) if channels > 1 else wave
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, data, rate, **kw)
+    return path
+
+
+@pytest.fixture
+def tiny_corpus(tmp_path) -> Path:
+    """Eight short real Mandarin clips from the demo corpus, as a JSON-lines train and dev manifest."""
+    rows = [json.loads(line) for line in (DEMO / "train.jsonl").read_text(encoding="utf-8").splitlines()[:8]]
+    folder = tmp_path / "corpus"
+    (folder / "audio").mkdir(parents=True)
+    for row in rows:
+        shutil.copy(DEMO / row["audio"]["path"], folder / row["audio"]["path"])
+    (folder / "train.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows[:6]), encoding="utf-8")
+    (folder / "dev.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows[6:]), encoding="utf-8")
+    return folder
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the real console entry point in a subprocess, as a user would."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "whisper_lora", *args], capture_output=True, text=True,
+                          cwd=cwd or REPO, env=env, timeout=timeout)

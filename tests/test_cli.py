@@ -1,0 +1,142 @@
+"""End-to-end CLI runs in real subprocesses: every command, and every bad input as a one-line error."""
+import dataclasses
+import json
+
+import pytest
+
+from conftest import SHARED_EN, run_cli, write_tone
+from whisper_lora.cli import STAGES
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, (result.returncode, result.stderr[-1500:])
+    assert "Traceback" not in result.stderr
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("whisper-lora: error:")]
+    assert len(lines) == 1, result.stderr[-1500:]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_help_describes_every_option():
+    top = run_cli("--help")
+    assert top.returncode == 0
+    for name, (cls, _) in STAGES.items():
+        assert name in top.stdout
+        sub = run_cli(name, "--help")
+        assert sub.returncode == 0
+        for f in dataclasses.fields(cls):
+            flag = f.name.upper() if f.metadata["positional"] else "--" + f.name.replace("_", "-")
+            assert flag in sub.stdout, (name, flag)
+            assert f.metadata["help"], (name, f.name)
+
+
+def test_end_to_end_tiny_model(tiny_model_dir, tiny_corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    train = run_cli("train", "--train-manifest", str(tiny_corpus / "train.jsonl"), "--dev-manifest",
+                    str(tiny_corpus / "dev.jsonl"), "--model", str(tiny_model_dir), "--output-dir", str(run_dir),
+                    "--max-steps", "2", "--batch-size", "3", "--lora-r", "4", "--max-new-tokens", "6")
+    assert train.returncode == 0, train.stderr[-2000:]
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+    merged = tmp_path / "merged"
+    merge = run_cli("merge", str(run_dir / "adapter"), "--output-dir", str(merged))
+    assert merge.returncode == 0, merge.stderr[-2000:]
+    assert (merged / "model.safetensors").is_file()
+
+    report = tmp_path / "eval.json"
+    evaluate = run_cli("evaluate", str(tiny_corpus / "dev.jsonl"), "--models", str(tiny_model_dir),
+                       str(run_dir / "adapter"), str(merged), "--output", str(report), "--max-new-tokens", "6")
+    assert evaluate.returncode == 0, evaluate.stderr[-2000:]
+    models = json.loads(report.read_text())["models"]
+    assert len(models) == 3
+    # adapter and merged model decode identically
+    assert [r["hypothesis"] for r in models[1]["samples"]] == [r["hypothesis"] for r in models[2]["samples"]]
+
+    out = tmp_path / "out.jsonl"
+    transcribe = run_cli("transcribe", str(tiny_corpus / "audio"), "--model", str(merged), "--language", "zh",
+                         "--output-format", "jsonl", "--output", str(out))
+    assert transcribe.returncode == 0, transcribe.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 8 and all(r["language"] == "zh" for r in rows)
+
+
+def test_yaml_config_with_override(tiny_model_dir, tiny_corpus, tmp_path):
+    (tmp_path / "train.yaml").write_text(
+        f"train_manifest: {tiny_corpus / 'train.jsonl'}\nmodel: {tiny_model_dir}\nmax_steps: 1\nbatch_size: 2\n"
+        f"lora_r: 2\noutput_dir: {tmp_path / 'run'}\ntensorboard: false\n")
+    result = run_cli("train", "--config", str(tmp_path / "train.yaml"), "--lora-r", "3")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "lora_r: 3" in (tmp_path / "run" / "config.yaml").read_text()
+    assert json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())["r"] == 3
+
+
+# ---- bad input: one line naming the file and the problem, exit code 2, no traceback -----------------
+
+def test_missing_audio_file(tiny_model_dir, tmp_path):
+    (tmp_path / "m.json").write_text(json.dumps({"gone.wav": "hello"}))
+    result = run_cli("train", "--train-manifest", str(tmp_path / "m.json"), "--model", str(tiny_model_dir),
+                     "--output-dir", str(tmp_path / "run"), "--language", "en")
+    assert_one_line_error(result, "m.json", "audio file not found", "gone.wav")
+
+
+@pytest.mark.parametrize("content,problem", [(b"", "audio file is empty"), (b"RIFF\x00\x00\x00\x00WAVEfmt junk", "cannot decode audio")])
+def test_empty_or_corrupt_audio_in_transcribe(tiny_model_dir, tmp_path, content, problem):
+    (tmp_path / "bad.wav").write_bytes(content)
+    result = run_cli("transcribe", str(tmp_path / "bad.wav"), "--model", str(tiny_model_dir))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert f"bad.wav: {problem}" in result.stderr
+
+
+def test_zero_sample_audio_in_transcribe(tiny_model_dir, tmp_path):
+    import numpy as np
+    import soundfile as sf
+
+    sf.write(tmp_path / "zero.wav", np.zeros(0, np.float32), 16000)
+    result = run_cli("transcribe", str(tmp_path / "zero.wav"), "--model", str(tiny_model_dir))
+    assert result.returncode == 1 and "zero.wav: audio has zero samples" in result.stderr
+
+
+def test_manifest_not_json_names_line(tiny_model_dir, tmp_path):
+    (tmp_path / "m.jsonl").write_text('{"audio": {"path": "a.wav"}, "sentence": "x"}\n{"audio": \n')
+    result = run_cli("train", "--train-manifest", str(tmp_path / "m.jsonl"), "--model", str(tiny_model_dir),
+                     "--output-dir", str(tmp_path / "run"))
+    assert_one_line_error(result, "m.jsonl", "line 2", "invalid JSON")
+
+
+def test_row_without_text(tmp_path):
+    (tmp_path / "m.json").write_text(json.dumps([{"audio_path": "a.wav"}]))
+    result = run_cli("evaluate", str(tmp_path / "m.json"))
+    assert_one_line_error(result, "m.json", "entry 0", "no text")
+
+
+def test_unknown_language_code(tiny_model_dir, tmp_path):
+    write_tone(tmp_path / "a.wav")
+    result = run_cli("transcribe", str(tmp_path / "a.wav"), "--language", "xx", "--model", str(tiny_model_dir))
+    assert_one_line_error(result, "--language", "unknown language 'xx'")
+    (tmp_path / "m.jsonl").write_text(json.dumps({"audio": {"path": "a.wav"}, "sentence": "x", "language": "zz"}) + "\n")
+    result = run_cli("evaluate", str(tmp_path / "m.jsonl"))
+    assert_one_line_error(result, "m.jsonl", "line 1", "unknown language 'zz'")
+
+
+def test_model_that_does_not_exist(tmp_path):
+    write_tone(tmp_path / "a.wav")
+    result = run_cli("transcribe", str(tmp_path / "a.wav"), "--model", str(tmp_path / "nowhere"))
+    assert_one_line_error(result, "nowhere", "model folder not found")
+
+
+def test_model_that_is_not_whisper(tmp_path):
+    write_tone(tmp_path / "a.wav")
+    (tmp_path / "gpt").mkdir()
+    (tmp_path / "gpt" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    result = run_cli("transcribe", str(tmp_path / "a.wav"), "--model", str(tmp_path / "gpt"))
+    assert_one_line_error(result, "gpt", "'gpt2' model, not Whisper")
+
+
+def test_output_folder_with_a_different_run(tiny_model_dir, tiny_corpus, tmp_path):
+    common = ["train", "--train-manifest", str(tiny_corpus / "train.jsonl"), "--model", str(tiny_model_dir),
+              "--output-dir", str(tmp_path / "run"), "--max-steps", "1", "--batch-size", "2", "--no-tensorboard"]
+    assert run_cli(*common, "--lora-r", "2").returncode == 0
+    result = run_cli(*common, "--lora-r", "4")
+    assert_one_line_error(result, "run", "holds a different run", "lora_r", "--overwrite")
+    assert run_cli(*common, "--lora-r", "4", "--overwrite").returncode == 0

@@ -1,0 +1,83 @@
+import dataclasses
+
+import pytest
+import yaml
+
+from whisper_lora.config import (EvaluateConfig, TrainConfig, build_config, prepare_run_dir, save_config)
+from whisper_lora.errors import UserError
+
+
+def test_defaults_yaml_then_flags(tmp_path):
+    (tmp_path / "c.yaml").write_text("train_manifest: t.jsonl\nlora-r: 8\nlearning_rate: 0.0005\n")
+    config = build_config(TrainConfig, str(tmp_path / "c.yaml"), {"lora_r": 16})
+    assert config.lora_r == 16  # flag beats YAML
+    assert config.learning_rate == 0.0005  # YAML beats default
+    assert config.lora_alpha == TrainConfig.lora_alpha  # default kept
+
+
+def test_unknown_yaml_key(tmp_path):
+    (tmp_path / "c.yaml").write_text("train_manifest: t.jsonl\nlora_rank: 8\n")
+    with pytest.raises(UserError, match="c.yaml: unknown option 'lora_rank'"):
+        build_config(TrainConfig, str(tmp_path / "c.yaml"))
+
+
+def test_invalid_yaml_names_line(tmp_path):
+    (tmp_path / "c.yaml").write_text("train_manifest: t.jsonl\nlora_r: [8\n")
+    with pytest.raises(UserError, match=r"c.yaml: invalid YAML at line"):
+        build_config(TrainConfig, str(tmp_path / "c.yaml"))
+
+
+def test_types_and_choices_are_checked():
+    with pytest.raises(UserError, match="--lora-r: cannot read 'eight' as int"):
+        build_config(TrainConfig, overrides={"train_manifest": "t", "lora_r": "eight"})
+    with pytest.raises(UserError, match="--precision must be one of"):
+        build_config(TrainConfig, overrides={"train_manifest": "t", "precision": "fp8"})
+
+
+def test_conflicting_options_name_both():
+    with pytest.raises(UserError, match="--resume and --overwrite conflict"):
+        build_config(TrainConfig, overrides={"train_manifest": "t", "resume": True, "overwrite": True})
+
+
+def test_required_option():
+    with pytest.raises(UserError, match="--train-manifest is required"):
+        build_config(TrainConfig)
+
+
+def test_list_option_from_yaml_and_string(tmp_path):
+    config = build_config(EvaluateConfig, overrides={"manifest": "m", "models": "a,b"})
+    assert config.models == ["a", "b"]
+
+
+def test_configs_are_frozen():
+    config = build_config(TrainConfig, overrides={"train_manifest": "t"})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.lora_r = 4
+
+
+def test_run_dir_refuses_a_different_run(tmp_path):
+    first = build_config(TrainConfig, overrides={"train_manifest": "t", "lora_r": 8})
+    prepare_run_dir(first, tmp_path / "run")
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["lora_r"] == 8
+    second = dataclasses.replace(first, lora_r=16)
+    with pytest.raises(UserError, match=r"run: output folder holds a different run \(changed: lora_r\)"):
+        prepare_run_dir(second, tmp_path / "run")
+    with pytest.raises(UserError, match="already holds this run; pass --resume"):
+        prepare_run_dir(first, tmp_path / "run")
+    prepare_run_dir(first, tmp_path / "run", resume=True)
+    prepare_run_dir(second, tmp_path / "run", overwrite=True)
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["lora_r"] == 16
+
+
+def test_run_dir_refuses_foreign_folder(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "thesis.tex").write_text("precious")
+    with pytest.raises(UserError, match="holds no whisper-lora run"):
+        prepare_run_dir(build_config(TrainConfig, overrides={"train_manifest": "t"}), tmp_path / "x")
+    assert (tmp_path / "x" / "thesis.tex").exists()
+
+
+def test_save_config_roundtrip(tmp_path):
+    config = build_config(TrainConfig, overrides={"train_manifest": "t", "target_modules": ["q_proj", "k_proj"]})
+    save_config(config, tmp_path / "c.yaml")
+    assert build_config(TrainConfig, str(tmp_path / "c.yaml")) == config

@@ -1,0 +1,21 @@
+import json
+
+from conftest import SHARED_EN
+from whisper_lora.config import EvaluateConfig, build_config
+from whisper_lora.stages import evaluate
+
+
+def test_several_models_one_table_and_every_hypothesis(base_model_dir, tiny_model_dir, tmp_path, capsys):
+    config = build_config(EvaluateConfig, overrides={
+        "manifest": str(SHARED_EN / "cards" / "transcripts.json"), "models": [str(base_model_dir), str(tiny_model_dir)],
+        "language": "en", "output": str(tmp_path / "eval.json"), "max_new_tokens": 24})
+    scores = evaluate.run(config)
+    table = capsys.readouterr().out
+    assert str(base_model_dir) in table and str(tiny_model_dir) in table and "WER" in table
+    real, random = scores
+    assert real.wer < 0.5 < random.wer  # the real model reads card names; a random one cannot
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert [m["model"] for m in report["models"]] == [str(base_model_dir), str(tiny_model_dir)]
+    rows = report["models"][0]["samples"]
+    assert len(rows) == 5 and {"audio", "reference", "hypothesis", "language"} <= set(rows[0])
+    assert report["metric"] == "wer"

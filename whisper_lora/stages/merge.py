@@ -1,0 +1,39 @@
+"""`whisper-lora merge`: adapter + base -> a standalone transformers model folder."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from ..config import MergeConfig, save_config
+from ..errors import UserError
+from ..lora import merge_into_base
+from ..models import ResolvedModel, load_model, resolve_model
+
+MERGE_CONFIG = "merge_config.yaml"
+
+
+def run(config: MergeConfig) -> Path:
+    # ---- set up
+    adapter = Path(config.adapter)
+    if not (adapter / "adapter_config.json").is_file():
+        raise UserError("is not an adapter folder (no adapter_config.json)", adapter)
+    out = Path(config.output_dir)
+    if out.exists() and any(out.iterdir()) if out.is_dir() else out.exists():
+        if not config.overwrite:
+            raise UserError("output folder exists and is not empty; pass --overwrite to replace it", out)
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    base_spec = config.model or json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    base = resolve_model(base_spec)
+
+    # ---- merge
+    model, processor = load_model(ResolvedModel(base.spec, base.location, adapter=adapter.resolve()))
+    merged = merge_into_base(model)
+
+    # ---- save
+    out.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out)
+    processor.save_pretrained(out)
+    save_config(config, out / MERGE_CONFIG)
+    print(f"merged model written to {out}")
+    return out

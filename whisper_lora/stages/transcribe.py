@@ -1,0 +1,113 @@
+"""`whisper-lora transcribe`: files, folders and list files -> text or JSON lines."""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from ..audio import CHUNK_SECONDS, SAMPLE_RATE, load_audio
+from ..config import TranscribeConfig
+from ..errors import AudioError, UserError
+from ..inference import Segment, Transcriber, TranscriptionInfo
+from ..manifest import language_code
+from ..models import load_model
+from ..text import NO_SPACE_LANGUAGES
+
+AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".m4a", ".ogg", ".opus", ".webm", ".aac", ".wma", ".mp4", ".pcm", ".raw"}
+LIST_SUFFIXES = {".txt", ".lst", ".list"}
+
+
+def expand_inputs(inputs: list[str]) -> list[Path]:
+    """Audio files as given; folders searched recursively; list files read one path per line."""
+    paths: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            paths += sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
+        elif path.suffix.lower() in LIST_SUFFIXES and path.is_file():
+            lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+            paths += [(path.parent / ln) for ln in lines if ln and not ln.startswith("#")]
+        else:
+            paths.append(path)
+    if not paths:
+        raise UserError(f"no audio files found in {', '.join(inputs)}")
+    return paths
+
+
+def join_segments(segments: list[Segment], language: str | None) -> str:
+    return ("" if language in NO_SPACE_LANGUAGES else " ").join(s.text for s in segments).strip()
+
+
+def transcribe_all(transcriber: Transcriber, paths: list[Path], config: TranscribeConfig, language: str | None
+                   ) -> Iterator[tuple[Path, list[Segment] | None, TranscriptionInfo | str]]:
+    """Yield (path, segments, info) in input order, or (path, None, error message) for bad files.
+
+    Clips up to 30 s are decoded together in batches; longer files go through long-form decoding.
+    """
+    pending: list[tuple[Path, np.ndarray]] = []
+
+    def flush():
+        if not pending:
+            return
+        decoded = transcriber.decode_batch([a for _, a in pending], [language] * len(pending), config.task,
+                                           config.num_beams, max_new_tokens=440)
+        for (path, audio), d in zip(pending, decoded):
+            duration = round(len(audio) / SAMPLE_RATE, 3)
+            segments = [Segment(0, 0.0, duration, d.text, d.tokens)] if d.text else []
+            yield path, segments, TranscriptionInfo(d.language, d.language_probability, duration)
+        pending.clear()
+
+    for path in paths:
+        try:
+            audio = load_audio(path)
+        except AudioError as exc:
+            yield from flush()
+            yield path, None, str(exc)
+            continue
+        if len(audio) <= CHUNK_SECONDS * SAMPLE_RATE:
+            pending.append((path, audio))
+            if len(pending) >= config.batch_size:
+                yield from flush()
+            continue
+        yield from flush()
+        segments, info = transcriber.transcribe(audio, language, config.task, config.num_beams)
+        yield path, list(segments), info
+    yield from flush()
+
+
+def run(config: TranscribeConfig) -> int:
+    from tqdm.auto import tqdm
+
+    # ---- set up
+    language = language_code(config.language, "--language") if config.language else None
+    paths = expand_inputs(config.inputs)
+    model, processor = load_model(config.model)
+    transcriber = Transcriber(model, processor)
+    if language and transcriber.multilingual and f"<|{language}|>" not in transcriber.generation_config.lang_to_id:
+        raise UserError(f"the model has no language '{language}'")
+    sink = open(config.output, "w", encoding="utf-8") if config.output else sys.stdout
+
+    # ---- loop
+    failures = 0
+    try:
+        for path, segments, info in tqdm(transcribe_all(transcriber, paths, config, language), total=len(paths),
+                                         desc="transcribe", unit="file", disable=len(paths) < 2, file=sys.stderr):
+            if segments is None:
+                failures += 1
+                print(f"whisper-lora: error: {info}", file=sys.stderr)
+                continue
+            text = join_segments(segments, info.language)
+            if config.output_format == "jsonl":
+                row = {"path": str(path), "text": text, **asdict(info), "segments": [asdict(s) for s in segments]}
+                sink.write(json.dumps(row, ensure_ascii=False) + "\n")
+            else:
+                sink.write(text + "\n" if len(paths) == 1 else f"{path}\t{text}\n")
+            sink.flush()
+    finally:
+        if sink is not sys.stdout:
+            sink.close()
+    return 1 if failures else 0
