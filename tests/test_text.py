@@ -7,8 +7,13 @@ def test_normalize_chinese_traditional_punctuation_and_spaces():
     assert normalize("我們，學習 漢語！", "zh") == "我们学习汉语"
 
 
-def test_normalize_english_case_punctuation_whitespace():
-    assert normalize("  Hello,   World!  It's  ", "en") == "hello world it s"
+def test_normalize_case_punctuation_whitespace():
+    assert normalize("  Hello,   World!  It's  ", "de") == "hello world it s"
+
+
+def test_english_numbers_and_contractions_use_whispers_normaliser():
+    assert normalize("Seven of clubs.", "en") == normalize("7 of clubs", "en") == "7 of clubs"
+    assert normalize("It's Mr. Smith!", "en") == "it is mister smith"
 
 
 def test_normalize_detects_chinese_without_language():
@@ -16,7 +21,7 @@ def test_normalize_detects_chinese_without_language():
 
 
 def test_full_width_forms_fold():
-    assert normalize("ＡＢＣ１２３", "en") == "abc123"
+    assert normalize("ＡＢＣ１２３", "de") == "abc123"
 
 
 def test_cer_counts_characters():

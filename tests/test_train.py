@@ -119,3 +119,19 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tiny_model_dir, tiny
     got_weights = load_file(killed_dir / "last" / "adapter_model.safetensors")
     for name, value in ref_weights.items():
         torch.testing.assert_close(got_weights[name], value, atol=1e-5, rtol=1e-4)
+
+
+def test_gradient_checkpointing_and_accumulation(tiny_model_dir, tiny_corpus, tmp_path):
+    summary = train.run(tiny_train_config(tiny_model_dir, tiny_corpus, tmp_path / "run", max_steps=2, batch_size=2,
+                                          grad_accum=2, gradient_checkpointing=True, dev_manifest=None))
+    assert summary["steps"] == 2
+    assert summary["samples_seen"] == 8  # 2 steps x 2 micro-batches x 2 samples
+
+
+def test_fp16_on_cpu_is_refused_up_front(tiny_model_dir, tiny_corpus, tmp_path):
+    from whisper_lora.errors import UserError
+
+    if torch.cuda.is_available():
+        pytest.skip("fp16 is valid on CUDA")
+    with pytest.raises(UserError, match="--precision fp16 needs a CUDA GPU"):
+        train.run(tiny_train_config(tiny_model_dir, tiny_corpus, tmp_path / "run", precision="fp16"))

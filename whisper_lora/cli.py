@@ -69,6 +69,7 @@ def _quiet_libraries() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # per-file "Loading weights" bars; ours remain
 
 
 def main(argv: list[str] | None = None) -> int:

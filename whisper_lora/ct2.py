@@ -129,8 +129,7 @@ def _ct2_to_hf_state_dict(ckpt: CT2Checkpoint) -> tuple[dict[str, np.ndarray], d
         linear(f"model.encoder.{conv}", f"encoder/{conv}")
     state["model.encoder.embed_positions.weight"] = w("encoder/position_encodings/encodings")
     layer_norm("model.encoder.layer_norm", "encoder/layer_norm")
-    for i in range(n_enc):
-        hf, ct = f"model.encoder.layers.{i}", f"encoder/layer_{i}"
+    def self_attention_and_ffn(hf: str, ct: str):
         fused_qkv(f"{hf}.self_attn", f"{ct}/self_attention/linear_0")
         linear(f"{hf}.self_attn.out_proj", f"{ct}/self_attention/linear_1")
         layer_norm(f"{hf}.self_attn_layer_norm", f"{ct}/self_attention/layer_norm")
@@ -138,21 +137,19 @@ def _ct2_to_hf_state_dict(ckpt: CT2Checkpoint) -> tuple[dict[str, np.ndarray], d
         linear(f"{hf}.fc2", f"{ct}/ffn/linear_1")
         layer_norm(f"{hf}.final_layer_norm", f"{ct}/ffn/layer_norm")
 
+    for i in range(n_enc):
+        self_attention_and_ffn(f"model.encoder.layers.{i}", f"encoder/layer_{i}")
+
     state["model.decoder.embed_tokens.weight"] = w("decoder/embeddings/weight")
     state["model.decoder.embed_positions.weight"] = w("decoder/position_encodings/encodings")
     layer_norm("model.decoder.layer_norm", "decoder/layer_norm")
     for i in range(n_dec):
         hf, ct = f"model.decoder.layers.{i}", f"decoder/layer_{i}"
-        fused_qkv(f"{hf}.self_attn", f"{ct}/self_attention/linear_0")
-        linear(f"{hf}.self_attn.out_proj", f"{ct}/self_attention/linear_1")
-        layer_norm(f"{hf}.self_attn_layer_norm", f"{ct}/self_attention/layer_norm")
+        self_attention_and_ffn(hf, ct)
         linear(f"{hf}.encoder_attn.q_proj", f"{ct}/attention/linear_0")
         fused_kv(f"{hf}.encoder_attn", f"{ct}/attention/linear_1")
         linear(f"{hf}.encoder_attn.out_proj", f"{ct}/attention/linear_2")
         layer_norm(f"{hf}.encoder_attn_layer_norm", f"{ct}/attention/layer_norm")
-        linear(f"{hf}.fc1", f"{ct}/ffn/linear_0")
-        linear(f"{hf}.fc2", f"{ct}/ffn/linear_1")
-        layer_norm(f"{hf}.final_layer_norm", f"{ct}/ffn/layer_norm")
 
     vocab_size, d_model = state["model.decoder.embed_tokens.weight"].shape
     shape = dict(

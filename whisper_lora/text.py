@@ -3,6 +3,8 @@
 CER/WER numbers are only meaningful with the normaliser stated, so there is exactly one here:
 Unicode NFKC, traditional -> simplified Chinese, lower case, punctuation (ASCII and CJK) removed,
 whitespace collapsed. Languages written without spaces are scored on characters with spaces removed.
+English additionally goes through Whisper's own English normaliser (numbers "seven" == "7",
+contractions, titles), as in the Whisper paper, so a model is not penalised for writing digits.
 """
 from __future__ import annotations
 
@@ -23,6 +25,13 @@ _WHITESPACE = re.compile(r"\s+")
 
 
 @functools.lru_cache(maxsize=1)
+def _english_normalizer():
+    from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
+
+    return EnglishTextNormalizer({})  # no British->American spelling map: it ships with hub models only
+
+
+@functools.lru_cache(maxsize=1)
 def _to_simplified():
     import opencc
 
@@ -36,6 +45,8 @@ def _is_punctuation(char: str) -> bool:
 def normalize(text: str, language: str | None = None) -> str:
     """The normaliser every metric in whisper-lora uses."""
     text = unicodedata.normalize("NFKC", text)
+    if language == "en":
+        text = _english_normalizer()(text)
     chinese = language in CHINESE_LANGUAGES or (language is None and _HAN.search(text) and not _KANA.search(text))
     if chinese:
         text = _to_simplified()(text)

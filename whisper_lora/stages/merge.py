@@ -19,7 +19,7 @@ def run(config: MergeConfig) -> Path:
     if not (adapter / "adapter_config.json").is_file():
         raise UserError("is not an adapter folder (no adapter_config.json)", adapter)
     out = Path(config.output_dir)
-    if out.exists() and any(out.iterdir()) if out.is_dir() else out.exists():
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not config.overwrite:
             raise UserError("output folder exists and is not empty; pass --overwrite to replace it", out)
         shutil.rmtree(out) if out.is_dir() else out.unlink()
