@@ -61,11 +61,15 @@ def test_bad_sample_is_skipped_and_listed(tiny_model_dir, tiny_corpus, tmp_path)
     (tiny_corpus / "audio" / "broken.ogg").write_bytes(b"OggS" + b"\0" * 200)
     rows.append(json.dumps({"audio": {"path": "audio/broken.ogg"}, "sentence": "坏", "language": "zh"}))
     (tiny_corpus / "train.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    with open(tiny_corpus / "dev.jsonl", "a", encoding="utf-8") as dev:  # a bad dev clip must not crash evaluation
+        dev.write(json.dumps({"audio": {"path": "audio/broken.ogg"}, "sentence": "坏", "language": "zh"}) + "\n")
     out = tmp_path / "run"
-    summary = train.run(tiny_train_config(tiny_model_dir, tiny_corpus, out, max_steps=4, batch_size=7, dev_manifest=None))
-    assert summary["skipped_samples"] >= 1
+    summary = train.run(tiny_train_config(tiny_model_dir, tiny_corpus, out, max_steps=2, batch_size=7))
+    assert summary["skipped_samples"] >= 2
+    assert any("dev_cer" in h for h in summary["history"])
     listed = [json.loads(line) for line in (out / "skipped_samples.jsonl").read_text().splitlines()]
-    assert any("broken.ogg" in item["reason"] for item in listed)
+    assert sum("broken.ogg" in item["reason"] for item in listed) >= 2
+    assert {item["source"].split(":")[0] for item in listed} >= {str(tiny_corpus / "train.jsonl"), str(tiny_corpus / "dev.jsonl")}
 
 
 def test_cached_encoder_gives_the_same_loss(tiny_model_dir, tiny_corpus, tmp_path):

@@ -19,12 +19,14 @@ import torch
 
 from ..checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
 from ..config import TrainConfig, prepare_run_dir
-from ..data import CachedEncoderDataset, EncoderCache, SpeechDataset, build_labels, collate
+from ..data import CachedEncoderDataset, EncoderCache, SkippedSample, SpeechDataset, build_labels, collate
 from ..errors import UserError
 from ..lora import apply_lora, save_adapter
 from ..manifest import check_audio_exists, language_code, read_manifest
 from ..models import load_model, resolve_model
+from ..inference import Transcriber
 from ..text import default_metric
+from .evaluate import ModelScore, load_clips, score_model, score_rows
 
 ADAPTER_DIR = "adapter"  # best adapter by dev metric (or the last one without a dev set)
 LAST_ADAPTER_DIR = "last"
@@ -58,30 +60,17 @@ def resolve_precision(precision: str) -> str:
     return {"fp32": "no"}.get(precision, precision)
 
 
-def evaluate_dev(accelerator, model, processor, samples, config: TrainConfig, metric: str) -> dict:
-    """Score the dev set by generation, sharded across processes so no rank waits on another."""
-    from ..audio import load_audio
-    from ..inference import Transcriber
-    from ..text import error_rate
+def evaluate_dev(accelerator, model, processor, dev_clips, config: TrainConfig, language: str | None) -> ModelScore:
+    """Score the dev set by generation, sharded across processes so no rank idles into a timeout."""
+    from accelerate.utils import gather_object
 
     unwrapped = accelerator.unwrap_model(model)
     transcriber = Transcriber(unwrapped, processor, device=str(accelerator.device))
-    indices = list(range(len(samples)))
-    results = []
-    with accelerator.split_between_processes(indices) as mine:
-        for start in range(0, len(mine), config.eval_batch_size):
-            batch = [samples[i] for i in mine[start : start + config.eval_batch_size]]
-            audios = [load_audio(s.audio_path, s.start, s.end) for s in batch]
-            languages = [s.language or config.language for s in batch]
-            decoded = transcriber.decode_batch(audios, languages, config.task, 1, config.max_new_tokens)
-            results += [(s.text, d.text, lang) for s, d, lang in zip(batch, decoded, languages)]
-    from accelerate.utils import gather_object
-
-    results = gather_object(results)
+    with accelerator.split_between_processes(dev_clips) as mine:
+        mine_scored = score_model("dev", transcriber, mine, language, config.task, config.eval_batch_size, 1,
+                                  config.max_new_tokens, progress=False)
     unwrapped.train()
-    refs, hyps, langs = zip(*results)
-    scores = {"cer": error_rate(refs, hyps, "cer", langs), "wer": error_rate(refs, hyps, "wer", langs)}
-    return {"metric": scores[metric], **scores, "examples": [{"reference": r, "hypothesis": h} for r, h, _ in results[:3]]}
+    return score_rows("dev", gather_object(mine_scored.rows))
 
 
 def run(config: TrainConfig) -> dict:
@@ -116,6 +105,8 @@ def run(config: TrainConfig) -> dict:
     labels, skipped = build_labels(train_samples, processor, generation_config, language, config.task)
     if dev_samples:  # fail now, not after the first epoch, if dev rows lack a usable language
         build_labels(dev_samples, processor, generation_config, language, config.task)
+    dev_clips, dev_problems = load_clips(dev_samples)  # decoded once; unreadable clips reported, not scored
+    skipped += [SkippedSample(-1, config.dev_manifest, problem) for problem in dev_problems]
     dataset = SpeechDataset(train_samples, labels, processor)
     if len(dataset) == 0:
         raise UserError("no usable training samples (see the reasons above)", config.train_manifest)
@@ -158,7 +149,7 @@ def run(config: TrainConfig) -> dict:
         peft_model = accelerator.unwrap_model(model)
         if accelerator.is_main_process:
             improved = dev is not None and (state.best_metric is None or dev["metric"] < state.best_metric)
-            if improved or not dev_samples:
+            if improved or not dev_clips:
                 if dev is not None:
                     state.best_metric, state.best_step = dev["metric"], state.step
                 save_adapter(peft_model, processor, out / ADAPTER_DIR, resolved.spec)
@@ -209,8 +200,9 @@ def run(config: TrainConfig) -> dict:
                 accelerator.log({f"train/{k}": v for k, v in record.items() if k not in ("step", "epoch")}, step=state.step)
                 progress.set_postfix(loss=f"{record['loss']:.3f}")
             dev = None
-            if dev_samples and (state.step % eval_steps == 0 or state.step == total_steps):
-                dev = evaluate_dev(accelerator, model, processor, dev_samples, config, metric)
+            if dev_clips and (state.step % eval_steps == 0 or state.step == total_steps):
+                scores = evaluate_dev(accelerator, model, processor, dev_clips, config, language)
+                dev = {"metric": getattr(scores, metric), "cer": scores.cer, "wer": scores.wer}
                 state.history.append({"step": state.step, f"dev_{metric}": dev["metric"],
                                       "dev_cer": dev["cer"], "dev_wer": dev["wer"]})
                 accelerator.log({"dev/cer": dev["cer"], "dev/wer": dev["wer"]}, step=state.step)

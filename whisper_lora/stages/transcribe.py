@@ -85,7 +85,7 @@ def run(config: TranscribeConfig) -> int:
     # ---- set up
     language = language_code(config.language, "--language") if config.language else None
     paths = expand_inputs(config.inputs)
-    model, processor = load_model(config.model)
+    model, processor = load_model(config.model, merge_adapter=True)  # identical output, no LoRA matmuls
     transcriber = Transcriber(model, processor)
     if language and transcriber.multilingual and f"<|{language}|>" not in transcriber.generation_config.lang_to_id:
         raise UserError(f"the model has no language '{language}'")
