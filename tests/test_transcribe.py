@@ -30,3 +30,53 @@ def test_jsonl_output_has_segments_and_language_detection(base_model_dir, tmp_pa
     assert row["language"] == "en" and row["language_probability"] > 0.5
     assert "gregson" in row["text"].lower()
     assert row["segments"][0]["end"] == row["duration"]
+
+
+def test_long_audio_to_every_format_with_valid_timestamps(base_model_dir, tmp_path):
+    import numpy as np
+    import soundfile as sf
+    import srt
+    import webvtt
+
+    from whisper_lora.audio import load_audio
+
+    speech = load_audio(SHARED_EN / "arctic_a0007.wav")
+    audio = np.concatenate([speech, np.zeros(16000 * 8, np.float32)] * 3 + [speech])  # ~36 s
+    sf.write(tmp_path / "long.flac", audio, 16000)
+    duration = len(audio) / 16000
+    result = run_cli("transcribe", str(tmp_path / "long.flac"), "--language", "en", "--output-format", "all",
+                     "--output-dir", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    produced = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert produced == ["long.json", "long.srt", "long.tsv", "long.txt", "long.vtt"]
+    cues = list(srt.parse((tmp_path / "out" / "long.srt").read_text()))
+    assert len(cues) >= 4
+    starts = [c.start.total_seconds() for c in cues]
+    assert starts == sorted(starts)
+    assert all(0 <= c.start.total_seconds() < c.end.total_seconds() <= duration + 0.01 for c in cues)
+    assert cues[-1].start.total_seconds() > 30  # the part after the first window is there
+    assert len(webvtt.read(str(tmp_path / "out" / "long.vtt"))) == len(cues)
+
+
+def test_output_option_conflicts(tmp_path):
+    result = run_cli("transcribe", "a.wav", "--output-format", "jsonl", "--output-dir", str(tmp_path))
+    assert result.returncode == 2 and "--output-format jsonl and --output-dir conflict" in result.stderr
+    result = run_cli("transcribe", "a.wav", "--output-format", "all")
+    assert result.returncode == 2 and "--output-format all needs --output-dir" in result.stderr
+    result = run_cli("transcribe", "a.wav", "--output-format", "docx")
+    assert result.returncode == 2 and "invalid choice: 'docx'" in result.stderr
+
+
+def test_ct2_backend_matches_the_transformers_backend(base_model_dir):
+    clip = str(SHARED_EN / "arctic_a0009.wav")
+    ct2 = run_cli("transcribe", clip, "--backend", "ct2", "--language", "en")
+    hf = run_cli("transcribe", clip, "--backend", "transformers", "--language", "en")
+    assert ct2.returncode == 0 and hf.returncode == 0, ct2.stderr[-2000:] + hf.stderr[-2000:]
+    assert ct2.stdout.strip() == hf.stdout.strip()
+    assert "gregson" in ct2.stdout.lower()
+
+
+def test_ct2_backend_needs_a_ct2_model(tiny_model_dir, tmp_path):
+    write_tone(tmp_path / "a.wav")
+    result = run_cli("transcribe", str(tmp_path / "a.wav"), "--backend", "ct2", "--model", str(tiny_model_dir))
+    assert result.returncode == 2 and "is not a CTranslate2 model" in result.stderr and "whisper-lora export" in result.stderr

@@ -13,7 +13,8 @@ import typing
 import warnings
 
 from . import __version__
-from .config import DemoConfig, EvaluateConfig, MergeConfig, TrainConfig, TranscribeConfig, build_config
+from .config import (DemoConfig, EvaluateConfig, ExportConfig, MergeConfig, TrainConfig, TranscribeConfig,
+                     build_config)
 from .errors import UserError
 
 STAGES = {
@@ -21,6 +22,7 @@ STAGES = {
     "merge": (MergeConfig, "merge an adapter into its base model (a standalone transformers folder)"),
     "evaluate": (EvaluateConfig, "CER/WER of one or more models on a manifest, side by side"),
     "transcribe": (TranscribeConfig, "transcribe audio files, folders or list files"),
+    "export": (ExportConfig, "export to CTranslate2 (faster-whisper), gated on CER/WER parity"),
     "demo": (DemoConfig, "fine-tune the embedded whisper-base on the Mandarin demo corpus and report"),
 }
 

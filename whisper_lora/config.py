@@ -130,7 +130,7 @@ class EvaluateConfig:
             raise UserError("--batch-size, --num-beams and --max-new-tokens must be positive")
 
 
-OUTPUT_FORMATS = ("txt", "jsonl")
+OUTPUT_FORMATS = ("txt", "jsonl", "json", "srt", "vtt", "tsv", "all")
 
 
 @dataclass(frozen=True)
@@ -138,19 +138,61 @@ class TranscribeConfig:
     inputs: list[str] = option([], "audio files, folders, or .txt/.lst files listing one audio path per line",
                                positional=True)
     model: str | None = option(None, "hub id, folder, CTranslate2 folder, adapter folder; empty = embedded whisper-base")
+    backend: str = option("transformers", "transformers (any model, adapters too) or ct2 (CTranslate2 through "
+                                          "faster-whisper; needs a CTranslate2 folder such as `export` writes)",
+                          choices=("transformers", "ct2"))
+    compute_type: str = option("default", "ct2 backend weight type; default = as stored in the model",
+                               choices=("default", "int8", "int8_float16", "int8_float32", "float16", "bfloat16", "float32"))
     language: str | None = option(None, "spoken language; empty = detect per file")
     task: str = option("transcribe", "transcribe, or translate into English", choices=TASKS)
     batch_size: int = option(8, "30 s windows decoded together")
     num_beams: int = option(1, "beam size (1 = greedy)")
-    output_format: str = option("txt", "txt: 'path<TAB>text' lines; jsonl: one JSON object per file with segments",
+    output_format: str = option("txt", "txt (to stdout: 'path<TAB>text' per file), jsonl (one JSON object per "
+                                       "file), or per-file json/srt/vtt/tsv, or all of these with --output-dir",
                                 choices=OUTPUT_FORMATS)
-    output: str | None = option(None, "write results to this file instead of standard output")
+    output: str | None = option(None, "write txt/jsonl results to this file instead of standard output")
+    output_dir: str | None = option(None, "write one file per input and format here (NAME.txt, NAME.srt, …)")
 
     def validate(self) -> None:
         if not self.inputs:
             raise UserError("transcribe needs at least one audio file, folder or list file")
+        if self.output and self.output_dir:
+            raise UserError("--output and --output-dir conflict: one file for all inputs, or one file per input")
+        if self.output_format == "jsonl" and self.output_dir:
+            raise UserError("--output-format jsonl and --output-dir conflict: jsonl is one stream for all inputs; "
+                            "use --output-format json for one file per input")
+        if self.output_format == "all" and not self.output_dir:
+            raise UserError("--output-format all needs --output-dir")
         if self.batch_size <= 0 or self.num_beams <= 0:
             raise UserError("--batch-size and --num-beams must be positive")
+
+
+CT2_QUANTIZATIONS = ("int8", "int8_float16", "int8_float32", "int8_bfloat16", "float16", "bfloat16", "float32")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    model: str = option(None, "adapter folder, merged model folder, or any --model accepted elsewhere", positional=True)
+    output_dir: str = option(None, "folder for the exported model (a faster-whisper model folder)")
+    format: str = option("ct2", "export format: ct2 = CTranslate2, loadable by faster-whisper", choices=("ct2",))
+    quantization: str = option("int8", "CTranslate2 weight type", choices=CT2_QUANTIZATIONS)
+    dev_manifest: str | None = option(None, "manifest on which both models are scored for the parity gate")
+    audio_dir: str | None = option(None, "folder that relative audio paths in --dev-manifest start from")
+    language: str | None = option(None, "language of dev rows that do not name one")
+    metric: str = option("auto", "parity metric: auto = CER for zh/ja/th/…, WER otherwise", choices=METRICS)
+    max_gap: float = option(0.5, "fail when the export's CER/WER is worse by more than this many points (absolute)")
+    parity_check: bool = option(True, "score both models on --dev-manifest and fail on a gap over --max-gap")
+    overwrite: bool = option(False, "replace OUTPUT_DIR if it exists")
+
+    def validate(self) -> None:
+        if not self.model:
+            raise UserError("export needs a MODEL (adapter or model folder)")
+        if not self.output_dir:
+            raise UserError("--output-dir is required for export")
+        if self.parity_check and not self.dev_manifest:
+            raise UserError("the parity gate needs --dev-manifest (or pass --no-parity-check to export unchecked)")
+        if self.max_gap < 0:
+            raise UserError(f"--max-gap must be >= 0, got {self.max_gap}")
 
 
 @dataclass(frozen=True)

@@ -250,5 +250,7 @@ def convert_ct2_to_transformers(ct2_dir: Path, out_dir: Path, model_bin_parts: S
         "add_prefix_space": False}))
     tokenizer = WhisperTokenizer.from_pretrained(out_dir)
     extractor = WhisperFeatureExtractor(feature_size=shape["num_mel_bins"])
-    WhisperProcessor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(out_dir)
+    processor = WhisperProcessor(feature_extractor=extractor, tokenizer=tokenizer)
+    processor.save_pretrained(out_dir)
+    extractor.save_pretrained(out_dir)  # preprocessor_config.json, which CTranslate2 tools read
     return out_dir

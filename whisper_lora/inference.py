@@ -144,3 +144,46 @@ class Transcriber:
             text = self.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
             if text:
                 yield Segment(i, round(float(seg["start"]), 3), round(min(float(seg["end"]), duration), 3), text, tokens)
+
+
+COMPUTE_TYPES = ("default", "int8", "int8_float16", "int8_float32", "float16", "bfloat16", "float32")
+
+
+class CT2Transcriber:
+    """The same interface on CTranslate2 through faster-whisper (its front end, its decoding loop).
+
+    Models come from `whisper-lora export --format ct2`, any faster-whisper folder, or the embedded
+    default (already CTranslate2).
+    """
+
+    def __init__(self, model_dir: str, compute_type: str = "default", device: str = "auto"):
+        try:
+            from faster_whisper import WhisperModel
+        except ImportError:
+            from .errors import UserError
+
+            raise UserError("--backend ct2 needs faster-whisper: pip install 'whisper-lora[ct2]'") from None
+        self.model = WhisperModel(model_dir, device=device, compute_type=compute_type)
+        self.multilingual = self.model.model.is_multilingual
+        self.languages = set(self.model.supported_languages)
+
+    def decode_batch(self, audios: list[np.ndarray], languages: list[str | None] | None = None,
+                     task: str = "transcribe", num_beams: int = 1, max_new_tokens: int = 128) -> list[Decoded]:
+        results = []
+        for audio, language in zip(audios, languages or [None] * len(audios)):
+            segments, info = self.model.transcribe(audio, language=language, task=task, beam_size=num_beams,
+                                                   best_of=1, temperature=0.0, without_timestamps=True,
+                                                   condition_on_previous_text=False, max_new_tokens=max_new_tokens)
+            segments = list(segments)
+            text = "".join(s.text for s in segments).strip()
+            results.append(Decoded(text, [t for s in segments for t in s.tokens], info.language,
+                                   info.language_probability))
+        return results
+
+    def transcribe(self, audio: np.ndarray, language: str | None = None, task: str = "transcribe",
+                   num_beams: int = 1, max_new_tokens: int = 440) -> tuple[Iterator[Segment], TranscriptionInfo]:
+        segments, info = self.model.transcribe(audio, language=language, task=task, beam_size=num_beams,
+                                               condition_on_previous_text=False)
+        converted = (Segment(s.id, round(s.start, 3), round(s.end, 3), s.text.strip(), list(s.tokens),
+                             s.avg_logprob, s.no_speech_prob) for s in segments if s.text.strip())
+        return converted, TranscriptionInfo(info.language, info.language_probability, info.duration)

@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .models import save_processor
 
 
 def apply_lora(model, r: int, alpha: int, dropout: float, target_modules: list[str], decoder_only: bool = False):
@@ -37,7 +38,7 @@ def save_adapter(peft_model, processor, folder: Path, base_model_spec: str) -> N
         peft_model.save_pretrained(folder)
     finally:
         peft_config.base_model_name_or_path = previous
-    processor.save_pretrained(folder)
+    save_processor(processor, folder)
 
 
 def merge_into_base(peft_model):

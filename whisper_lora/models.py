@@ -22,6 +22,7 @@ from .errors import UserError
 
 DEFAULT_MODEL = "default"
 CONVERSION_MARKER = ".whisper-lora-converted"  # written last: a folder without it is incomplete
+CONVERSION_VERSION = 2  # bump when the converted folder changes, so stale caches are rebuilt
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ def resolve_model(spec: str | None) -> ResolvedModel:
         em = EMBEDDED_MODELS[embedded_name]
         parts = [_package_dir(pkg, em.pip) / rel for pkg, rel in em.parts]
         ct2_dir = _package_dir(em.package, em.pip) / em.subdir
-        location = _convert_cached(f"{em.name}-{em.sha256[:12]}", ct2_dir, parts, em.sha256)
+        location = _convert_cached(f"{em.name}-{em.sha256[:12]}-v{CONVERSION_VERSION}", ct2_dir, parts, em.sha256)
         return ResolvedModel(spec, str(location))
 
     path = Path(spec).expanduser()
@@ -144,7 +145,7 @@ def resolve_model(spec: str | None) -> ResolvedModel:
             if _is_ct2_folder(path):
                 stat = (path / "model.bin").stat()
                 key = hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-                return ResolvedModel(spec, str(_convert_cached(f"ct2-{path.name}-{key}", path, [path / "model.bin"])))
+                return ResolvedModel(spec, str(_convert_cached(f"ct2-{path.name}-{key}-v{CONVERSION_VERSION}", path, [path / "model.bin"])))
         raise UserError("is not a Whisper model folder (no transformers config.json with model_type "
                         "'whisper', no CTranslate2 model.bin, no adapter_config.json)", path)
     if path.exists():
@@ -152,6 +153,44 @@ def resolve_model(spec: str | None) -> ResolvedModel:
     if _looks_like_hub_id(spec):
         return ResolvedModel(spec, spec)
     raise UserError("model folder not found (and it is not a Hugging Face Hub id like 'openai/whisper-small')", spec)
+
+
+def ct2_model_dir(spec: str | None) -> str:
+    """A folder faster-whisper can load: a CTranslate2 folder as is, or the embedded model's parts joined."""
+    spec = spec or DEFAULT_MODEL
+    embedded_name = "base" if spec == DEFAULT_MODEL else spec.removeprefix("embedded:") if spec.startswith("embedded:") else None
+    if embedded_name in EMBEDDED_MODELS:
+        em = EMBEDDED_MODELS[embedded_name]
+        target = cache_dir() / "ct2" / f"{em.name}-{em.sha256[:12]}"
+        if not (target / "model.bin").is_file():
+            from filelock import FileLock
+
+            target.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(target) + ".lock"):
+                source = _package_dir(em.package, em.pip) / em.subdir
+                for name in ("config.json", "tokenizer.json", "vocabulary.txt"):
+                    if (source / name).is_file():
+                        shutil.copy(source / name, target / name)
+                with open(target / "model.bin.partial", "wb") as out:
+                    for package, rel in em.parts:
+                        with open(_package_dir(package, em.pip) / rel, "rb") as part:
+                            shutil.copyfileobj(part, out)
+                os.replace(target / "model.bin.partial", target / "model.bin")
+        return str(target)
+    path = Path(spec).expanduser()
+    if path.is_dir() and _is_ct2_folder(path) and "model_type" not in json.loads((path / "config.json").read_text()):
+        return str(path)
+    if path.is_dir() or _looks_like_hub_id(spec):
+        raise UserError("is not a CTranslate2 model; --backend ct2 needs one: run "
+                        "`whisper-lora export MODEL --format ct2 --output-dir DIR` (it checks accuracy) and pass DIR", spec)
+    raise UserError("model folder not found", spec)
+
+
+def save_processor(processor, folder: Path) -> None:
+    """Save the processor, plus the stand-alone preprocessor_config.json that transformers 5 no longer
+    writes but CTranslate2's converter and faster-whisper read (n_mels, chunk length)."""
+    processor.save_pretrained(folder)
+    processor.feature_extractor.save_pretrained(folder)
 
 
 def load_processor(resolved: ResolvedModel):

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..config import MergeConfig, save_config
 from ..errors import UserError
 from ..lora import merge_into_base
-from ..models import ResolvedModel, load_model, resolve_model
+from ..models import ResolvedModel, load_model, resolve_model, save_processor
 
 MERGE_CONFIG = "merge_config.yaml"
 
@@ -33,7 +33,7 @@ def run(config: MergeConfig) -> Path:
     # ---- save
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out)
-    processor.save_pretrained(out)
+    save_processor(processor, out)
     save_config(config, out / MERGE_CONFIG)
     print(f"merged model written to {out}")
     return out

@@ -12,10 +12,11 @@ import numpy as np
 from ..audio import CHUNK_SECONDS, SAMPLE_RATE, load_audio
 from ..config import TranscribeConfig
 from ..errors import AudioError, UserError
-from ..inference import Segment, Transcriber, TranscriptionInfo
+from ..inference import CT2Transcriber, Segment, Transcriber, TranscriptionInfo
 from ..manifest import language_code
-from ..models import load_model
+from ..models import ct2_model_dir, load_model
 from ..text import NO_SPACE_LANGUAGES
+from ..writers import FORMATS, WRITERS
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".m4a", ".ogg", ".opus", ".webm", ".aac", ".wma", ".mp4", ".pcm", ".raw"}
 LIST_SUFFIXES = {".txt", ".lst", ".list"}
@@ -42,7 +43,7 @@ def join_segments(segments: list[Segment], language: str | None) -> str:
     return ("" if language in NO_SPACE_LANGUAGES else " ").join(s.text for s in segments).strip()
 
 
-def transcribe_all(transcriber: Transcriber, paths: list[Path], config: TranscribeConfig, language: str | None
+def transcribe_all(transcriber: Transcriber | CT2Transcriber, paths: list[Path], config: TranscribeConfig, language: str | None
                    ) -> Iterator[tuple[Path, list[Segment] | None, TranscriptionInfo | str]]:
     """Yield (path, segments, info) in input order, or (path, None, error message) for bad files.
 
@@ -79,16 +80,39 @@ def transcribe_all(transcriber: Transcriber, paths: list[Path], config: Transcri
     yield from flush()
 
 
+def unique_stems(paths: list[Path]) -> list[str]:
+    """Output names per input: the file stem, made unique when two inputs share one."""
+    seen: dict[str, int] = {}
+    stems = []
+    for path in paths:
+        count = seen[path.stem] = seen.get(path.stem, 0) + 1
+        stems.append(path.stem if count == 1 else f"{path.stem}-{count}")
+    return stems
+
+
 def run(config: TranscribeConfig) -> int:
     from tqdm.auto import tqdm
 
     # ---- set up
     language = language_code(config.language, "--language") if config.language else None
     paths = expand_inputs(config.inputs)
-    model, processor = load_model(config.model, merge_adapter=True)  # identical output, no LoRA matmuls
-    transcriber = Transcriber(model, processor)
-    if language and transcriber.multilingual and f"<|{language}|>" not in transcriber.generation_config.lang_to_id:
+    per_file_formats = FORMATS if config.output_format == "all" else (config.output_format,)
+    if config.output_format in ("json", "srt", "vtt", "tsv") and not config.output_dir and len(paths) > 1:
+        raise UserError(f"--output-format {config.output_format} with {len(paths)} inputs needs --output-dir "
+                        "(one file per input)")
+    if config.backend == "ct2":
+        transcriber = CT2Transcriber(ct2_model_dir(config.model), config.compute_type)
+        known = transcriber.languages
+    else:
+        model, processor = load_model(config.model, merge_adapter=True)  # identical output, no LoRA matmuls
+        transcriber = Transcriber(model, processor)
+        known = {token[2:-2] for token in (transcriber.generation_config.lang_to_id or {})}
+    if language and transcriber.multilingual and language not in known:
         raise UserError(f"the model has no language '{language}'")
+    out_dir = Path(config.output_dir) if config.output_dir else None
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    stems = dict(zip(paths, unique_stems(paths)))
     sink = open(config.output, "w", encoding="utf-8") if config.output else sys.stdout
 
     # ---- loop
@@ -101,11 +125,17 @@ def run(config: TranscribeConfig) -> int:
                 print(f"whisper-lora: error: {info}", file=sys.stderr)
                 continue
             text = join_segments(segments, info.language)
-            if config.output_format == "jsonl":
+            if out_dir:
+                for fmt in per_file_formats:
+                    with open(out_dir / f"{stems[path]}.{fmt}", "w", encoding="utf-8") as f:
+                        WRITERS[fmt](segments, info, text, f)
+            elif config.output_format == "jsonl":
                 row = {"path": str(path), "text": text, **asdict(info), "segments": [asdict(s) for s in segments]}
                 sink.write(json.dumps(row, ensure_ascii=False) + "\n")
-            else:
+            elif config.output_format == "txt":
                 sink.write(text + "\n" if len(paths) == 1 else f"{path}\t{text}\n")
+            else:
+                WRITERS[config.output_format](segments, info, text, sink)
             sink.flush()
     finally:
         if sink is not sys.stdout:

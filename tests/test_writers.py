@@ -1,0 +1,48 @@
+import io
+import json
+
+import pytest
+import srt
+import webvtt
+
+from whisper_lora.inference import Segment, TranscriptionInfo
+from whisper_lora.writers import WRITERS, format_timestamp
+
+SEGMENTS = [Segment(0, 0.0, 2.5, "First line."), Segment(1, 2.5, 3661.257, "Second --> line\n\nwith breaks")]
+INFO = TranscriptionInfo("en", 0.98, 3662.0)
+
+
+def render(fmt: str) -> str:
+    out = io.StringIO()
+    WRITERS[fmt](SEGMENTS, INFO, "First line. Second line", out)
+    return out.getvalue()
+
+
+def test_format_timestamp():
+    assert format_timestamp(3661.257) == "01:01:01.257"
+    assert format_timestamp(2.5, decimal_marker=",") == "00:00:02,500"
+    assert format_timestamp(59.9996, always_include_hours=False) == "01:00.000"
+    with pytest.raises(ValueError):
+        format_timestamp(-1)
+
+
+def test_srt_parses_with_the_srt_library():
+    cues = list(srt.parse(render("srt")))
+    assert [c.index for c in cues] == [1, 2]
+    assert cues[1].end.total_seconds() == pytest.approx(3661.257)
+    assert cues[0].content == "First line." and "\n" not in cues[1].content and "-->" not in cues[1].content
+
+
+def test_vtt_parses_with_webvtt(tmp_path):
+    path = tmp_path / "a.vtt"
+    path.write_text(render("vtt"))
+    cues = webvtt.read(str(path))
+    assert [c.start for c in cues] == ["00:00:00.000", "00:00:02.500"]
+    assert cues[1].end == "01:01:01.257"
+
+
+def test_tsv_and_json():
+    lines = render("tsv").splitlines()
+    assert lines[0] == "start\tend\ttext" and lines[2].split("\t")[:2] == ["2500", "3661257"]
+    data = json.loads(render("json"))
+    assert data["language"] == "en" and len(data["segments"]) == 2 and data["text"].startswith("First")

@@ -1,0 +1,60 @@
+"""Transcripts -> files: txt, json, srt, vtt, tsv (the formats openai/whisper's CLI writes).
+
+Pure functions over `Segment`s, so every front end (CLI, server, UI) writes identical files.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from typing import Callable, TextIO
+
+from .inference import Segment, TranscriptionInfo
+
+FORMATS = ("txt", "json", "srt", "vtt", "tsv")
+
+
+def format_timestamp(seconds: float, always_include_hours: bool = True, decimal_marker: str = ".") -> str:
+    if seconds < 0:
+        raise ValueError(f"negative timestamp {seconds}")
+    milliseconds = round(seconds * 1000)
+    hours, milliseconds = divmod(milliseconds, 3_600_000)
+    minutes, milliseconds = divmod(milliseconds, 60_000)
+    secs, milliseconds = divmod(milliseconds, 1000)
+    hours_part = f"{hours:02d}:" if always_include_hours or hours else ""
+    return f"{hours_part}{minutes:02d}:{secs:02d}{decimal_marker}{milliseconds:03d}"
+
+
+def _cue_text(text: str) -> str:
+    # A blank line ends a cue in SRT/VTT and "-->" starts a timing line: neither may appear in the text.
+    return " ".join(text.replace("-->", "->").split())
+
+
+def write_txt(segments: list[Segment], info: TranscriptionInfo, text: str, out: TextIO) -> None:
+    out.write(text + "\n")
+
+
+def write_json(segments: list[Segment], info: TranscriptionInfo, text: str, out: TextIO) -> None:
+    json.dump({"text": text, **asdict(info), "segments": [asdict(s) for s in segments]}, out, ensure_ascii=False, indent=2)
+    out.write("\n")
+
+
+def write_srt(segments: list[Segment], info: TranscriptionInfo, text: str, out: TextIO) -> None:
+    for number, segment in enumerate(segments, start=1):
+        out.write(f"{number}\n{format_timestamp(segment.start, decimal_marker=',')} --> "
+                  f"{format_timestamp(segment.end, decimal_marker=',')}\n{_cue_text(segment.text)}\n\n")
+
+
+def write_vtt(segments: list[Segment], info: TranscriptionInfo, text: str, out: TextIO) -> None:
+    out.write("WEBVTT\n\n")
+    for segment in segments:
+        out.write(f"{format_timestamp(segment.start)} --> {format_timestamp(segment.end)}\n{_cue_text(segment.text)}\n\n")
+
+
+def write_tsv(segments: list[Segment], info: TranscriptionInfo, text: str, out: TextIO) -> None:
+    out.write("start\tend\ttext\n")  # integer milliseconds, as openai/whisper writes them
+    for segment in segments:
+        out.write(f"{round(segment.start * 1000)}\t{round(segment.end * 1000)}\t{_cue_text(segment.text)}\n")
+
+
+WRITERS: dict[str, Callable[[list[Segment], TranscriptionInfo, str, TextIO], None]] = {
+    "txt": write_txt, "json": write_json, "srt": write_srt, "vtt": write_vtt, "tsv": write_tsv}
