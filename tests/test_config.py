@@ -81,3 +81,13 @@ def test_save_config_roundtrip(tmp_path):
     config = build_config(TrainConfig, overrides={"train_manifest": "t", "target_modules": ["q_proj", "k_proj"]})
     save_config(config, tmp_path / "c.yaml")
     assert build_config(TrainConfig, str(tmp_path / "c.yaml")) == config
+
+
+def test_yaml_key_without_value_and_non_finite_numbers(tmp_path):
+    (tmp_path / "c.yaml").write_text("train_manifest: t.jsonl\nbatch_size:\n")
+    with pytest.raises(UserError, match="option batch-size needs a value"):
+        build_config(TrainConfig, str(tmp_path / "c.yaml"))
+    with pytest.raises(UserError, match="finite and positive"):
+        build_config(TrainConfig, overrides={"train_manifest": "t", "epochs": "nan"})
+    with pytest.raises(UserError, match="--max-new-tokens must be at most 444"):
+        build_config(EvaluateConfig, overrides={"manifest": "m", "max_new_tokens": 500})

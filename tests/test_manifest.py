@@ -77,3 +77,16 @@ def test_missing_audio_is_reported_with_row(tmp_path):
     samples = read_manifest(tmp_path / "m.json")
     with pytest.raises(ManifestError, match=r"m.json: audio file not found: .*gone.wav \(gone.wav\) \(and 1 more\)"):
         check_audio_exists(samples, tmp_path / "m.json")
+
+
+def test_single_row_json_lines_is_not_mistaken_for_a_dict(tmp_path):
+    (tmp_path / "one.jsonl").write_text(json.dumps({"audio_path": "a.wav", "text": "hello"}) + "\n")
+    (sample,) = read_manifest(tmp_path / "one.jsonl")
+    assert sample.audio_path.name == "a.wav" and sample.text == "hello"
+
+
+def test_malformed_sentences_are_named(tmp_path):
+    row = {"audio": {"path": "a.wav"}, "sentence": "x", "sentences": [{"start": 0, "text": "x"}]}
+    (tmp_path / "m.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(ManifestError, match=r"line 1: sentences\[0\] needs numeric 'start', 'end'"):
+        read_manifest(tmp_path / "m.jsonl")

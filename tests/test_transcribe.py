@@ -9,7 +9,8 @@ def test_inputs_from_files_folders_and_list_files(tmp_path):
     b = write_tone(tmp_path / "dir" / "sub" / "b.flac")
     (tmp_path / "dir" / "notes.md").write_text("not audio")
     (tmp_path / "list.txt").write_text("# my clips\none/a.wav\n\n")
-    assert expand_inputs([str(a), str(tmp_path / "dir"), str(tmp_path / "list.txt")]) == [a, b, tmp_path / "one" / "a.wav"]
+    # the list file names a.wav again: each file is transcribed once
+    assert expand_inputs([str(a), str(tmp_path / "dir"), str(tmp_path / "list.txt")]) == [a, b]
 
 
 def test_real_model_transcribes_files_and_folders(base_model_dir):
@@ -80,3 +81,33 @@ def test_ct2_backend_needs_a_ct2_model(tiny_model_dir, tmp_path):
     write_tone(tmp_path / "a.wav")
     result = run_cli("transcribe", str(tmp_path / "a.wav"), "--backend", "ct2", "--model", str(tiny_model_dir))
     assert result.returncode == 2 and "is not a CTranslate2 model" in result.stderr and "whisper-lora export" in result.stderr
+
+
+def test_vad_skips_silence_and_keeps_original_times(base_model_dir, tmp_path):
+    import numpy as np
+    import soundfile as sf
+
+    from whisper_lora.audio import load_audio
+    from whisper_lora.vad import pack_regions, speech_regions
+
+    speech = load_audio(SHARED_EN / "arctic_a0009.wav")
+    silence = np.zeros(16000 * 30, np.float32)
+    audio = np.concatenate([silence, speech, silence, speech])  # speech at ~30 s and ~63 s
+    regions = speech_regions(audio)
+    assert len(regions) == 2
+    assert 29.5 < regions[0].start < 30.5 and 62.5 < regions[1].start < 63.7
+    assert len(pack_regions(regions)) == 2  # 36 s from first start to last end: two 30 s windows
+    assert len(pack_regions(regions, max_seconds=40)) == 1
+    assert speech_regions(np.zeros(16000 * 10, np.float32)) == []
+
+    sf.write(tmp_path / "gappy.wav", audio, 16000)
+    sf.write(tmp_path / "silence.wav", silence, 16000)
+    out = tmp_path / "out"
+    result = run_cli("transcribe", str(tmp_path / "gappy.wav"), str(tmp_path / "silence.wav"), "--vad",
+                     "--language", "en", "--output-format", "json", "--output-dir", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    gappy = json.loads((out / "gappy.json").read_text())
+    starts = [s["start"] for s in gappy["segments"]]
+    assert len(starts) == 2 and 29.5 < starts[0] < 30.5 and 62.5 < starts[1] < 63.7
+    assert all("gregson" in s["text"].lower() for s in gappy["segments"])
+    assert json.loads((out / "silence.json").read_text())["segments"] == []  # no invented text

@@ -27,6 +27,7 @@ class TrainState:
     best_metric: float | None = None
     best_step: int | None = None
     samples_seen: int = 0
+    num_processes: int = 1  # data order per rank depends on it: resuming with another count is refused
     history: list[dict] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
 
@@ -46,7 +47,8 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, peft_model, optimizer, scheduler, state: TrainState, keep: int) -> Path:
+def save_checkpoint(run_dir: Path, peft_model, optimizer, scheduler, state: TrainState, keep: int,
+                    scaler=None) -> Path:
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
@@ -57,8 +59,8 @@ def save_checkpoint(run_dir: Path, peft_model, optimizer, scheduler, state: Trai
     partial.mkdir(parents=True)
     weights = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
     save_file(weights, partial / "adapter.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
-               partial / "trainer.pt")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(),
+                "scaler": scaler.state_dict() if scaler is not None else None}, partial / "trainer.pt")
     (partial / "state.json").write_text(json.dumps(asdict(state), ensure_ascii=False))
     shutil.rmtree(final, ignore_errors=True)
     partial.rename(final)
@@ -75,7 +77,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def load_checkpoint(path: Path, peft_model, optimizer, scheduler) -> TrainState:
+def load_checkpoint(path: Path, peft_model, optimizer, scheduler, scaler=None) -> TrainState:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -84,4 +86,6 @@ def load_checkpoint(path: Path, peft_model, optimizer, scheduler) -> TrainState:
     optimizer.load_state_dict(trainer["optimizer"])
     scheduler.load_state_dict(trainer["scheduler"])
     _set_rng_state(trainer["rng"])
+    if scaler is not None and trainer.get("scaler"):
+        scaler.load_state_dict(trainer["scaler"])
     return TrainState(**json.loads((path / "state.json").read_text()))

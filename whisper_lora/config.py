@@ -8,6 +8,7 @@ Cross-option checks run once, in `validate()`, before any model is loaded.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,6 +29,13 @@ def option(default: Any = None, help: str = "", *, choices: tuple | None = None,
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+MAX_NEW_TOKENS = 444  # 448-token decoder context minus the 4 prompt tokens
+
+
+def check_max_new_tokens(value: int) -> None:
+    if value > MAX_NEW_TOKENS:
+        raise UserError(f"--max-new-tokens must be at most {MAX_NEW_TOKENS} (Whisper's 448-token context "
+                        f"minus the prompt), got {value}")
 METRICS = ("auto", "cer", "wer")
 TASKS = ("transcribe", "translate")
 
@@ -91,6 +99,11 @@ class TrainConfig:
             raise UserError("--resume and --overwrite conflict: one continues OUTPUT_DIR, the other replaces it")
         if not self.target_modules:
             raise UserError("--target-modules needs at least one module name")
+        if not math.isfinite(self.epochs) or not math.isfinite(self.learning_rate) or self.learning_rate <= 0:
+            raise UserError("--epochs and --learning-rate must be finite and positive")
+        if self.num_workers < 0:
+            raise UserError(f"--num-workers must be >= 0, got {self.num_workers}")
+        check_max_new_tokens(self.max_new_tokens)
 
 
 @dataclass(frozen=True)
@@ -128,6 +141,7 @@ class EvaluateConfig:
             raise UserError("--models needs at least one model")
         if self.batch_size <= 0 or self.num_beams <= 0 or self.max_new_tokens <= 0:
             raise UserError("--batch-size, --num-beams and --max-new-tokens must be positive")
+        check_max_new_tokens(self.max_new_tokens)
 
 
 OUTPUT_FORMATS = ("txt", "jsonl", "json", "srt", "vtt", "tsv", "all")
@@ -147,6 +161,8 @@ class TranscribeConfig:
     task: str = option("transcribe", "transcribe, or translate into English", choices=TASKS)
     batch_size: int = option(8, "30 s windows decoded together")
     num_beams: int = option(1, "beam size (1 = greedy)")
+    vad: bool = option(False, "decode only speech found by Silero VAD (batched; silence yields no text); "
+                              "default: sequential 30 s windows with timestamps")
     output_format: str = option("txt", "txt (to stdout: 'path<TAB>text' per file), jsonl (one JSON object per "
                                        "file), or per-file json/srt/vtt/tsv, or all of these with --output-dir",
                                 choices=OUTPUT_FORMATS)
@@ -265,6 +281,9 @@ def build_config(cls, yaml_path: str | None = None, overrides: dict[str, Any] | 
     values.update(overrides or {})
     for name, choice_field in fields.items():
         if name in values:
+            optional = type(None) in typing.get_args(hints[name])
+            if values[name] is None and not optional and choice_field.default is not None:
+                raise UserError(f"option {name.replace('_', '-')} needs a value")
             values[name] = _coerce(values[name], hints[name], f"--{name.replace('_', '-')}")
             choices = choice_field.metadata.get("choices")
             if choices and values[name] not in choices:

@@ -120,10 +120,18 @@ class EncoderCache:
         encoder = model.get_encoder()
         shape = (len(dataset), encoder.config.max_source_positions, encoder.config.d_model)
         done_file = path.with_suffix(".done.json")
+        # Keyed on what was encoded, not just how much: an edited manifest of the same length recomputes.
+        import hashlib
+
+        key = hashlib.sha256(json.dumps([s.id for s in dataset.samples]).encode()).hexdigest()
         self.errors: dict[int, dict] = {}
-        if done_file.is_file() and json.loads(done_file.read_text()).get("shape") == list(shape):
+        try:
+            done = json.loads(done_file.read_text()) if done_file.is_file() else {}
+        except json.JSONDecodeError:
+            done = {}
+        if done.get("shape") == list(shape) and done.get("samples_sha256") == key:
             self.hidden = np.load(path, mmap_mode="r")
-            self.errors = {int(k): v for k, v in json.loads(done_file.read_text())["errors"].items()}
+            self.errors = {int(k): v for k, v in done["errors"].items()}
             return
         hidden = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
         with torch.inference_mode():
@@ -137,7 +145,9 @@ class EncoderCache:
                     for it, row in zip(good, out):
                         hidden[it["index"]] = row
         hidden.flush()
-        done_file.write_text(json.dumps({"shape": list(shape), "errors": self.errors}))
+        staging = done_file.with_suffix(".partial")
+        staging.write_text(json.dumps({"shape": list(shape), "samples_sha256": key, "errors": self.errors}))
+        staging.replace(done_file)  # the marker appears only once the cache is complete
         self.hidden = np.load(path, mmap_mode="r")
 
 

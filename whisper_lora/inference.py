@@ -113,10 +113,14 @@ class Transcriber:
                         lang, prob) for text, row, (lang, prob) in zip(texts, ids, resolved)]
 
     def transcribe(self, audio: np.ndarray, language: str | None = None, task: str = "transcribe",
-                   num_beams: int = 1, max_new_tokens: int = 440) -> tuple[Iterator[Segment], TranscriptionInfo]:
+                   num_beams: int = 1, max_new_tokens: int = 440, vad: bool = False,
+                   batch_size: int = 8) -> tuple[Iterator[Segment], TranscriptionInfo]:
         """Transcribe audio of any length. Long audio is decoded window by window with timestamps
-        (openai/whisper's sequential long-form algorithm), so nothing past 30 s is dropped."""
+        (openai/whisper's sequential long-form algorithm), so nothing past 30 s is dropped; with
+        `vad`, only speech regions are decoded, in batches, and silence yields no segment at all."""
         duration = len(audio) / SAMPLE_RATE
+        if vad:
+            return self._vad_segments(audio, language, task, num_beams, max_new_tokens, batch_size, duration)
         first_window = self.features([audio[: CHUNK_SECONDS * SAMPLE_RATE]])
         (lang, prob), = self._language_for(first_window, [language])
         info = TranscriptionInfo(lang, prob, duration)
@@ -127,6 +131,28 @@ class Transcriber:
                     yield Segment(0, 0.0, round(duration, 3), decoded.text, decoded.tokens)
             return short(), info
         return self._long_form(audio, lang, task, num_beams, duration), info
+
+    def _vad_segments(self, audio: np.ndarray, language: str | None, task: str, num_beams: int,
+                      max_new_tokens: int, batch_size: int, duration: float):
+        from .vad import pack_regions, speech_regions
+
+        windows = pack_regions(speech_regions(audio))
+        clips = [np.concatenate([audio[int(r.start * SAMPLE_RATE): int(r.end * SAMPLE_RATE)] for r in w]) for w in windows]
+        if language is None and clips and self.multilingual:
+            (language, prob), = self.detect_language(self.features(clips[:1]))
+        else:
+            prob = None if language or not self.multilingual else 1.0
+        info = TranscriptionInfo(language if self.multilingual else "en", prob, duration)
+
+        def segments() -> Iterator[Segment]:
+            for first in range(0, len(clips), batch_size):
+                decoded = self.decode_batch(clips[first:first + batch_size], [language] * len(clips[first:first + batch_size]),
+                                            task, num_beams, max_new_tokens)
+                for i, d in enumerate(decoded, start=first):
+                    if d.text:
+                        yield Segment(i, round(windows[i][0].start, 3), round(min(windows[i][-1].end, duration), 3),
+                                      d.text, d.tokens)
+        return segments(), info
 
     @torch.inference_mode()
     def _long_form(self, audio: np.ndarray, language: str | None, task: str, num_beams: int,
@@ -181,9 +207,10 @@ class CT2Transcriber:
         return results
 
     def transcribe(self, audio: np.ndarray, language: str | None = None, task: str = "transcribe",
-                   num_beams: int = 1, max_new_tokens: int = 440) -> tuple[Iterator[Segment], TranscriptionInfo]:
+                   num_beams: int = 1, max_new_tokens: int = 440, vad: bool = False,
+                   batch_size: int = 8) -> tuple[Iterator[Segment], TranscriptionInfo]:
         segments, info = self.model.transcribe(audio, language=language, task=task, beam_size=num_beams,
-                                               condition_on_previous_text=False)
+                                               condition_on_previous_text=False, vad_filter=vad)
         converted = (Segment(s.id, round(s.start, 3), round(s.end, 3), s.text.strip(), list(s.tokens),
                              s.avg_logprob, s.no_speech_prob) for s in segments if s.text.strip())
         return converted, TranscriptionInfo(info.language, info.language_probability, info.duration)

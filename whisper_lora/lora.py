@@ -30,15 +30,26 @@ def save_adapter(peft_model, processor, folder: Path, base_model_spec: str) -> N
     The recorded base model is what the user passed to --model (or 'default'), not a cache path, so
     the folder keeps working on another machine.
     """
-    folder.mkdir(parents=True, exist_ok=True)
+    import shutil
+
+    # Written beside the target and swapped in, so a kill mid-save never leaves a half adapter.
+    staging = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
     peft_config = peft_model.peft_config["default"]
     previous = peft_config.base_model_name_or_path
     peft_config.base_model_name_or_path = base_model_spec
     try:
-        peft_model.save_pretrained(folder)
+        peft_model.save_pretrained(staging)
     finally:
         peft_config.base_model_name_or_path = previous
-    save_processor(processor, folder)
+    save_processor(processor, staging)
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
+    staging.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def merge_into_base(peft_model):

@@ -76,6 +76,20 @@ def _optional_float(row: dict, key: str, where: str, path: Path) -> float | None
     return float(value)
 
 
+def _sentences(value: object, where: str, path: Path) -> tuple[TimedText, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ManifestError(f"{where}: 'sentences' must be a list of {{start, end, text}}", path)
+    out = []
+    for i, item in enumerate(value):
+        try:
+            out.append(TimedText(float(item["start"]), float(item["end"]), str(item["text"])))
+        except (KeyError, TypeError, ValueError):
+            raise ManifestError(f"{where}: sentences[{i}] needs numeric 'start', 'end' and a 'text'", path) from None
+    return tuple(out)
+
+
 def _row_to_sample(row: object, where: str, path: Path, base: Path) -> Sample:
     if not isinstance(row, dict):
         raise ManifestError(f"{where}: expected a JSON object, got {type(row).__name__}", path)
@@ -91,9 +105,7 @@ def _row_to_sample(row: object, where: str, path: Path, base: Path) -> Sample:
     language = row.get("language")
     if language is not None:
         language = language_code(str(language), f"{path}: {where}")
-    sentences = tuple(
-        TimedText(float(s["start"]), float(s["end"]), str(s["text"])) for s in row.get("sentences") or ()
-    )
+    sentences = _sentences(row.get("sentences"), where, path)
     return Sample(audio_path=(base / audio).resolve() if not Path(audio).is_absolute() else Path(audio),
                   text=text, language=language, start=start, end=end,
                   duration=_optional_float(row, "duration", where, path), sentences=sentences,
@@ -120,7 +132,8 @@ def read_manifest(path: str | Path, audio_dir: str | Path | None = None) -> list
         if content.lstrip().startswith("["):
             raise ManifestError(f"invalid JSON at line {whole_error.lineno}: {whole_error.msg}", path) from None
 
-    if isinstance(whole, dict) and whole and all(isinstance(v, str) for v in whole.values()):
+    is_single_row = isinstance(whole, dict) and any(k in whole for k in ("audio", "audio_path", "path"))
+    if isinstance(whole, dict) and whole and not is_single_row and all(isinstance(v, str) for v in whole.values()):
         samples = []
         for audio, text in whole.items():
             if not text.strip():

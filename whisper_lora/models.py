@@ -218,7 +218,11 @@ def load_model(spec: str | ResolvedModel | None, device: str = "cpu", dtype=None
     if resolved.adapter is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, resolved.adapter)
+        try:
+            model = PeftModel.from_pretrained(model, resolved.adapter)
+        except (RuntimeError, ValueError, OSError) as exc:
+            reason = str(exc).strip().splitlines()[0][:200]
+            raise UserError(f"adapter does not fit base model {resolved.location} ({reason})", resolved.adapter) from None
         if merge_adapter:
             model = model.merge_and_unload()
     return model.to(device).eval(), processor

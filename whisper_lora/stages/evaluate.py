@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..audio import load_audio
+from ..audio import N_SAMPLES, SAMPLE_RATE, load_audio
 from ..config import EvaluateConfig
-from ..errors import AudioError
+from ..errors import AudioError, UserError
 from ..inference import Transcriber
 from ..manifest import Sample, check_audio_exists, language_code, read_manifest
 from ..models import load_model
@@ -40,9 +40,14 @@ def load_clips(samples: list[Sample]) -> tuple[list[tuple[Sample, np.ndarray]], 
     clips, problems = [], []
     for sample in samples:
         try:
-            clips.append((sample, load_audio(sample.audio_path, sample.start, sample.end)))
+            audio = load_audio(sample.audio_path, sample.start, sample.end)
         except AudioError as exc:
             problems.append(str(exc))
+            continue
+        if len(audio) > N_SAMPLES:  # the 30 s window would cut it, and the score with it
+            problems.append(f"{sample.audio_path}: {len(audio) / SAMPLE_RATE:.1f} s is longer than the 30 s window")
+            continue
+        clips.append((sample, audio))
     return clips, problems
 
 
@@ -63,6 +68,8 @@ def score_model(name: str, transcriber: Transcriber, clips: list[tuple[Sample, n
 
 def run(config: EvaluateConfig) -> list[ModelScore]:
     # ---- set up
+    if config.output and Path(config.output).is_dir():
+        raise UserError("--output is a folder; give a JSON file name", config.output)
     language = language_code(config.language, "--language") if config.language else None
     samples = read_manifest(config.manifest, config.audio_dir)
     check_audio_exists(samples, config.manifest)

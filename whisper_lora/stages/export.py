@@ -89,8 +89,10 @@ def run(config: ExportConfig) -> Path:
         merged_dir = Path(staging) / "merged"
         model.save_pretrained(merged_dir)
         save_processor(processor, merged_dir)
+        # Converted beside the target and renamed only once it passed: a crash leaves nothing that looks final.
+        partial = out.with_name(out.name + ".partial")
         TransformersConverter(str(merged_dir), copy_files=COPIED_FILES, load_as_float16=False).convert(
-            str(out), quantization=config.quantization, force=True)
+            str(partial), quantization=config.quantization, force=True)
 
     # ---- parity gate
     report = {"model": config.model, "format": config.format, "quantization": config.quantization}
@@ -98,7 +100,7 @@ def run(config: ExportConfig) -> Path:
         metric = config.metric if config.metric != "auto" else default_metric(
             language or next((s.language for s, _ in clips if s.language), None))
         reference = score_model("transformers", Transcriber(model, processor), clips, language, max_new_tokens=440)
-        exported = score_faster_whisper(out, clips, language)
+        exported = score_faster_whisper(partial, clips, language)
         verdict = parity_verdict(reference, exported, metric, config.max_gap)
         report.update(verdict)
         gap = verdict["gap_points"]
@@ -109,14 +111,15 @@ def run(config: ExportConfig) -> Path:
         if not verdict["passed"]:
             failed = out.with_name(out.name + ".parity-failed")
             shutil.rmtree(failed, ignore_errors=True)
-            out.rename(failed)
+            partial.rename(failed)
             (failed / EXPORT_REPORT).write_text(json.dumps(report, indent=2))
             raise UserError(f"parity gate failed: the export's {metric.upper()} is {gap:.2f} points worse than "
                             f"the transformers model (limit {config.max_gap}); kept for inspection in {failed}",
                             out)
 
     # ---- save
-    (out / EXPORT_REPORT).write_text(json.dumps(report, indent=2))
-    save_config(config, out / EXPORT_CONFIG)
+    (partial / EXPORT_REPORT).write_text(json.dumps(report, indent=2))
+    save_config(config, partial / EXPORT_CONFIG)
+    partial.rename(out)
     print(f"exported to {out} (load with faster_whisper.WhisperModel({str(out)!r}))")
     return out

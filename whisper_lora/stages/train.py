@@ -100,7 +100,12 @@ def run(config: TrainConfig) -> dict:
 
     with accelerator.main_process_first():  # one rank converts/caches the model, the others reuse it
         resolved = resolve_model(config.model)
+        if resolved.adapter is not None:
+            raise UserError("--model is an adapter; train on its base model, or merge it first with "
+                            "`whisper-lora merge`", config.model)
         model, processor = load_model(resolved, device="cpu")
+    # Adapters record the base so that they load from anywhere: local folders as absolute paths.
+    base_spec = str(Path(resolved.spec).resolve()) if Path(resolved.spec).expanduser().is_dir() else resolved.spec
     generation_config = model.generation_config
     labels, skipped = build_labels(train_samples, processor, generation_config, language, config.task)
     if dev_samples:  # fail now, not after the first epoch, if dev rows lack a usable language
@@ -131,13 +136,19 @@ def run(config: TrainConfig) -> dict:
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
     eval_steps = config.eval_steps or steps_per_epoch
     save_steps = config.save_steps or eval_steps
-    scheduler = get_linear_schedule_with_warmup(optimizer, min(config.warmup_steps, total_steps), total_steps)
+    # accelerate steps the scheduler once per process for each optimizer step, so count in those units.
+    n = accelerator.num_processes
+    scheduler = get_linear_schedule_with_warmup(optimizer, min(config.warmup_steps, total_steps) * n, total_steps * n)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
 
-    state = TrainState(skipped=[asdict(s) for s in skipped])
+    state = TrainState(skipped=[asdict(s) for s in skipped], num_processes=accelerator.num_processes)
     checkpoints = list_checkpoints(out)
     if config.resume and checkpoints:
-        state = load_checkpoint(checkpoints[-1], accelerator.unwrap_model(model), optimizer, scheduler)
+        state = load_checkpoint(checkpoints[-1], accelerator.unwrap_model(model), optimizer, scheduler,
+                                accelerator.scaler)
+        if state.num_processes != accelerator.num_processes:
+            raise UserError(f"checkpoint was written by {state.num_processes} processes, this run has "
+                            f"{accelerator.num_processes}; resume with the same launch", checkpoints[-1])
         accelerator.print(f"resuming from {checkpoints[-1]} (step {state.step}/{total_steps})")
     if config.tensorboard:
         accelerator.init_trackers("tensorboard", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
@@ -152,8 +163,8 @@ def run(config: TrainConfig) -> dict:
             if improved or not dev_clips:
                 if dev is not None:
                     state.best_metric, state.best_step = dev["metric"], state.step
-                save_adapter(peft_model, processor, out / ADAPTER_DIR, resolved.spec)
-            save_checkpoint(out, peft_model, optimizer, scheduler, state, config.keep_checkpoints)
+                save_adapter(peft_model, processor, out / ADAPTER_DIR, base_spec)
+            save_checkpoint(out, peft_model, optimizer, scheduler, state, config.keep_checkpoints, accelerator.scaler)
         accelerator.wait_for_everyone()
 
     # ---- loop -----------------------------------------------------------------------------------
@@ -166,6 +177,9 @@ def run(config: TrainConfig) -> dict:
         sampler.set_epoch(state.epoch)
         epoch_loader = accelerator.skip_first_batches(loader, state.batches_in_epoch) if state.batches_in_epoch else loader
         for batch in epoch_loader:
+            # Dropout masks depend only on the position in training, not on how many RNG draws came
+            # before (DataLoader iterators draw one each), so a resumed run repeats them exactly.
+            torch.manual_seed(config.seed * 1_000_003 + state.epoch * 100_003 + state.batches_in_epoch)
             state.batches_in_epoch += 1
             for s in batch["skipped"]:
                 state.skipped.append(asdict(s))
@@ -221,7 +235,7 @@ def run(config: TrainConfig) -> dict:
                "steps": state.step, "samples_seen": state.samples_seen, "skipped_samples": len(state.skipped),
                "train_runtime_s": round(time.time() - started, 1), "history": state.history}
     if accelerator.is_main_process:
-        save_adapter(accelerator.unwrap_model(model), processor, out / LAST_ADAPTER_DIR, resolved.spec)
+        save_adapter(accelerator.unwrap_model(model), processor, out / LAST_ADAPTER_DIR, base_spec)
         if not (out / "adapter").is_dir():
             shutil.copytree(out / LAST_ADAPTER_DIR, out / ADAPTER_DIR)
         (out / METRICS_FILE).write_text(json.dumps(summary, indent=2, ensure_ascii=False))

@@ -36,7 +36,7 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
             paths.append(path)
     if not paths:
         raise UserError(f"no audio files found in {', '.join(inputs)}")
-    return paths
+    return list(dict.fromkeys(paths))  # the same file named twice is transcribed once
 
 
 def join_segments(segments: list[Segment], language: str | None) -> str:
@@ -69,24 +69,29 @@ def transcribe_all(transcriber: Transcriber | CT2Transcriber, paths: list[Path],
             yield from flush()
             yield path, None, str(exc)
             continue
-        if len(audio) <= CHUNK_SECONDS * SAMPLE_RATE:
+        if len(audio) <= CHUNK_SECONDS * SAMPLE_RATE and not config.vad:
             pending.append((path, audio))
             if len(pending) >= config.batch_size:
                 yield from flush()
             continue
         yield from flush()
-        segments, info = transcriber.transcribe(audio, language, config.task, config.num_beams)
+        segments, info = transcriber.transcribe(audio, language, config.task, config.num_beams, vad=config.vad,
+                                                batch_size=config.batch_size)
         yield path, list(segments), info
     yield from flush()
 
 
 def unique_stems(paths: list[Path]) -> list[str]:
     """Output names per input: the file stem, made unique when two inputs share one."""
-    seen: dict[str, int] = {}
+    taken: set[str] = set()
     stems = []
     for path in paths:
-        count = seen[path.stem] = seen.get(path.stem, 0) + 1
-        stems.append(path.stem if count == 1 else f"{path.stem}-{count}")
+        stem, n = path.stem, 1
+        while stem in taken:
+            n += 1
+            stem = f"{path.stem}-{n}"
+        taken.add(stem)
+        stems.append(stem)
     return stems
 
 
@@ -113,6 +118,10 @@ def run(config: TranscribeConfig) -> int:
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
     stems = dict(zip(paths, unique_stems(paths)))
+    if config.output:
+        if Path(config.output).is_dir():
+            raise UserError("--output is a folder; give a file name, or use --output-dir", config.output)
+        Path(config.output).parent.mkdir(parents=True, exist_ok=True)
     sink = open(config.output, "w", encoding="utf-8") if config.output else sys.stdout
 
     # ---- loop
