@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from conftest import SHARED_EN, run_cli, write_tone
 from whisper_lora.stages.transcribe import expand_inputs
 
@@ -111,3 +113,51 @@ def test_vad_skips_silence_and_keeps_original_times(base_model_dir, tmp_path):
     assert len(starts) == 2 and 29.5 < starts[0] < 30.5 and 62.5 < starts[1] < 63.7
     assert all("gregson" in s["text"].lower() for s in gappy["segments"])
     assert json.loads((out / "silence.json").read_text())["segments"] == []  # no invented text
+
+
+def test_word_timestamps_on_the_ct2_backend(base_model_dir, tmp_path):
+    out = tmp_path / "w"
+    result = run_cli("transcribe", str(SHARED_EN / "arctic_a0007.wav"), "--backend", "ct2", "--word-timestamps",
+                     "--language", "en", "--output-format", "json", "--output-dir", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    (segment,) = json.loads((out / "arctic_a0007.json").read_text())["segments"]
+    words = segment["words"]
+    assert len(words) >= 8
+    assert all(segment["start"] - 0.01 <= w["start"] <= w["end"] <= segment["end"] + 0.01 for w in words)
+    assert [w["start"] for w in words] == sorted(w["start"] for w in words)
+    assert "".join(w["word"] for w in words).strip() == segment["text"]
+
+
+def peak_rss_mb(*args: str) -> tuple[int, float]:
+    """Run the CLI under GNU time and return (exit code, peak resident memory in MB)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    result = subprocess.run(["/usr/bin/time", "-f", "PEAK_KB %M", sys.executable, "-m", "whisper_lora", *args],
+                            capture_output=True, text=True, cwd=REPO, env=dict(os.environ), timeout=900)
+    peak = [line for line in result.stderr.splitlines() if line.startswith("PEAK_KB")][-1]
+    return result.returncode, int(peak.split()[1]) / 1024
+
+
+def test_three_hour_file_is_transcribed_in_bounded_memory(base_model_dir, tmp_path):
+    import shutil
+
+    import numpy as np
+    import soundfile as sf
+
+    if not shutil.which("/usr/bin/time"):
+        pytest.skip("GNU time is needed to measure peak memory")
+    rate = 8000  # 8 kHz, 8-bit keeps the 3-hour file at 86 MB on disk
+    with sf.SoundFile(tmp_path / "three_hours.wav", "w", rate, 1, subtype="PCM_U8") as f:
+        block = np.zeros(rate * 600, np.float32)
+        for _ in range(18):  # 18 x 10 min
+            f.write(block)
+    sf.write(tmp_path / "one_minute.wav", np.zeros(rate * 60, np.float32), rate, subtype="PCM_U8")
+    code_short, short_mb = peak_rss_mb("transcribe", str(tmp_path / "one_minute.wav"), "--language", "en")
+    code_long, long_mb = peak_rss_mb("transcribe", str(tmp_path / "three_hours.wav"), "--language", "en")
+    assert code_short == 0 and code_long == 0
+    # Decoding the whole file at once would hold 3 h x 16 kHz float32 = 691 MB more.
+    assert long_mb < short_mb + 150, (short_mb, long_mb)

@@ -163,6 +163,18 @@ class TranscribeConfig:
     num_beams: int = option(1, "beam size (1 = greedy)")
     vad: bool = option(False, "decode only speech found by Silero VAD (batched; silence yields no text); "
                               "default: sequential 30 s windows with timestamps")
+    temperature: list[float] = option([0.0, 0.2, 0.4, 0.6, 0.8, 1.0], "temperature ladder: retry a window hotter "
+                                      "when it loops or has low confidence (one value = no fallback)")
+    compression_ratio_threshold: float | None = option(2.4, "gzip compression ratio above which a window counts "
+                                                            "as a repetition loop and is retried")
+    log_prob_threshold: float | None = option(-1.0, "average log-probability below which a window is retried")
+    no_speech_threshold: float | None = option(0.6, "no-speech probability above which a low-confidence window "
+                                                    "is treated as silence and gives no text")
+    initial_prompt: str | None = option(None, "text that primes the decoder (spelling, names, style)")
+    condition_on_previous_text: bool = option(False, "feed the previous window's text as a prompt (more "
+                                                     "context, but a loop can carry over)")
+    word_timestamps: bool = option(False, "word-level timestamps from the alignment heads (ct2 backend)")
+    compile: bool = option(False, "torch.compile the transformers model (slow start, faster long runs)")
     output_format: str = option("txt", "txt (to stdout: 'path<TAB>text' per file), jsonl (one JSON object per "
                                        "file), or per-file json/srt/vtt/tsv, or all of these with --output-dir",
                                 choices=OUTPUT_FORMATS)
@@ -179,6 +191,13 @@ class TranscribeConfig:
                             "use --output-format json for one file per input")
         if self.output_format == "all" and not self.output_dir:
             raise UserError("--output-format all needs --output-dir")
+        if not self.temperature or any(not 0 <= t <= 2 for t in self.temperature):
+            raise UserError(f"--temperature values must lie in [0, 2], got {self.temperature}")
+        if self.word_timestamps and self.backend != "ct2":
+            raise UserError("--word-timestamps needs --backend ct2 (the transformers backend gives segment "
+                            "timestamps only)")
+        if self.compile and self.backend != "transformers":
+            raise UserError("--compile applies to --backend transformers only")
         if self.batch_size <= 0 or self.num_beams <= 0:
             raise UserError("--batch-size and --num-beams must be positive")
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import gc
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +11,7 @@ import numpy as np
 from ..audio import N_SAMPLES, SAMPLE_RATE, load_audio
 from ..config import EvaluateConfig
 from ..errors import AudioError, UserError
-from ..inference import Transcriber
+from ..inference import GREEDY, DecodeOptions, Transcriber
 from ..manifest import Sample, check_audio_exists, language_code, read_manifest
 from ..models import load_model
 from ..report import format_table
@@ -52,15 +52,15 @@ def load_clips(samples: list[Sample]) -> tuple[list[tuple[Sample, np.ndarray]], 
 
 
 def score_model(name: str, transcriber: Transcriber, clips: list[tuple[Sample, np.ndarray]],
-                default_language: str | None, task: str = "transcribe", batch_size: int = 16,
-                num_beams: int = 1, max_new_tokens: int = 128, progress: bool = True) -> ModelScore:
+                default_language: str | None, options: DecodeOptions = GREEDY, batch_size: int = 16,
+                progress: bool = True) -> ModelScore:
     from tqdm.auto import tqdm
 
     rows = []
     for start in tqdm(range(0, len(clips), batch_size), desc=f"evaluate {name}", disable=not progress, leave=False):
         batch = clips[start : start + batch_size]
         languages = [s.language or default_language for s, _ in batch]
-        decoded = transcriber.decode_batch([a for _, a in batch], languages, task, num_beams, max_new_tokens)
+        decoded = transcriber.decode_batch([a for _, a in batch], languages, options)
         rows += [{"audio": str(s.audio_path), "reference": s.text, "hypothesis": d.text,
                   "language": lang or d.language} for (s, _), d, lang in zip(batch, decoded, languages)]
     return score_rows(name, rows)
@@ -84,8 +84,8 @@ def run(config: EvaluateConfig) -> list[ModelScore]:
     for spec in config.models:
         model, processor = load_model(spec)
         transcriber = Transcriber(model, processor)
-        scores.append(score_model(spec, transcriber, clips, language, config.task, config.batch_size,
-                                  config.num_beams, config.max_new_tokens))
+        options = replace(GREEDY, task=config.task, num_beams=config.num_beams, max_new_tokens=config.max_new_tokens)
+        scores.append(score_model(spec, transcriber, clips, language, options, config.batch_size))
         del model, transcriber
         gc.collect()
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 import tempfile
 from pathlib import Path
 
 from ..config import ExportConfig, save_config
 from ..errors import UserError
-from ..inference import Transcriber
+from ..inference import GREEDY, Transcriber
 from ..lora import merge_into_base
 from ..manifest import check_audio_exists, language_code, read_manifest
 from ..models import load_model, save_processor
@@ -99,7 +100,8 @@ def run(config: ExportConfig) -> Path:
     if config.parity_check:
         metric = config.metric if config.metric != "auto" else default_metric(
             language or next((s.language for s, _ in clips if s.language), None))
-        reference = score_model("transformers", Transcriber(model, processor), clips, language, max_new_tokens=440)
+        reference = score_model("transformers", Transcriber(model, processor), clips, language,
+                                replace(GREEDY, max_new_tokens=440))
         exported = score_faster_whisper(partial, clips, language)
         verdict = parity_verdict(reference, exported, metric, config.max_gap)
         report.update(verdict)

@@ -12,7 +12,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -24,7 +24,7 @@ from ..errors import UserError
 from ..lora import apply_lora, save_adapter
 from ..manifest import check_audio_exists, language_code, read_manifest
 from ..models import load_model, resolve_model
-from ..inference import Transcriber
+from ..inference import GREEDY, Transcriber
 from ..text import default_metric
 from .evaluate import ModelScore, load_clips, score_model, score_rows
 
@@ -67,8 +67,8 @@ def evaluate_dev(accelerator, model, processor, dev_clips, config: TrainConfig, 
     unwrapped = accelerator.unwrap_model(model)
     transcriber = Transcriber(unwrapped, processor, device=str(accelerator.device))
     with accelerator.split_between_processes(dev_clips) as mine:
-        mine_scored = score_model("dev", transcriber, mine, language, config.task, config.eval_batch_size, 1,
-                                  config.max_new_tokens, progress=False)
+        options = replace(GREEDY, task=config.task, max_new_tokens=config.max_new_tokens)
+        mine_scored = score_model("dev", transcriber, mine, language, options, config.eval_batch_size, progress=False)
     unwrapped.train()
     return score_rows("dev", gather_object(mine_scored.rows))
 

@@ -9,10 +9,10 @@ from typing import Iterator
 
 import numpy as np
 
-from ..audio import CHUNK_SECONDS, SAMPLE_RATE, load_audio
+from ..audio import CHUNK_SECONDS, SAMPLE_RATE, audio_duration, load_audio
 from ..config import TranscribeConfig
 from ..errors import AudioError, UserError
-from ..inference import CT2Transcriber, Segment, Transcriber, TranscriptionInfo
+from ..inference import CT2Transcriber, DecodeOptions, Segment, Transcriber, TranscriptionInfo
 from ..manifest import language_code
 from ..models import ct2_model_dir, load_model
 from ..text import NO_SPACE_LANGUAGES
@@ -43,19 +43,29 @@ def join_segments(segments: list[Segment], language: str | None) -> str:
     return ("" if language in NO_SPACE_LANGUAGES else " ").join(s.text for s in segments).strip()
 
 
-def transcribe_all(transcriber: Transcriber | CT2Transcriber, paths: list[Path], config: TranscribeConfig, language: str | None
-                   ) -> Iterator[tuple[Path, list[Segment] | None, TranscriptionInfo | str]]:
+def decode_options(config: TranscribeConfig) -> DecodeOptions:
+    return DecodeOptions(task=config.task, num_beams=config.num_beams, temperature=tuple(config.temperature),
+                         compression_ratio_threshold=config.compression_ratio_threshold,
+                         log_prob_threshold=config.log_prob_threshold, no_speech_threshold=config.no_speech_threshold,
+                         initial_prompt=config.initial_prompt,
+                         condition_on_previous_text=config.condition_on_previous_text,
+                         word_timestamps=config.word_timestamps)
+
+
+def transcribe_all(transcriber: Transcriber | CT2Transcriber, paths: list[Path], config: TranscribeConfig,
+                   language: str | None) -> Iterator[tuple[Path, list[Segment] | None, TranscriptionInfo | str]]:
     """Yield (path, segments, info) in input order, or (path, None, error message) for bad files.
 
-    Clips up to 30 s are decoded together in batches; longer files go through long-form decoding.
+    Clips up to 30 s are decoded together in batches; longer files are read and decoded block by
+    block from disk, so a three-hour file needs no more memory than a five-minute one.
     """
+    options = decode_options(config)
     pending: list[tuple[Path, np.ndarray]] = []
 
     def flush():
         if not pending:
             return
-        decoded = transcriber.decode_batch([a for _, a in pending], [language] * len(pending), config.task,
-                                           config.num_beams, max_new_tokens=440)
+        decoded = transcriber.decode_batch([a for _, a in pending], [language] * len(pending), options)
         for (path, audio), d in zip(pending, decoded):
             duration = round(len(audio) / SAMPLE_RATE, 3)
             segments = [Segment(0, 0.0, duration, d.text, d.tokens)] if d.text else []
@@ -64,20 +74,20 @@ def transcribe_all(transcriber: Transcriber | CT2Transcriber, paths: list[Path],
 
     for path in paths:
         try:
-            audio = load_audio(path)
+            long = audio_duration(path) > CHUNK_SECONDS
+            if config.vad or config.word_timestamps or long:
+                yield from flush()
+                segments, info = transcriber.transcribe(path, language, options, vad=config.vad,
+                                                        batch_size=config.batch_size)
+                yield path, list(segments), info
+                continue
+            pending.append((path, load_audio(path)))
         except AudioError as exc:
             yield from flush()
             yield path, None, str(exc)
             continue
-        if len(audio) <= CHUNK_SECONDS * SAMPLE_RATE and not config.vad:
-            pending.append((path, audio))
-            if len(pending) >= config.batch_size:
-                yield from flush()
-            continue
-        yield from flush()
-        segments, info = transcriber.transcribe(audio, language, config.task, config.num_beams, vad=config.vad,
-                                                batch_size=config.batch_size)
-        yield path, list(segments), info
+        if len(pending) >= config.batch_size:
+            yield from flush()
     yield from flush()
 
 
@@ -107,12 +117,10 @@ def run(config: TranscribeConfig) -> int:
                         "(one file per input)")
     if config.backend == "ct2":
         transcriber = CT2Transcriber(ct2_model_dir(config.model), config.compute_type)
-        known = transcriber.languages
     else:
         model, processor = load_model(config.model, merge_adapter=True)  # identical output, no LoRA matmuls
-        transcriber = Transcriber(model, processor)
-        known = {token[2:-2] for token in (transcriber.generation_config.lang_to_id or {})}
-    if language and transcriber.multilingual and language not in known:
+        transcriber = Transcriber(model, processor, compile=config.compile)
+    if language and transcriber.multilingual and language not in transcriber.languages:
         raise UserError(f"the model has no language '{language}'")
     out_dir = Path(config.output_dir) if config.output_dir else None
     if out_dir:

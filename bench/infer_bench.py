@@ -1,0 +1,149 @@
+"""Inference speed, memory and WER: whisper-lora's two backends against the tools people use.
+
+    python bench/infer_bench.py                  # prints a table, writes bench/results/infer_<host>.json
+
+Systems, all on the embedded whisper-base, greedy decoding (beam 1, no temperature fallback, no
+previous-text conditioning, no VAD), language given, on the same files:
+  whisper-lora transformers   our Transcriber (sequential long-form in blocks)
+  transformers pipeline       pipeline("automatic-speech-recognition", chunk_length_s=30)
+  whisper-lora ct2 <type>     our CT2Transcriber (faster-whisper underneath, our block reader)
+  faster-whisper <type>       faster_whisper.WhisperModel.transcribe called directly
+Each system runs in its own process (model loading excluded from the time; peak RSS from GNU time
+includes it). Ratios compare systems measured in this same run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+SPEECH_EN = REPO.parent / "shared" / "data" / "speech-en"
+SYSTEMS = ["whisper-lora transformers", "transformers pipeline", "whisper-lora ct2 float32", "faster-whisper float32",
+           "whisper-lora ct2 int8", "faster-whisper int8"]
+
+
+def build_corpus(folder: Path) -> list[tuple[Path, str]]:
+    """The real clips one by one, plus two long files of the same clips with pauses (> 30 s each)."""
+    import soundfile as sf
+
+    from whisper_lora.audio import load_audio
+    from whisper_lora.manifest import read_manifest
+
+    samples = [s for f in sorted(SPEECH_EN.rglob("transcripts.json")) for s in read_manifest(f)]
+    items = [(s.audio_path, s.text) for s in samples]
+    clips = [(load_audio(s.audio_path), s.text) for s in samples]
+    rng = np.random.default_rng(0)
+    for n in range(2):
+        order = rng.permutation(len(clips * 4))
+        pieces, texts = [], []
+        for i in order:
+            audio, text = (clips * 4)[i]
+            pieces += [audio, np.zeros(int(16000 * rng.uniform(0.6, 1.5)), np.float32)]
+            texts.append(text)
+        path = folder / f"long_{n}.wav"
+        sf.write(path, np.concatenate(pieces), 16000)
+        items.append((path, " ".join(texts)))
+    return items
+
+
+def run_system(name: str, files: list[str]) -> dict:
+    from whisper_lora.inference import GREEDY, CT2Transcriber, Transcriber
+    from whisper_lora.models import ct2_model_dir, load_model
+
+    options = GREEDY.__class__(**{**GREEDY.__dict__, "max_new_tokens": 440})
+    compute = name.rsplit(" ", 1)[-1]
+    if name == "whisper-lora transformers":
+        transcriber = Transcriber(*load_model(None), device="cpu")
+        run = lambda f: " ".join(s.text for s in transcriber.transcribe(f, "en", options)[0])  # noqa: E731
+    elif name == "transformers pipeline":
+        from transformers import pipeline
+
+        from whisper_lora.models import resolve_model
+
+        asr = pipeline("automatic-speech-recognition", model=resolve_model(None).location, device="cpu",
+                       chunk_length_s=30)
+        run = lambda f: asr(f, generate_kwargs={"language": "en", "task": "transcribe", "num_beams": 1})["text"]  # noqa: E731
+    elif name.startswith("whisper-lora ct2"):
+        transcriber = CT2Transcriber(ct2_model_dir(None), compute, device="cpu")
+        run = lambda f: " ".join(s.text for s in transcriber.transcribe(f, "en", options)[0])  # noqa: E731
+    else:
+        from faster_whisper import WhisperModel
+
+        model = WhisperModel(ct2_model_dir(None), device="cpu", compute_type=compute)
+
+        def run(f):
+            segments, _ = model.transcribe(f, language="en", beam_size=1, best_of=1, temperature=0.0,
+                                           compression_ratio_threshold=None, log_prob_threshold=None,
+                                           no_speech_threshold=None, condition_on_previous_text=False)
+            return " ".join(s.text.strip() for s in segments)
+    run(files[0])  # warm-up: first-call allocations and lazy imports are not what we compare
+    started = time.perf_counter()
+    hypotheses = [run(f) for f in files]
+    return {"wall_s": time.perf_counter() - started, "hypotheses": hypotheses}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--system", help=argparse.SUPPRESS)
+    parser.add_argument("--files", nargs="*", help=argparse.SUPPRESS)
+    parser.add_argument("--systems", nargs="*", default=SYSTEMS, help="subset of systems to run")
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / f"infer_{platform.node() or 'host'}.json"))
+    args = parser.parse_args()
+    if args.system:  # child process: one system
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        print("RESULT " + json.dumps(run_system(args.system, args.files)))
+        return
+
+    from whisper_lora.audio import audio_duration
+    from whisper_lora.report import format_table
+    from whisper_lora.text import error_rate
+
+    with tempfile.TemporaryDirectory() as tmp:
+        items = build_corpus(Path(tmp))
+        files = [str(p) for p, _ in items]
+        references = [t for _, t in items]
+        seconds = sum(audio_duration(p) for p, _ in items)
+        results = {}
+        for name in args.systems:
+            proc = subprocess.run(["/usr/bin/time", "-f", "PEAK_KB %M", sys.executable, __file__, "--system", name,
+                                   "--files", *files], capture_output=True, text=True, env=dict(os.environ))
+            lines = proc.stdout.splitlines() + proc.stderr.splitlines()
+            result_line = [ln for ln in lines if ln.startswith("RESULT ")]
+            if proc.returncode != 0 or not result_line:
+                print(f"{name}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
+                continue
+            result = json.loads(result_line[-1][7:])
+            result["peak_mb"] = int([ln for ln in lines if ln.startswith("PEAK_KB")][-1].split()[1]) / 1024
+            result["wer"] = error_rate(references, result.pop("hypotheses"), "wer", ["en"] * len(references))
+            results[name] = result
+            print(f"{name}: {result['wall_s']:.1f} s", file=sys.stderr)
+
+    rows = [[n, f"{r['wall_s']:.1f}", f"{r['wall_s'] / seconds:.3f}", f"{r['peak_mb']:.0f}", r["wer"]]
+            for n, r in results.items()]
+    print(f"\n{len(items)} files, {seconds:.0f} s of audio; {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()})")
+    print(format_table(["system", "wall s", "RTF", "peak MB", "WER"], rows))
+    ratios = {}
+    for ours, theirs in [("whisper-lora ct2 float32", "faster-whisper float32"), ("whisper-lora ct2 int8", "faster-whisper int8"),
+                         ("whisper-lora transformers", "transformers pipeline")]:
+        if ours in results and theirs in results:
+            ratios[f"{ours} / {theirs}"] = results[ours]["wall_s"] / results[theirs]["wall_s"]
+            print(f"time ratio {ours} / {theirs}: {ratios[f'{ours} / {theirs}']:.2f}x")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"audio_seconds": seconds, "files": len(items), "cpu_count": os.cpu_count(),
+                                          "results": results, "ratios": ratios}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
