@@ -161,3 +161,10 @@ def test_three_hour_file_is_transcribed_in_bounded_memory(base_model_dir, tmp_pa
     assert code_short == 0 and code_long == 0
     # Decoding the whole file at once would hold 3 h x 16 kHz float32 = 691 MB more.
     assert long_mb < short_mb + 150, (short_mb, long_mb)
+
+
+def test_language_the_model_lacks(tmp_path):
+    write_tone(tmp_path / "a.wav")
+    result = run_cli("transcribe", str(tmp_path / "a.wav"), "--model", "embedded:tiny.en", "--language", "zh")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "embedded:tiny.en: the model has no language 'zh' (it is English-only)" in result.stderr

@@ -228,7 +228,10 @@ class Transcriber:
         source = Path(audio) if isinstance(audio, (str, Path)) else audio
         duration = audio_duration(source) if isinstance(source, Path) else len(source) / SAMPLE_RATE
         head = _read_block(source, 0.0, min(duration, CHUNK_SECONDS))
-        (lang, prob), = self._language_for(self.features([head]), [language])
+        if language is None and self.multilingual and not is_silent(head):
+            (lang, prob), = self.detect_language(self.features([head]))
+        else:
+            lang, prob = (language, None) if self.multilingual else ("en", 1.0)
         info = TranscriptionInfo(lang, prob, duration)
         if vad:
             return self._vad_segments(source, duration, lang, options, batch_size), info

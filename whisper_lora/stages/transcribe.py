@@ -120,8 +120,9 @@ def run(config: TranscribeConfig) -> int:
     else:
         model, processor = load_model(config.model, merge_adapter=True)  # identical output, no LoRA matmuls
         transcriber = Transcriber(model, processor, compile=config.compile)
-    if language and transcriber.multilingual and language not in transcriber.languages:
-        raise UserError(f"the model has no language '{language}'")
+    if language and language not in transcriber.languages:
+        raise UserError(f"the model has no language '{language}'" + ("" if transcriber.multilingual else
+                        " (it is English-only)"), config.model or "default")
     out_dir = Path(config.output_dir) if config.output_dir else None
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
