@@ -168,3 +168,11 @@ def test_language_the_model_lacks(tmp_path):
     result = run_cli("transcribe", str(tmp_path / "a.wav"), "--model", "embedded:tiny.en", "--language", "zh")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "embedded:tiny.en: the model has no language 'zh' (it is English-only)" in result.stderr
+
+
+def test_compile_option_gives_the_same_text():
+    clip = str(SHARED_EN / "cards" / "001.wav")
+    plain = run_cli("transcribe", clip, "--model", "embedded:tiny.en")
+    compiled = run_cli("transcribe", clip, "--model", "embedded:tiny.en", "--compile")
+    assert plain.returncode == 0 and compiled.returncode == 0, compiled.stderr[-2000:]
+    assert compiled.stdout == plain.stdout and "clubs" in plain.stdout.lower()
