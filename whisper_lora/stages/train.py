@@ -182,8 +182,9 @@ def run(config: TrainConfig) -> dict:
             torch.manual_seed(config.seed * 1_000_003 + state.epoch * 100_003 + state.batches_in_epoch)
             state.batches_in_epoch += 1
             for s in batch["skipped"]:
-                state.skipped.append(asdict(s))
-                accelerator.print(f"skipping {s.reason}")
+                if asdict(s) not in state.skipped:  # each bad sample listed once, not once per epoch
+                    state.skipped.append(asdict(s))
+                    accelerator.print(f"skipping {s.reason}")
             with accelerator.accumulate(model):
                 if "labels" in batch:
                     if "encoder_hidden" in batch:
