@@ -106,3 +106,11 @@ def test_nan_samples(tmp_path):
     sf.write(path, data, 16000, subtype="FLOAT")
     with pytest.raises(AudioError, match="nan.wav: audio contains NaN"):
         load_audio(path)
+
+
+def test_duration_probe_reports_empty_and_missing_files(tmp_path):
+    (tmp_path / "empty.wav").write_bytes(b"")
+    with pytest.raises(AudioError, match="empty.wav: audio file is empty"):
+        audio_duration(tmp_path / "empty.wav")
+    with pytest.raises(AudioError, match="gone.wav: audio file not found"):
+        audio_duration(tmp_path / "gone.wav")

@@ -7,10 +7,15 @@ from conftest import SHARED_EN
 from whisper_lora.audio import load_audio
 from whisper_lora.config import MergeConfig, build_config
 from whisper_lora.errors import UserError
-from whisper_lora.inference import Transcriber
+from dataclasses import replace
+
+from whisper_lora.inference import GREEDY, Transcriber
 from whisper_lora.lora import apply_lora, save_adapter
 from whisper_lora.models import load_model
 from whisper_lora.stages import merge
+
+
+SHORT = replace(GREEDY, max_new_tokens=20)
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +36,11 @@ def trained_adapter(tiny_model_dir, tmp_path_factory):
 def test_merged_and_unmerged_give_identical_greedy_transcripts(trained_adapter, tmp_path):
     out = merge.run(build_config(MergeConfig, overrides={"adapter": str(trained_adapter), "output_dir": str(tmp_path / "m")}))
     clips = [load_audio(SHARED_EN / "arctic_a0007.wav"), load_audio(SHARED_EN / "cards" / "002.wav")]
-    unmerged = Transcriber(*load_model(str(trained_adapter)), device="cpu").decode_batch(clips, ["en", "en"], max_new_tokens=20)
-    merged = Transcriber(*load_model(str(out)), device="cpu").decode_batch(clips, ["en", "en"], max_new_tokens=20)
+    unmerged = Transcriber(*load_model(str(trained_adapter)), device="cpu").decode_batch(clips, ["en", "en"], SHORT)
+    merged = Transcriber(*load_model(str(out)), device="cpu").decode_batch(clips, ["en", "en"], SHORT)
     assert [d.tokens for d in merged] == [d.tokens for d in unmerged]
     base = Transcriber(*load_model(json.loads((trained_adapter / "adapter_config.json").read_text())["base_model_name_or_path"]),
-                       device="cpu").decode_batch(clips, ["en", "en"], max_new_tokens=20)
+                       device="cpu").decode_batch(clips, ["en", "en"], SHORT)
     assert [d.tokens for d in base] != [d.tokens for d in merged]  # the adapter really did something
     assert (out / "merge_config.yaml").is_file()
 

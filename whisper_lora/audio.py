@@ -59,6 +59,13 @@ def _read_pyav(path: Path, start: float | None, end: float | None) -> tuple[np.n
     return audio[lo:hi], SAMPLE_RATE
 
 
+def _check_file(path: Path) -> None:
+    if not path.is_file():
+        raise AudioError("audio file not found", path)
+    if path.stat().st_size == 0:
+        raise AudioError("audio file is empty (0 bytes)", path)
+
+
 def load_audio(path: str | Path, start: float | None = None, end: float | None = None,
                sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Decode `path` (optionally the span start..end seconds) to mono float32 at `sample_rate`.
@@ -67,10 +74,7 @@ def load_audio(path: str | Path, start: float | None = None, end: float | None =
     zero samples, NaN/inf samples, an impossible sample rate.
     """
     path = Path(path)
-    if not path.is_file():
-        raise AudioError("audio file not found", path)
-    if path.stat().st_size == 0:
-        raise AudioError("audio file is empty (0 bytes)", path)
+    _check_file(path)
     if start is not None and end is not None and end <= start:
         raise AudioError(f"end time {end} s is not after start time {start} s", path)
 
@@ -117,8 +121,7 @@ def _decode(path: Path, start: float | None, end: float | None) -> tuple[np.ndar
 def audio_duration(path: str | Path) -> float:
     """Duration in seconds from the header alone (no decoding); raises AudioError if unreadable."""
     path = Path(path)
-    if not path.is_file():
-        raise AudioError("audio file not found", path)
+    _check_file(path)
     if path.suffix.lower() in RAW_PCM_SUFFIXES:
         return path.stat().st_size / 2 / SAMPLE_RATE
     import soundfile as sf
