@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 import os
 import platform
 import subprocess
@@ -60,7 +61,7 @@ def run_system(name: str, files: list[str]) -> dict:
     from whisper_lora.inference import GREEDY, CT2Transcriber, Transcriber
     from whisper_lora.models import ct2_model_dir, load_model
 
-    options = GREEDY.__class__(**{**GREEDY.__dict__, "max_new_tokens": 440})
+    options = replace(GREEDY, max_new_tokens=440)
     compute = name.rsplit(" ", 1)[-1]
     if name.startswith("whisper-lora transformers"):
         transcriber = Transcriber(*load_model(None), device="cpu")

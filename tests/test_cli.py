@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import SHARED_EN, run_cli, write_tone
+from conftest import run_cli, write_tone
 from whisper_lora.cli import STAGES
 
 

@@ -326,6 +326,16 @@ RESOLVED_CONFIG = "config.yaml"  # every run's fully resolved config, next to it
 _RUN_CONTROL_FIELDS = {"resume", "overwrite"}  # may differ between the first run and its resumption
 
 
+def clear_output_dir(out: Path, overwrite: bool, what: str) -> None:
+    """Refuse a non-empty OUTPUT_DIR (or a file in its place) unless --overwrite, which removes it."""
+    import shutil
+
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise UserError(f"{what}; pass --overwrite to replace it", out)
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+
+
 def prepare_run_dir(config, output_dir: str | Path, resume: bool = False, overwrite: bool = False) -> Path:
     """Create OUTPUT_DIR, refusing to mix two different runs in one folder."""
     import shutil

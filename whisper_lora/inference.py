@@ -95,6 +95,12 @@ def _read_block(source: np.ndarray | Path, start: float, end: float) -> np.ndarr
     return load_audio(source, start, end)
 
 
+def _open_source(audio: np.ndarray | str | Path) -> tuple[np.ndarray | Path, float]:
+    """Samples stay in memory; a path is only probed here and read block by block later."""
+    source = Path(audio) if isinstance(audio, (str, Path)) else audio
+    return source, audio_duration(source) if isinstance(source, Path) else len(source) / SAMPLE_RATE
+
+
 def transcribe_in_blocks(decode_window, source: np.ndarray | Path, duration: float) -> Iterator[Segment]:
     """Drive a backend's `decode_window(audio, offset) -> list[Segment]` over long audio block by block.
 
@@ -225,8 +231,7 @@ class Transcriber:
         Long audio uses openai/whisper's sequential algorithm with timestamps inside each block; with
         `vad`, only speech regions are decoded, in batches, and silence yields no segment at all.
         """
-        source = Path(audio) if isinstance(audio, (str, Path)) else audio
-        duration = audio_duration(source) if isinstance(source, Path) else len(source) / SAMPLE_RATE
+        source, duration = _open_source(audio)
         head = _read_block(source, 0.0, min(duration, CHUNK_SECONDS))
         if language is None and self.multilingual and not is_silent(head):
             (lang, prob), = self.detect_language(self.features([head]))
@@ -345,11 +350,9 @@ class CT2Transcriber:
     def transcribe(self, audio: np.ndarray | str | Path, language: str | None = None,
                    options: DecodeOptions = DecodeOptions(), vad: bool = False,
                    batch_size: int = 8) -> tuple[Iterator[Segment], TranscriptionInfo]:
-        source = Path(audio) if isinstance(audio, (str, Path)) else audio
-        duration = audio_duration(source) if isinstance(source, Path) else len(source) / SAMPLE_RATE
-        head = _read_block(source, 0.0, min(duration, CHUNK_SECONDS))
+        source, duration = _open_source(audio)
         if language is None and self.multilingual:
-            language, prob, _ = self.model.detect_language(head)
+            language, prob, _ = self.model.detect_language(_read_block(source, 0.0, min(duration, CHUNK_SECONDS)))
         else:
             prob = None if self.multilingual else 1.0
         info = TranscriptionInfo(language if self.multilingual else "en", prob, duration)

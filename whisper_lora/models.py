@@ -104,6 +104,13 @@ def _looks_like_hub_id(spec: str) -> bool:
             and all(c.isalnum() or c in "-_." for c in spec.replace("/", "")))
 
 
+def _embedded_name(spec: str) -> str | None:
+    """'default' -> 'base', 'embedded:NAME' -> 'NAME', anything else -> None."""
+    if spec == DEFAULT_MODEL:
+        return "base"
+    return spec.removeprefix("embedded:") if spec.startswith("embedded:") else None
+
+
 @dataclass(frozen=True)
 class ResolvedModel:
     """What `--model` pointed at: a transformers location and, for adapters, the adapter folder."""
@@ -114,7 +121,7 @@ class ResolvedModel:
 
 def resolve_model(spec: str | None) -> ResolvedModel:
     spec = spec or DEFAULT_MODEL
-    embedded_name = "base" if spec == DEFAULT_MODEL else spec.removeprefix("embedded:") if spec.startswith("embedded:") else None
+    embedded_name = _embedded_name(spec)
     if embedded_name is not None:
         if embedded_name not in EMBEDDED_MODELS:
             raise UserError(f"unknown embedded model {spec!r}; choose one of "
@@ -158,7 +165,7 @@ def resolve_model(spec: str | None) -> ResolvedModel:
 def ct2_model_dir(spec: str | None) -> str:
     """A folder faster-whisper can load: a CTranslate2 folder as is, or the embedded model's parts joined."""
     spec = spec or DEFAULT_MODEL
-    embedded_name = "base" if spec == DEFAULT_MODEL else spec.removeprefix("embedded:") if spec.startswith("embedded:") else None
+    embedded_name = _embedded_name(spec)
     if embedded_name in EMBEDDED_MODELS:
         em = EMBEDDED_MODELS[embedded_name]
         target = cache_dir() / "ct2" / f"{em.name}-{em.sha256[:12]}"

@@ -14,15 +14,15 @@ from dataclasses import replace
 import tempfile
 from pathlib import Path
 
-from ..config import ExportConfig, save_config
+from ..config import ExportConfig, clear_output_dir, save_config
 from ..errors import UserError
-from ..inference import GREEDY, Transcriber
+from ..inference import GREEDY, CT2Transcriber, Transcriber
 from ..lora import merge_into_base
 from ..manifest import check_audio_exists, language_code, read_manifest
 from ..models import load_model, save_processor
 from ..report import format_table
 from ..text import default_metric
-from .evaluate import load_clips, score_model, score_rows
+from .evaluate import load_clips, score_model
 
 EXPORT_REPORT = "export_report.json"
 EXPORT_CONFIG = "export_config.yaml"
@@ -35,22 +35,6 @@ def _require_ct2():
         import faster_whisper  # noqa: F401
     except ImportError:
         raise UserError("export --format ct2 needs CTranslate2: pip install 'whisper-lora[ct2]'") from None
-
-
-def score_faster_whisper(model_dir: Path, clips, language: str | None, task: str = "transcribe"):
-    """Transcribe clips exactly as a faster-whisper user would (its own front end, greedy, no VAD)."""
-    from faster_whisper import WhisperModel
-
-    model = WhisperModel(str(model_dir), device="auto", compute_type="default")
-    rows = []
-    for sample, audio in clips:
-        lang = sample.language or language
-        segments, info = model.transcribe(audio, language=lang, task=task, beam_size=1, best_of=1, temperature=0.0,
-                                          without_timestamps=True, condition_on_previous_text=False,
-                                          vad_filter=False)
-        rows.append({"audio": str(sample.audio_path), "reference": sample.text,
-                     "hypothesis": "".join(s.text for s in segments).strip(), "language": lang or info.language})
-    return score_rows(f"ct2 ({model_dir.name})", rows)
 
 
 def parity_verdict(reference, exported, metric: str, max_gap: float) -> dict:
@@ -67,10 +51,7 @@ def run(config: ExportConfig) -> Path:
     from ctranslate2.converters import TransformersConverter
 
     out = Path(config.output_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not config.overwrite:
-            raise UserError("export target exists; pass --overwrite to replace it", out)
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    clear_output_dir(out, config.overwrite, "export target exists")
     language = language_code(config.language, "--language") if config.language else None
     clips = []
     if config.parity_check:
@@ -100,9 +81,11 @@ def run(config: ExportConfig) -> Path:
     if config.parity_check:
         metric = config.metric if config.metric != "auto" else default_metric(
             language or next((s.language for s, _ in clips if s.language), None))
-        reference = score_model("transformers", Transcriber(model, processor), clips, language,
-                                replace(GREEDY, max_new_tokens=440))
-        exported = score_faster_whisper(partial, clips, language)
+        # Same greedy settings for both; the export runs through faster-whisper's own front end and
+        # loop (CT2Transcriber), which is what users will deploy.
+        options = replace(GREEDY, max_new_tokens=440)
+        reference = score_model("transformers", Transcriber(model, processor), clips, language, options)
+        exported = score_model("ct2", CT2Transcriber(str(partial)), clips, language, options)
         verdict = parity_verdict(reference, exported, metric, config.max_gap)
         report.update(verdict)
         gap = verdict["gap_points"]

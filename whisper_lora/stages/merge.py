@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
-from ..config import MergeConfig, save_config
+from ..config import MergeConfig, clear_output_dir, save_config
 from ..errors import UserError
 from ..lora import merge_into_base
 from ..models import ResolvedModel, load_model, resolve_model, save_processor
@@ -19,10 +18,7 @@ def run(config: MergeConfig) -> Path:
     if not (adapter / "adapter_config.json").is_file():
         raise UserError("is not an adapter folder (no adapter_config.json)", adapter)
     out = Path(config.output_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not config.overwrite:
-            raise UserError("output folder exists and is not empty; pass --overwrite to replace it", out)
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    clear_output_dir(out, config.overwrite, "output folder exists and is not empty")
     base_spec = config.model or json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
     base = resolve_model(base_spec)
 
