@@ -6,9 +6,10 @@ import torch
 from transformers import GenerationConfig, WhisperProcessor
 
 from conftest import write_tone
-from whisper_lora.data import (LABEL_PAD, MAX_LABEL_TOKENS, SpeechDataset, build_labels, collate, prompt_ids)
+from whisper_lora.data import (LABEL_PAD, MAX_LABEL_TOKENS, LabelBuilder, SpeechDataset, build_labels, collate,
+                               prompt_ids)
 from whisper_lora.errors import UserError
-from whisper_lora.manifest import Sample
+from whisper_lora.manifest import Sample, TimedText
 
 
 @pytest.fixture(scope="module")
@@ -44,12 +45,12 @@ def test_labels_use_per_sample_language_and_skip_overlong(processor_and_generati
 
 
 def test_dataset_reports_bad_audio_instead_of_replacing_it(tmp_path, processor_and_generation):
-    processor, _ = processor_and_generation
+    processor, _ = processor_and_generation  # noqa: F841 (the generation config is `_`)
     good = write_tone(tmp_path / "good.wav")
     (tmp_path / "bad.wav").write_bytes(b"RIFF....WAVEjunk")
     long = write_tone(tmp_path / "long.wav", seconds=31)
     samples = [Sample(good, "a"), Sample(tmp_path / "bad.wav", "b", source="m:2"), Sample(long, "c", source="m:3")]
-    dataset = SpeechDataset(samples, [[1, 2], [3], [4]], processor)
+    dataset = SpeechDataset(samples, processor, LabelBuilder(processor.tokenizer, _, "en"))
     items = [dataset[i] for i in range(3)]
     assert items[0]["input_features"].shape == (80, 3000)
     assert "bad.wav" in items[1]["error"] and items[1]["source"] == "m:2"
@@ -65,3 +66,62 @@ def test_collate_pads_labels_to_longest_in_batch():
     assert batch["labels"].shape == (2, 3)  # per batch, not a fixed 128 or 448
     assert batch["labels"][1].tolist() == [4, LABEL_PAD, LABEL_PAD]
     assert batch["input_features"].dtype == torch.float32
+
+
+def tokens(processor, ids):
+    return processor.tokenizer.convert_ids_to_tokens(ids)
+
+
+def test_timestamp_labels_follow_whispers_format_on_the_002_s_grid(processor_and_generation):
+    processor, generation = processor_and_generation
+    builder = LabelBuilder(processor.tokenizer, generation, "en", timestamps=True)
+    sample = Sample(Path("a.wav"), " hello world", sentences=(TimedText(0.0, 1.013, " hello"),
+                                                               TimedText(1.5, 2.999, " world")))
+    got = tokens(processor, builder.build(sample))
+    assert got[:3] == ["<|startoftranscript|>", "<|en|>", "<|transcribe|>"]  # no <|notimestamps|>
+    assert got[3] == "<|0.00|>" and got[-1] == "<|endoftext|>"
+    stamps = [t for t in got if t.startswith("<|") and t[2].isdigit()]
+    assert stamps == ["<|0.00|>", "<|1.02|>", "<|1.50|>", "<|3.00|>"]  # rounded to the 0.02 s grid
+    # Without sentences the whole clip is one segment ending where the clip ends.
+    whole = tokens(processor, builder.build(Sample(Path("b.wav"), " hi"), clip_seconds=4.37))
+    assert whole[3] == "<|0.00|>" and whole[-2] == "<|4.36|>"
+
+
+def test_empty_text_is_a_no_speech_sample_with_timestamps_and_skipped_without(processor_and_generation):
+    processor, generation = processor_and_generation
+    silent = Sample(Path("s.wav"), "", source="m.jsonl:line 4")
+    with_ts = LabelBuilder(processor.tokenizer, generation, "en", timestamps=True)
+    assert tokens(processor, with_ts.build(silent)) == ["<|startoftranscript|>", "<|nocaptions|>", "<|endoftext|>"]
+    labels, skipped = build_labels([silent], processor, generation, "en", "transcribe")
+    assert labels == [None] and "empty text" in skipped[0].reason and skipped[0].source == "m.jsonl:line 4"
+
+
+def test_timestamp_fraction_keeps_timestamps_on_that_share_of_samples_per_epoch(processor_and_generation):
+    processor, generation = processor_and_generation
+    builder = LabelBuilder(processor.tokenizer, generation, "en", timestamp_fraction=0.25, seed=1)
+    samples = [Sample(Path(f"{i}.wav"), " text") for i in range(2000)]
+    picked = [[builder.uses_timestamps(s, epoch) for s in samples] for epoch in (0, 1)]
+    assert abs(np.mean(picked[0]) - 0.25) < 0.03
+    assert picked[0] != picked[1]  # a different share of samples each epoch
+    assert picked[0] == [builder.uses_timestamps(s, 0) for s in samples]  # deterministic
+    notimestamps = generation.no_timestamps_token_id
+    chosen = next(s for s, p in zip(samples, picked[0]) if p)
+    assert notimestamps not in builder.build(chosen, 2.0, epoch=0)
+    # The up-front length check counts the longer (timestamped) form.
+    assert builder.longest(chosen) == len(builder.build(chosen, 2.0, epoch=0))
+    never = LabelBuilder(processor.tokenizer, generation, "en")
+    assert notimestamps in never.build(chosen)
+
+
+def test_augmented_speed_and_shift_move_timestamp_labels_with_the_speech(tmp_path, processor_and_generation):
+    from whisper_lora.augment import AugmentConfig, Augmenter, SpeedConfig
+
+    processor, generation = processor_and_generation
+    clip = write_tone(tmp_path / "a.wav", seconds=4.0)
+    sample = Sample(clip, " hi there", sentences=(TimedText(1.0, 2.0, " hi"), TimedText(2.5, 4.0, " there")))
+    builder = LabelBuilder(processor.tokenizer, generation, "en", timestamps=True)
+    faster = Augmenter(AugmentConfig(speed=SpeedConfig(p=1.0, factors=(2.0,))), seed=0)
+    item = SpeechDataset([sample], processor, builder, faster)[0]
+    assert item["seconds"] == pytest.approx(2.0, abs=0.01)
+    stamps = [t for t in tokens(processor, item["labels"]) if t.startswith("<|") and t[2].isdigit()]
+    assert stamps == ["<|0.50|>", "<|1.00|>", "<|1.24|>", "<|2.00|>"]  # every time halved (1.25 -> 1.24: half to even)

@@ -28,6 +28,8 @@ class TrainState:
     best_step: int | None = None
     samples_seen: int = 0
     num_processes: int = 1  # data order per rank depends on it: resuming with another count is refused
+    streams: list[dict] = field(default_factory=list)  # per rank, streaming: {"epoch", "consumed": {worker: n}}
+    ids_logged: list[int] = field(default_factory=list)  # per rank: lines of the --sample-log at this checkpoint
     history: list[dict] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
 
@@ -49,15 +51,16 @@ def _set_rng_state(state: dict) -> None:
 
 def save_checkpoint(run_dir: Path, peft_model, optimizer, scheduler, state: TrainState, keep: int,
                     scaler=None) -> Path:
-    from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
+
+    from .lora import trainable_state
 
     root = run_dir / CHECKPOINT_DIR
     final = root / f"step-{state.step:07d}"
     partial = final.with_name(final.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    weights = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
+    weights = {k: v.detach().cpu().contiguous() for k, v in trainable_state(peft_model).items()}
     save_file(weights, partial / "adapter.safetensors")
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(),
                 "scaler": scaler.state_dict() if scaler is not None else None}, partial / "trainer.pt")
@@ -78,10 +81,11 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def load_checkpoint(path: Path, peft_model, optimizer, scheduler, scaler=None) -> TrainState:
-    from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    set_peft_model_state_dict(peft_model, load_file(path / "adapter.safetensors"))
+    from .lora import load_trainable_state
+
+    load_trainable_state(peft_model, load_file(path / "adapter.safetensors"))
     trainer = torch.load(path / "trainer.pt", weights_only=False)
     optimizer.load_state_dict(trainer["optimizer"])
     scheduler.load_state_dict(trainer["scheduler"])

@@ -8,21 +8,25 @@ training loop counts and lists it.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from .audio import CHUNK_SECONDS, SAMPLE_RATE, load_audio
+from .audio import CHUNK_SECONDS, N_SAMPLES, SAMPLE_RATE, load_audio
 from .errors import AudioError, UserError
-from .manifest import Sample
+from .manifest import Sample, TimedText
 
 MAX_LABEL_TOKENS = 448  # Whisper's decoder context (max_target_positions), prompt tokens included
 LABEL_PAD = -100  # ignored by the cross-entropy loss
 
 
-def prompt_ids(generation_config, language: str | None, task: str = "transcribe") -> list[int]:
-    """The decoder prompt <|startoftranscript|><|lang|><|task|><|notimestamps|> for one sample."""
+TIME_PRECISION = 0.02  # seconds per timestamp token (<|0.00|>, <|0.02|>, … <|30.00|>)
+
+
+def prompt_ids(generation_config, language: str | None, task: str = "transcribe", timestamps: bool = False) -> list[int]:
+    """The decoder prompt <|startoftranscript|><|lang|><|task|>[<|notimestamps|>] for one sample."""
     ids = [generation_config.decoder_start_token_id]
     if getattr(generation_config, "is_multilingual", False):
         lang_to_id = generation_config.lang_to_id or {}
@@ -33,7 +37,8 @@ def prompt_ids(generation_config, language: str | None, task: str = "transcribe"
         if token not in lang_to_id:
             raise UserError(f"the model has no language token {token}")
         ids += [lang_to_id[token], generation_config.task_to_id[task]]
-    ids.append(generation_config.no_timestamps_token_id)
+    if not timestamps:
+        ids.append(generation_config.no_timestamps_token_id)
     return ids
 
 
@@ -44,31 +49,106 @@ class SkippedSample:
     reason: str
 
 
+def _stable_fraction(*parts: object) -> float:
+    """A number in [0, 1) that depends only on `parts`: the same in every process, worker and resume."""
+    import hashlib
+
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64
+
+
+class LabelBuilder:
+    """Token labels for samples, with or without Whisper's timestamp tokens.
+
+    Timestamp labels follow Whisper's training format, `<|sot|><|lang|><|task|><|t0|> text<|t1|>…<|eot|>`,
+    with times on the 0.02 s grid taken from a row's `sentences` (or the whole clip as one segment).
+    Rows with empty text become no-speech samples, `<|sot|><|nospeech|><|eot|>`: the position where
+    Whisper reads its no-speech probability. Without `timestamps`, `timestamp_fraction` of the samples
+    (chosen per epoch, deterministically) still get timestamp labels, so a fine-tuned model keeps
+    predicting timestamps instead of forgetting them.
+
+    Labels exclude <|startoftranscript|>: the model prepends it itself.
+    """
+
+    def __init__(self, tokenizer, generation_config, default_language: str | None, task: str = "transcribe",
+                 timestamps: bool = False, timestamp_fraction: float = 0.0, seed: int = 0):
+        self.tokenizer, self.generation_config = tokenizer, generation_config
+        self.default_language, self.task = default_language, task
+        self.timestamps, self.timestamp_fraction, self.seed = timestamps, timestamp_fraction, seed
+        eot = generation_config.eos_token_id
+        self.eot = eot[0] if isinstance(eot, list) else eot
+        self.timestamp_begin = generation_config.no_timestamps_token_id + 1  # id of <|0.00|>
+        self.no_speech = generation_config.no_timestamps_token_id - 1  # <|nocaptions|> / <|nospeech|>
+        self._prompts: dict[tuple, list[int]] = {}
+
+    def prompt(self, language: str | None, timestamps: bool) -> list[int]:
+        key = (language, timestamps)
+        if key not in self._prompts:
+            self._prompts[key] = prompt_ids(self.generation_config, language, self.task, timestamps)
+        return self._prompts[key]
+
+    def uses_timestamps(self, sample: Sample, epoch: int) -> bool:
+        if self.timestamps:
+            return True
+        return self.timestamp_fraction > 0 and _stable_fraction(self.seed, epoch, sample.id) < self.timestamp_fraction
+
+    def time_token(self, seconds: float) -> int:
+        steps = int(round(min(max(seconds, 0.0), CHUNK_SECONDS) / TIME_PRECISION))
+        return self.timestamp_begin + steps
+
+    def text_ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def build(self, sample: Sample, clip_seconds: float | None = None, epoch: int = 0) -> list[int]:
+        """Full label ids (including <|startoftranscript|>). `clip_seconds` ends a timestamp segment
+        for rows without `sentences`; without it the label has the right length but a guessed end."""
+        if not sample.text.strip() and not sample.sentences:
+            return [self.generation_config.decoder_start_token_id, self.no_speech, self.eot]
+        language = sample.language or self.default_language
+        if not self.uses_timestamps(sample, epoch):
+            return self.prompt(language, False) + self.text_ids(sample.text) + [self.eot]
+        segments = sample.sentences or ((0.0, clip_seconds or sample.duration or CHUNK_SECONDS, sample.text),)
+        ids = list(self.prompt(language, True))
+        for segment in segments:
+            start, end, text = (segment.start, segment.end, segment.text) if hasattr(segment, "text") else segment
+            ids += [self.time_token(start)] + self.text_ids(text) + [self.time_token(end)]
+        return ids + [self.eot]
+
+    def longest(self, sample: Sample) -> int:
+        """The most tokens this sample's label can have in any epoch (timestamps add 2 per segment)."""
+        with_timestamps = self.timestamps or self.timestamp_fraction > 0
+        saved = self.timestamps
+        self.timestamps = with_timestamps
+        try:
+            return len(self.build(sample))
+        finally:
+            self.timestamps = saved
+
+
 def build_labels(samples: list[Sample], processor, generation_config, default_language: str | None,
-                 task: str) -> tuple[list[list[int] | None], list[SkippedSample]]:
+                 task: str, builder: LabelBuilder | None = None) -> tuple[list[list[int] | None], list[SkippedSample]]:
     """Token labels for every sample (prompt without <|startoftranscript|>, text, <|endoftext|>).
 
     Samples whose labels exceed Whisper's 448-token context are reported, not truncated: a truncated
-    label teaches the model to stop mid-sentence.
+    label teaches the model to stop mid-sentence. Returned labels are those of epoch 0; a dataset with
+    a `builder` rebuilds them per epoch (timestamp fraction) and per clip length.
     """
-    texts = [s.text for s in samples]
-    encoded = processor.tokenizer(texts, add_special_tokens=False)["input_ids"]
-    eot = generation_config.eos_token_id
-    eot = eot[0] if isinstance(eot, list) else eot
-    prompts: dict[str | None, list[int]] = {}
+    builder = builder or LabelBuilder(processor.tokenizer, generation_config, default_language, task)
     labels: list[list[int] | None] = []
     skipped: list[SkippedSample] = []
-    for i, (sample, text_ids) in enumerate(zip(samples, encoded)):
-        language = sample.language or default_language
-        if language not in prompts:
-            prompts[language] = prompt_ids(generation_config, language, task)
-        full = prompts[language] + text_ids + [eot]
-        if len(full) > MAX_LABEL_TOKENS:
+    for i, sample in enumerate(samples):
+        if not sample.text.strip() and not sample.sentences and not builder.timestamps:
             labels.append(None)
-            skipped.append(SkippedSample(i, sample.source, f"label has {len(full)} tokens, over Whisper's "
+            skipped.append(SkippedSample(i, sample.source, "empty text (train with --timestamps to use it as a "
+                                                         "no-speech sample)"))
+            continue
+        longest = builder.longest(sample)
+        if longest > MAX_LABEL_TOKENS:
+            labels.append(None)
+            skipped.append(SkippedSample(i, sample.source, f"label has {longest} tokens, over Whisper's "
                                                          f"{MAX_LABEL_TOKENS}-token limit"))
         else:
-            labels.append(full[1:])  # the model prepends <|startoftranscript|> itself
+            labels.append(builder.build(sample)[1:])
     return labels, skipped
 
 
@@ -77,30 +157,102 @@ def log_mel(processor, audio: np.ndarray) -> np.ndarray:
     return processor.feature_extractor(audio, sampling_rate=SAMPLE_RATE, return_tensors="np").input_features[0]
 
 
-class SpeechDataset(torch.utils.data.Dataset):
-    """Decodes audio and computes features lazily, so DataLoader workers can do it in parallel."""
+class ItemMaker:
+    """One sample -> the dict the collator takes: features (decoded, or from a feature cache), the
+    epoch's label, and the sample id; or an error record naming the sample, never a substitute.
 
-    def __init__(self, samples: list[Sample], labels: list[list[int] | None], processor):
-        keep = [i for i, label in enumerate(labels) if label is not None]
-        self.samples = [samples[i] for i in keep]
-        self.labels = [labels[i] for i in keep]
-        self.original_index = keep
-        self.processor = processor
+    Shared by the in-memory dataset and the shard stream so both train on exactly the same inputs.
+    """
+
+    def __init__(self, processor, builder: LabelBuilder, augmenter=None, feature_cache=None):
+        self.processor, self.builder = processor, builder
+        self.augmenter, self.feature_cache = augmenter, feature_cache
+        self.epoch = 0
+
+    def error(self, index: int, sample: Sample, message: str) -> dict:
+        return {"index": index, "id": sample.id, "error": message, "source": sample.source}
+
+    def __call__(self, sample: Sample, index: int, audio: np.ndarray | None = None) -> dict:
+        cached = self.feature_cache.get(sample.id) if self.feature_cache is not None and audio is None else None
+        if cached is not None:
+            features, seconds = cached
+        else:
+            if audio is None:
+                try:
+                    audio = load_audio(sample.audio_path, sample.start, sample.end)
+                except AudioError as exc:
+                    return self.error(index, sample, str(exc))
+            if len(audio) > N_SAMPLES:
+                return self.error(index, sample, f"{sample.audio_path}: {len(audio) / SAMPLE_RATE:.1f} s is longer "
+                                                 f"than Whisper's {CHUNK_SECONDS} s window; the transcript would no "
+                                                 "longer match the audio")
+            if self.augmenter is not None:
+                audio, scale, offset = self.augmenter.audio_with_timing(audio, sample.id, self.epoch)
+                if sample.sentences and (scale != 1.0 or offset):  # timestamps move with the speech
+                    sample = replace(sample, sentences=tuple(
+                        TimedText(s.start * scale + offset, s.end * scale + offset, s.text) for s in sample.sentences))
+            seconds = len(audio) / SAMPLE_RATE
+            features = log_mel(self.processor, audio)
+        if self.augmenter is not None:
+            features = self.augmenter.features(features, sample.id, self.epoch)
+        label = self.builder.build(sample, clip_seconds=seconds, epoch=self.epoch)[1:]
+        if len(label) + 1 > MAX_LABEL_TOKENS:  # only streamed samples get here: manifests are checked up front
+            return self.error(index, sample, f"{sample.source}: label has {len(label) + 1} tokens, over "
+                                             f"Whisper's {MAX_LABEL_TOKENS}-token limit")
+        if not sample.text.strip() and not sample.sentences and not self.builder.timestamps:
+            return self.error(index, sample, f"{sample.source}: empty text (train with --timestamps to use "
+                                             "it as a no-speech sample)")
+        return {"index": index, "id": sample.id, "input_features": features, "labels": label, "seconds": seconds}
+
+
+class SpeechDataset(torch.utils.data.Dataset):
+    """Decodes audio and computes features lazily, so DataLoader workers can do it in parallel.
+
+    `samples` should already exclude those `build_labels` rejected (over-long labels).
+    """
+
+    def __init__(self, samples: list[Sample], processor, builder: LabelBuilder, augmenter=None, feature_cache=None):
+        self.samples = list(samples)
+        self.make_item = ItemMaker(processor, builder, augmenter, feature_cache)
+
+    @property
+    def epoch(self) -> int:
+        return self.make_item.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.make_item.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> dict:
-        sample = self.samples[i]
+        return self.make_item(self.samples[i], i)
+
+
+def shard_item_maker(processor, builder: LabelBuilder, augmenter=None):
+    """`make_item` for `ShardStream`: decode a shard record's FLAC and build the same item as above."""
+    import io
+
+    import soundfile as sf
+
+    from .shards import sample_from_meta
+
+    maker = ItemMaker(processor, builder, augmenter)
+
+    def make(record, epoch: int) -> dict:
+        maker.epoch = epoch
+        if record.error:
+            return {"index": -1, "id": record.key, "error": record.error, "source": record.key}
+        sample = sample_from_meta(record.meta, Path(record.key))
         try:
-            audio = load_audio(sample.audio_path, sample.start, sample.end)
-        except AudioError as exc:
-            return {"index": i, "error": str(exc), "source": sample.source}
-        if len(audio) > CHUNK_SECONDS * SAMPLE_RATE:
-            return {"index": i, "source": sample.source,
-                    "error": f"{sample.audio_path}: {len(audio) / SAMPLE_RATE:.1f} s is longer than Whisper's "
-                             f"{CHUNK_SECONDS} s window; the transcript would no longer match the audio"}
-        return {"index": i, "input_features": log_mel(self.processor, audio), "labels": self.labels[i]}
+            audio, rate = sf.read(io.BytesIO(record.flac), dtype="float32")
+        except (sf.LibsndfileError, RuntimeError) as exc:
+            return maker.error(-1, sample, f"{sample.source}: cannot decode shard audio ({exc})")
+        if rate != SAMPLE_RATE or audio.ndim != 1 or not np.isfinite(audio).all():
+            return maker.error(-1, sample, f"{sample.source}: shard audio is not finite 16 kHz mono")
+        return maker(sample, -1, audio)
+
+    return make
 
 
 class EncoderCache:
@@ -112,8 +264,6 @@ class EncoderCache:
     """
 
     def __init__(self, path, dataset: SpeechDataset, model, device, batch_size: int = 8, progress: bool = True):
-        from pathlib import Path
-
         from tqdm.auto import tqdm
 
         path = Path(path)
@@ -129,10 +279,12 @@ class EncoderCache:
             done = json.loads(done_file.read_text()) if done_file.is_file() else {}
         except json.JSONDecodeError:
             done = {}
-        if done.get("shape") == list(shape) and done.get("samples_sha256") == key:
+        if done.get("shape") == list(shape) and done.get("samples_sha256") == key and "seconds" in done:
             self.hidden = np.load(path, mmap_mode="r")
             self.errors = {int(k): v for k, v in done["errors"].items()}
+            self.seconds = done["seconds"]
             return
+        self.seconds = [0.0] * len(dataset)  # clip lengths: timestamp labels end where the clip ends
         hidden = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
         with torch.inference_mode():
             for start in tqdm(range(0, len(dataset), batch_size), desc="encode (cached once)", disable=not progress):
@@ -144,9 +296,11 @@ class EncoderCache:
                     out = encoder(features).last_hidden_state.to(torch.float16).cpu().numpy()
                     for it, row in zip(good, out):
                         hidden[it["index"]] = row
+                        self.seconds[it["index"]] = it["seconds"]
         hidden.flush()
         staging = done_file.with_suffix(".partial")
-        staging.write_text(json.dumps({"shape": list(shape), "samples_sha256": key, "errors": self.errors}))
+        staging.write_text(json.dumps({"shape": list(shape), "samples_sha256": key, "errors": self.errors,
+                                       "seconds": self.seconds}))
         staging.replace(done_file)  # the marker appears only once the cache is complete
         self.hidden = np.load(path, mmap_mode="r")
 
@@ -155,20 +309,27 @@ class CachedEncoderDataset(torch.utils.data.Dataset):
     def __init__(self, dataset: SpeechDataset, cache: EncoderCache):
         self.dataset, self.cache = dataset, cache
 
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, i: int) -> dict:
         if i in self.cache.errors:
             return self.cache.errors[i]
-        return {"index": i, "encoder_hidden": np.asarray(self.cache.hidden[i]), "labels": self.dataset.labels[i]}
+        sample = self.dataset.samples[i]
+        label = self.dataset.make_item.builder.build(sample, self.cache.seconds[i], self.dataset.epoch)[1:]
+        return {"index": i, "id": sample.id, "encoder_hidden": np.asarray(self.cache.hidden[i]), "labels": label}
 
 
 def collate(items: list[dict]) -> dict:
     """Stack features, pad labels to the longest in the batch, and carry skipped samples along."""
     good = [it for it in items if "error" not in it]
     batch: dict = {"skipped": [SkippedSample(it["index"], it["source"], it["error"]) for it in items if "error" in it],
-                   "index": [it["index"] for it in good]}
+                   "index": [it["index"] for it in good],
+                   "ids": [it.get("id") for it in items],  # every sample consumed, good or bad, in order
+                   "workers": [it.get("worker", 0) for it in items]}
     if not good:
         return batch
     key = "encoder_hidden" if "encoder_hidden" in good[0] else "input_features"
