@@ -91,3 +91,22 @@ def test_yaml_key_without_value_and_non_finite_numbers(tmp_path):
         build_config(TrainConfig, overrides={"train_manifest": "t", "epochs": "nan"})
     with pytest.raises(UserError, match="--max-new-tokens must be at most 444"):
         build_config(EvaluateConfig, overrides={"manifest": "m", "max_new_tokens": 500})
+
+
+def test_deepspeed_configs_shipped_parse_and_bad_ones_are_refused_up_front(tmp_path):
+    from conftest import REPO
+
+    for name in ("zero2", "zero3"):
+        path = REPO / "configs" / "deepspeed" / f"{name}.json"
+        config = build_config(TrainConfig, overrides={"train_manifest": "t", "deepspeed": str(path)})
+        assert config.deepspeed == str(path)
+    broken = tmp_path / "ds.json"
+    broken.write_text('{"zero_optimization": {"stage": 2,}}')
+    with pytest.raises(UserError, match=r"ds.json: --deepspeed config is not valid JSON \(line 1"):
+        build_config(TrainConfig, overrides={"train_manifest": "t", "deepspeed": str(broken)})
+    broken.write_text('{"zero_optimization": {"stage": 5}}')
+    with pytest.raises(UserError, match="zero_optimization.stage 0-3"):
+        build_config(TrainConfig, overrides={"train_manifest": "t", "deepspeed": str(broken)})
+    with pytest.raises(UserError, match="--deepspeed and --load-in-8bit conflict"):
+        build_config(TrainConfig, overrides={"train_manifest": "t", "load_in_8bit": True,
+                                             "deepspeed": str(REPO / "configs" / "deepspeed" / "zero2.json")})

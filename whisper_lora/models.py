@@ -207,14 +207,45 @@ def load_processor(resolved: ResolvedModel):
     return WhisperProcessor.from_pretrained(source)
 
 
-def load_model(spec: str | ResolvedModel | None, device: str = "cpu", dtype=None, merge_adapter: bool = False):
-    """Load (model, processor) for inference or training; raises UserError for anything the user can fix."""
+def bnb_config(quantization: str):
+    """bitsandbytes settings for frozen base weights: LLM.int8, or QLoRA's NF4 with double quantisation."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if quantization == "4bit":
+        # bf16 compute as in QLoRA; GPUs before Ampere have no bf16 and compute in fp16 instead.
+        compute = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float16
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute)
+    raise ValueError(f"unknown quantization {quantization!r}")
+
+
+def load_model(spec: str | ResolvedModel | None, device: str = "cpu", dtype=None, merge_adapter: bool = False,
+               quantization: str | None = None):
+    """Load (model, processor) for inference or training; raises UserError for anything the user can fix.
+
+    `quantization` ("8bit" or "4bit", see `lora.check_quantisation`) loads the linear layers through
+    bitsandbytes straight onto `device`, a CUDA device; the rest stays in `dtype`.
+    """
     import torch
     from transformers import WhisperForConditionalGeneration
 
     resolved = spec if isinstance(spec, ResolvedModel) else resolve_model(spec)
+    quantized = {}
+    if quantization:
+        if torch.device(device).type != "cuda":
+            raise UserError(f"--load-in-{quantization} needs a CUDA device (bitsandbytes), not {device}")
+        # bitsandbytes quantises as it places the weights, and accelerate trains a quantised model only
+        # on the device it was loaded on, compared by index: so one device, the training one, indexed.
+        target = torch.device(device)
+        if target.index is None:
+            target = torch.device("cuda", torch.cuda.current_device())
+        quantized = {"quantization_config": bnb_config(quantization), "device_map": {"": target}}
     try:
-        model = WhisperForConditionalGeneration.from_pretrained(resolved.location, dtype=dtype or torch.float32)
+        model = WhisperForConditionalGeneration.from_pretrained(resolved.location, dtype=dtype or torch.float32,
+                                                                **quantized)
         processor = load_processor(resolved)
     except OSError as exc:
         reason = str(exc).splitlines()[0][:200]
@@ -232,4 +263,4 @@ def load_model(spec: str | ResolvedModel | None, device: str = "cpu", dtype=None
             raise UserError(f"adapter does not fit base model {resolved.location} ({reason})", resolved.adapter) from None
         if merge_adapter:
             model = model.merge_and_unload()
-    return model.to(device).eval(), processor
+    return (model if quantized else model.to(device)).eval(), processor

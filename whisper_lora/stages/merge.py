@@ -15,6 +15,9 @@ MERGE_CONFIG = "merge_config.yaml"
 def run(config: MergeConfig) -> Path:
     # ---- set up
     adapter = Path(config.adapter)
+    if (adapter / "config.json").is_file() and not (adapter / "adapter_config.json").is_file():
+        raise UserError("is already a whole model (trained with --method full): pass it to --model directly; "
+                        "there is nothing to merge", adapter)
     if not (adapter / "adapter_config.json").is_file():
         raise UserError("is not an adapter folder (no adapter_config.json)", adapter)
     out = Path(config.output_dir)
