@@ -13,16 +13,19 @@ import typing
 import warnings
 
 from . import __version__
-from .config import (DemoConfig, EvaluateConfig, ExportConfig, MergeConfig, TrainConfig, TranscribeConfig,
-                     build_config)
+from .config import (CheckConfig, DemoConfig, EvaluateConfig, ExportConfig, MergeConfig, PrepareConfig,
+                     SageMakerConfig, TrainConfig, TranscribeConfig, build_config)
 from .errors import UserError
 
 STAGES = {
+    "prepare": (PrepareConfig, "convert a dataset (Common Voice, AISHELL, HF datasets, folders, subtitles) to manifests"),
+    "check": (CheckConfig, "find every problem in a manifest before training: audio, text, labels, leakage"),
     "train": (TrainConfig, "fine-tune Whisper with LoRA on a manifest"),
     "merge": (MergeConfig, "merge an adapter into its base model (a standalone transformers folder)"),
     "evaluate": (EvaluateConfig, "CER/WER of one or more models on a manifest, side by side"),
     "transcribe": (TranscribeConfig, "transcribe audio files, folders or list files"),
     "export": (ExportConfig, "export to CTranslate2 (faster-whisper), gated on CER/WER parity"),
+    "sagemaker": (SageMakerConfig, "launch `whisper-lora train` as an Amazon SageMaker training job (multi-node, spot)"),
     "demo": (DemoConfig, "fine-tune the embedded whisper-base on the Mandarin demo corpus and report"),
 }
 

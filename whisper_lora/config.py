@@ -36,13 +36,33 @@ def check_max_new_tokens(value: int) -> None:
     if value > MAX_NEW_TOKENS:
         raise UserError(f"--max-new-tokens must be at most {MAX_NEW_TOKENS} (Whisper's 448-token context "
                         f"minus the prompt), got {value}")
+def check_deepspeed_config(path: str) -> dict:
+    """Parse a DeepSpeed config up front: a typo found after the model loaded on 8 GPUs wastes a job."""
+    import json
+
+    file = Path(path)
+    if not file.is_file():
+        raise UserError("--deepspeed config not found", file)
+    try:
+        loaded = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"--deepspeed config is not valid JSON (line {exc.lineno}: {exc.msg})", file) from None
+    stage = loaded.get("zero_optimization", {}).get("stage", 0) if isinstance(loaded, dict) else None
+    if stage not in (0, 1, 2, 3):
+        raise UserError("--deepspeed config needs a JSON object with zero_optimization.stage 0-3", file)
+    return loaded
+
+
 METRICS = ("auto", "cer", "wer")
+METHODS = ("lora", "dora", "adalora", "full")
+LORA_TARGET_PRESETS = ("qv", "attention", "attention-mlp", "all-linear")
 TASKS = ("transcribe", "translate")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    train_manifest: str = option(None, "training manifest (JSON dict, JSON list or JSON lines)")
+    train_manifest: str = option(None, "training manifest (JSON dict, JSON list or JSON lines), or a folder of "
+                                       "shards from `prepare --shards` to stream (needs --max-steps)")
     dev_manifest: str | None = option(None, "dev manifest, scored by generation during training; the best "
                                             "checkpoint by its CER/WER becomes the output adapter")
     model: str | None = option(None, "hub id, transformers folder, CTranslate2 folder, or empty for the "
@@ -51,12 +71,30 @@ class TrainConfig:
     audio_dir: str | None = option(None, "folder that relative audio paths start from (default: the manifest's folder)")
     language: str | None = option(None, "language of rows that do not name one (code like 'zh' or a name)")
     task: str = option("transcribe", "Whisper task token to train", choices=TASKS)
-    lora_r: int = option(32, "LoRA rank")
+    method: str = option("lora", "lora; dora (weight-decomposed LoRA); adalora (rank budget reallocated during "
+                                 "training); full (every weight trained, no adapter: the output is a whole model "
+                                 "folder; use a learning rate around 1e-5)", choices=METHODS)
+    lora_targets: str = option("qv", "preset of adapted layers: qv = attention q/v; attention = q/k/v/out; "
+                                     "attention-mlp = attention + fc1/fc2; all-linear = the same as "
+                                     "attention-mlp for Whisper (its only other linear layer, proj_out, is the "
+                                     "token embedding and stays frozen); "
+                                     "ignored when --target-modules is given", choices=LORA_TARGET_PRESETS)
+    lora_r: int = option(32, "LoRA rank (adalora: the average final rank)")
     lora_alpha: int = option(64, "LoRA alpha (scale = alpha / r)")
     lora_dropout: float = option(0.05, "dropout on the LoRA path")
-    target_modules: list[str] = option(["q_proj", "v_proj"], "module names to adapt, in encoder and decoder")
-    freeze_encoder: bool = option(False, "adapt the decoder only; encoder outputs are then computed once per "
-                                         "clip and cached on disk, making steps several times cheaper")
+    target_modules: list[str] = option([], "module names to adapt, in encoder and decoder (overrides --lora-targets)")
+    adalora_init_r: int | None = option(None, "adalora: rank every layer starts with, before budget reallocation "
+                                              "(above --lora-r; default 1.5 x --lora-r)")
+    adalora_tinit: int | None = option(None, "adalora: steps before pruning starts (default: 10%% of training)")
+    adalora_tfinal: int | None = option(None, "adalora: final steps at the target budget (default: 20%% of training)")
+    adalora_interval: int = option(10, "adalora: steps between two rank reallocations")
+    load_in_8bit: bool = option(False, "load the frozen base weights in 8 bits (bitsandbytes, CUDA only: "
+                                       "pip install 'whisper-lora[quant]')")
+    load_in_4bit: bool = option(False, "load the frozen base weights in 4-bit NF4, QLoRA-style (bitsandbytes, CUDA "
+                                       "only: pip install 'whisper-lora[quant]')")
+    freeze_encoder: bool = option(False, "adapt (with --method full: train) the decoder only; encoder outputs "
+                                         "are then computed once per clip and cached on disk, making steps several "
+                                         "times cheaper (not with --augment or shards, whose inputs change every pass)")
     learning_rate: float = option(1e-3, "peak learning rate (AdamW)")
     weight_decay: float = option(0.0, "AdamW weight decay")
     max_grad_norm: float = option(1.0, "clip the gradient norm to this value (0 = no clipping)")
@@ -77,9 +115,35 @@ class TrainConfig:
     logging_steps: int = option(5, "log loss and learning rate every N steps")
     num_workers: int = option(0, "DataLoader worker processes for audio decoding and features")
     tensorboard: bool = option(True, "write TensorBoard logs under OUTPUT_DIR/tensorboard")
+    deepspeed: str | None = option(None, "DeepSpeed JSON config (configs/deepspeed/zero2.json, zero3.json); "
+                                         "launch with torchrun or accelerate launch")
+    wandb: bool = option(False, "log to Weights & Biases (project from --wandb-project or $WANDB_PROJECT; "
+                                "WANDB_MODE=offline works without network)")
+    wandb_project: str | None = option(None, "W&B project (default: $WANDB_PROJECT, else whisper-lora)")
+    run_name: str | None = option(None, "run name shown in W&B/TensorBoard (default: OUTPUT_DIR's name)")
+    log_predictions: int = option(8, "dev predictions logged as a table (W&B) / text (TensorBoard) per evaluation")
+    retain_manifest: str | None = option(None, "forgetting guard: a second set (another language, or the base "
+                                               "model's transcripts) scored at every evaluation beside the dev set")
+    replay_ratio: float = option(0.0, "share of each epoch's training samples drawn from --retain-manifest "
+                                      "(replay against forgetting; 0 = evaluate it only)")
     seed: int = option(42, "seed for data order, dropout and LoRA initialisation")
+    timestamps: bool = option(False, "train timestamp tokens (0.02 s grid) from rows' `sentences`, or the whole "
+                                     "clip as one segment; rows with empty text train as no-speech samples")
+    timestamp_fraction: float = option(0.2, "without --timestamps: share of samples that still get timestamp "
+                                            "labels, so the model keeps predicting timestamps")
+    augment: str | None = option(None, "YAML file of augmentations (speed, volume, noise, shift, SpecAugment); "
+                                       "see configs/augment-example.yaml")
+    feature_cache: str | None = option(None, "folder of log-mel features from `prepare --cache-features`: "
+                                             "clips found there are not decoded again")
+    shuffle_buffer: int = option(1000, "streaming from shards: samples held for shuffling per loader worker")
+    sample_log: bool = option(False, "write the id of every sample consumed to OUTPUT_DIR/samples.rankN.txt, "
+                                     "in order (audits data order; kept consistent with checkpoints on --resume)")
     resume: bool = option(False, "continue from the last checkpoint in OUTPUT_DIR")
     overwrite: bool = option(False, "replace an OUTPUT_DIR that holds a different run")
+
+    @property
+    def adalora_initial_rank(self) -> int:
+        return self.adalora_init_r if self.adalora_init_r is not None else max(self.lora_r + 1, self.lora_r * 3 // 2)
 
     def validate(self) -> None:
         if not self.train_manifest:
@@ -97,13 +161,43 @@ class TrainConfig:
             raise UserError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite conflict: one continues OUTPUT_DIR, the other replaces it")
-        if not self.target_modules:
-            raise UserError("--target-modules needs at least one module name")
+        if self.load_in_8bit and self.load_in_4bit:
+            raise UserError("--load-in-8bit and --load-in-4bit conflict: choose one weight type")
+        if self.method == "full" and (self.load_in_8bit or self.load_in_4bit):
+            raise UserError(f"--method full and --load-in-{'8' if self.load_in_8bit else '4'}bit conflict: quantised "
+                            "weights cannot be trained; use --method lora (QLoRA) or full precision")
+        if self.method == "full" and self.freeze_encoder is False and self.target_modules:
+            raise UserError("--method full and --target-modules conflict: full fine-tuning trains every weight")
+        if self.method == "adalora" and self.adalora_initial_rank <= self.lora_r:
+            raise UserError(f"--adalora-init-r ({self.adalora_init_r}) must be above --lora-r ({self.lora_r}): AdaLoRA "
+                            "prunes from the initial rank down to the target")
         if not math.isfinite(self.epochs) or not math.isfinite(self.learning_rate) or self.learning_rate <= 0:
             raise UserError("--epochs and --learning-rate must be finite and positive")
         if self.num_workers < 0:
             raise UserError(f"--num-workers must be >= 0, got {self.num_workers}")
         check_max_new_tokens(self.max_new_tokens)
+        if self.deepspeed:
+            check_deepspeed_config(self.deepspeed)
+            if self.load_in_8bit or self.load_in_4bit:
+                raise UserError(f"--deepspeed and --load-in-{'8' if self.load_in_8bit else '4'}bit conflict: ZeRO "
+                                "shards full-precision weights; quantised weights are not sharded")
+        if self.replay_ratio and not self.retain_manifest:
+            raise UserError("--replay-ratio needs --retain-manifest: replayed samples come from that set")
+        if not 0 <= self.replay_ratio < 1:
+            raise UserError(f"--replay-ratio must lie in [0, 1), got {self.replay_ratio}")
+        if self.log_predictions < 0:
+            raise UserError(f"--log-predictions must be >= 0, got {self.log_predictions}")
+        if not 0 <= self.timestamp_fraction <= 1:
+            raise UserError(f"--timestamp-fraction must lie in [0, 1], got {self.timestamp_fraction}")
+        if self.shuffle_buffer <= 0:
+            raise UserError(f"--shuffle-buffer must be positive, got {self.shuffle_buffer}")
+        streaming = (Path(self.train_manifest) / "shards.json").is_file()
+        if streaming and self.max_steps is None:
+            raise UserError("--train-manifest is a shard folder (streamed, length unknown to each process): "
+                            "set --max-steps")
+        if streaming and self.feature_cache:
+            raise UserError("--feature-cache and a shard folder as --train-manifest conflict: shards are read "
+                            "sequentially, the feature cache by sample; use one or the other")
 
 
 @dataclass(frozen=True)
@@ -228,6 +322,121 @@ class ExportConfig:
             raise UserError("the parity gate needs --dev-manifest (or pass --no-parity-check to export unchecked)")
         if self.max_gap < 0:
             raise UserError(f"--max-gap must be >= 0, got {self.max_gap}")
+
+
+PREPARE_FORMATS = ("auto", "commonvoice", "aishell", "hf", "folder", "subtitles", "manifest")
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    source: str = option(None, "what to convert: a Common Voice release folder, an AISHELL-1 folder, a Hugging Face "
+                               "dataset (save_to_disk folder or hub id), a folder of audio with .txt sidecars, a "
+                               "folder of long recordings with .srt/.vtt subtitles, or an existing manifest",
+                         positional=True)
+    output_dir: str = option(None, "folder for the manifests (one JSONL per split), and shards/features if asked")
+    format: str = option("auto", "source layout; auto = recognise it from the files", choices=PREPARE_FORMATS)
+    language: str | None = option(None, "language written into every row (code or name); Common Voice and "
+                                        "AISHELL default to their own")
+    splits: list[str] = option([], "splits to convert (Common Voice: train dev test …; HF: dataset splits); "
+                                   "default: all that exist")
+    audio_column: str = option("audio", "Hugging Face datasets: column holding the audio")
+    text_column: str = option("sentence", "Hugging Face datasets: column holding the transcript "
+                                          "(tried after it: text, transcription, transcript)")
+    transcript: str | None = option(None, "AISHELL: transcript file (default: transcript/*.txt under SOURCE)")
+    max_window: float = option(30.0, "subtitles: longest training window cut from a recording, in seconds")
+    shards: bool = option(False, "also write WebDataset-style tar shards (16 kHz FLAC + JSON) for streaming")
+    shard_size: int = option(1000, "samples per shard")
+    cache_features: bool = option(False, "also store log-mel features once, memory-mapped, for training")
+    model: str | None = option(None, "model whose feature extractor --cache-features uses (default: embedded)")
+    overwrite: bool = option(False, "replace OUTPUT_DIR if it is not empty")
+
+    def validate(self) -> None:
+        if not self.source:
+            raise UserError("prepare needs a SOURCE (folder, dataset or manifest)")
+        if not self.output_dir:
+            raise UserError("--output-dir is required for prepare")
+        if not 1.0 <= self.max_window <= 30.0:
+            raise UserError(f"--max-window must lie in [1, 30] seconds (Whisper's window), got {self.max_window}")
+        if self.shard_size <= 0:
+            raise UserError(f"--shard-size must be positive, got {self.shard_size}")
+
+
+@dataclass(frozen=True)
+class CheckConfig:
+    manifest: str = option(None, "training manifest to check", positional=True)
+    dev: str | None = option(None, "dev/test manifest: checked too, and compared with MANIFEST for leakage")
+    model: str | None = option(None, "model whose tokenizer measures label length (default: embedded whisper-base)")
+    audio_dir: str | None = option(None, "folder that relative audio paths start from (default: the manifest's folder)")
+    language: str | None = option(None, "language of rows that do not name one (for the prompt tokens)")
+    task: str = option("transcribe", "task token counted in the label prompt", choices=TASKS)
+    timestamps: bool = option(False, "check for `train --timestamps`: timestamp tokens counted in labels, rows with "
+                                     "empty text accepted as no-speech samples (info, not an error)")
+    timestamp_fraction: float = option(0.2, "as train's --timestamp-fraction: above 0, labels are counted with "
+                                            "timestamp tokens (their longest form) and bad `sentences` are errors")
+    audio: bool = option(True, "decode every clip (--no-audio: check rows, text, labels and files' presence only)")
+    workers: int = option(0, "parallel processes for decoding; 0 = one per CPU core")
+    max_duration: float = option(30.0, "longest clip in seconds (Whisper's window)")
+    min_duration: float = option(0.1, "shortest clip in seconds")
+    duration_tolerance: float = option(0.5, "allowed gap between a row's declared duration and its audio, seconds")
+    examples: int = option(3, "examples printed per problem")
+    fix: bool = option(False, "write a clean manifest (rows without errors) and a rejects file with each reason")
+    fix_output: str | None = option(None, "clean JSONL manifest for --fix (default: <MANIFEST stem>.clean.jsonl "
+                                          "beside it); rejects go to <MANIFEST stem>.rejects.jsonl in its folder")
+    report: str | None = option(None, "also write the full report as JSON here")
+
+    def validate(self) -> None:
+        if not self.manifest:
+            raise UserError("check needs a MANIFEST")
+        if self.workers < 0:
+            raise UserError(f"--workers must be >= 0, got {self.workers}")
+        if not 0 <= self.min_duration < self.max_duration:
+            raise UserError("--min-duration must be >= 0 and below --max-duration")
+        if self.examples < 0 or self.duration_tolerance < 0:
+            raise UserError("--examples and --duration-tolerance must be >= 0")
+        if not 0.0 <= self.timestamp_fraction <= 1.0:
+            raise UserError(f"--timestamp-fraction must lie in [0, 1], got {self.timestamp_fraction}")
+
+
+@dataclass(frozen=True)
+class SageMakerConfig:
+    """`whisper-lora sagemaker`: one training job. The rules behind validate() live in stages/sagemaker.py."""
+    train_config: str | None = option(None, "YAML of `whisper-lora train` options the job runs with; its manifest "
+                                            "paths are relative to their channel (train_manifest inside --train)")
+    train: str | None = option(None, "S3 folder mounted as channel 'train' (FastFile): train manifest and audio")
+    dev: str | None = option(None, "S3 folder mounted as channel 'dev': the YAML's dev_manifest is a path inside it")
+    retain: str | None = option(None, "S3 folder mounted as channel 'retain': the YAML's retain_manifest is inside it")
+    base_model: str | None = option(None, "S3 folder of a base model (transformers or CTranslate2), mounted as channel "
+                                          "'model'; the YAML's model is then a path inside it (empty = the folder)")
+    role: str | None = option(None, "IAM role ARN the job runs as (arn:aws:iam::<account>:role/<name>)")
+    output_s3_uri: str | None = option(None, "S3 folder for the job's outputs: JOB_NAME/output/model.tar.gz "
+                                             "(adapter, config.yaml, metrics.json) and output.tar.gz (logs)")
+    checkpoint_s3_uri: str | None = option(None, "S3 folder that /opt/ml/checkpoints is synced to, so an interrupted "
+                                                 "job resumes (default: OUTPUT_S3_URI/JOB_NAME/checkpoints)")
+    instance_type: str = option("ml.g5.2xlarge", "training instance type (ml.<family>.<size>)")
+    instance_count: int = option(1, "instances; more than 1 runs torchrun across nodes (GPU instances)")
+    volume_size_gb: int = option(100, "EBS volume per instance in GB (checkpoints, caches, pip installs)")
+    spot: bool = option(False, "Managed Spot Training: cheaper, interruptible; resumes from the checkpoints")
+    max_run_hours: float = option(24.0, "stop the job after this many hours of training")
+    max_wait_hours: float | None = option(None, "with --spot: give up after this many hours, waiting for capacity "
+                                                "included (default: twice --max-run-hours)")
+    job_name: str | None = option(None, "training job name (default: whisper-lora-YYYYMMDD-HHMMSS, UTC)")
+    region: str | None = option(None, "AWS region (default: AWS_REGION / AWS_DEFAULT_REGION / the AWS config)")
+    framework_version: str = option("2.6.0", "PyTorch version of the AWS training image (at least 2.6, which "
+                                             "transformers 5 needs)")
+    py_version: str = option("py312", "Python version of the AWS training image")
+    image_uri: str | None = option(None, "training image to use instead of the AWS PyTorch image for "
+                                         "--framework-version/--py-version")
+    wandb_project: str | None = option(None, "W&B project for the job (default: the YAML's wandb_project, else "
+                                             "$WANDB_PROJECT); needs wandb: true in the YAML")
+    wandb_entity: str | None = option(None, "W&B entity (team or user; default: $WANDB_ENTITY)")
+    wait: bool = option(False, "after starting the job, stream its logs until it ends")
+    dry_run: bool = option(False, "print the complete CreateTrainingJob request as JSON and exit; no AWS call, "
+                                  "no credentials needed")
+
+    def validate(self) -> None:
+        from .stages.sagemaker import validate_options
+
+        validate_options(self)
 
 
 @dataclass(frozen=True)
