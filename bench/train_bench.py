@@ -31,13 +31,12 @@ FIXED_LABEL_TOKENS = 128  # the seed notebooks' padding="max_length" length
 
 
 def peak_memory_mb() -> float:
-    import resource
-
+    """The trainer's own measure (peak accelerator memory on CUDA, peak RSS on CPU), for both systems."""
     import torch
 
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from whisper_lora.stages.train import peak_memory_mb as measure
+
+    return measure(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def demo_rows(count: int) -> list[tuple[str, str]]:

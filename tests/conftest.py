@@ -93,3 +93,13 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subproce
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, "-m", "whisper_lora", *args], capture_output=True, text=True,
                           cwd=cwd or REPO, env=env, timeout=timeout)
+
+
+def assert_one_line_error(result, *fragments):
+    """Exit code 2, no traceback, and exactly one `whisper-lora: error:` line holding every fragment."""
+    assert result.returncode == 2, (result.returncode, result.stderr[-1500:])
+    assert "Traceback" not in result.stderr
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("whisper-lora: error:")]
+    assert len(lines) == 1, result.stderr[-1500:]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import DEMO, run_cli, write_tone
+from conftest import DEMO, assert_one_line_error, run_cli, write_tone
 from whisper_lora.config import CheckConfig, build_config
 from whisper_lora.doctor import label_lengths, probe_audio
 from whisper_lora.errors import UserError
@@ -310,10 +310,7 @@ def test_cli_exit_codes_and_one_line_errors(zoo, tiny_corpus, tmp_path, base_mod
     for args, fragment in (((str(tmp_path / "none.jsonl"),), "none.jsonl: manifest not found"),
                            ((str(zoo), "--workers", "-1"), "--workers must be >= 0"),
                            ((str(zoo), "--language", "klingon"), "unknown language 'klingon'")):
-        result = run_cli("check", *args, "--model", str(base_model_dir))
-        assert result.returncode == 2 and "Traceback" not in result.stderr
-        errors = [line for line in result.stderr.splitlines() if line.startswith("whisper-lora: error:")]
-        assert len(errors) == 1 and fragment in errors[0], result.stderr[-1500:]
+        assert_one_line_error(run_cli("check", *args, "--model", str(base_model_dir)), fragment)
 
 
 def test_fix_cleans_the_manifest_but_dev_errors_still_fail(tmp_path, base_model_dir, capsys):

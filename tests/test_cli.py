@@ -4,17 +4,8 @@ import json
 
 import pytest
 
-from conftest import run_cli, write_tone
+from conftest import assert_one_line_error, run_cli, write_tone
 from whisper_lora.cli import STAGES
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.returncode == 2, (result.returncode, result.stderr[-1500:])
-    assert "Traceback" not in result.stderr
-    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("whisper-lora: error:")]
-    assert len(lines) == 1, result.stderr[-1500:]
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_help_describes_every_option():

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import run_cli, write_tone
+from conftest import assert_one_line_error, run_cli, write_tone
 from whisper_lora.audio import load_audio
 from whisper_lora.config import PrepareConfig, build_config
 from whisper_lora.errors import ManifestError, UserError
@@ -23,15 +23,6 @@ CV_NEW_HEADER = CV_HEADER.replace("path\tsentence", "path\tsentence_id\tsentence
 
 def prepare_run(source, out, **options) -> dict:
     return prepare.run(build_config(PrepareConfig, None, {"source": str(source), "output_dir": str(out), **options}))
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.returncode == 2, (result.returncode, result.stderr[-1500:])
-    assert "Traceback" not in result.stderr
-    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("whisper-lora: error:")]
-    assert len(lines) == 1, result.stderr[-1500:]
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 # ---- fake trees ----------------------------------------------------------------------------------

@@ -102,27 +102,28 @@ class LabelBuilder:
     def build(self, sample: Sample, clip_seconds: float | None = None, epoch: int = 0) -> list[int]:
         """Full label ids (including <|startoftranscript|>). `clip_seconds` ends a timestamp segment
         for rows without `sentences`; without it the label has the right length but a guessed end."""
+        return self.ids(sample, self.uses_timestamps(sample, epoch), clip_seconds)
+
+    def ids(self, sample: Sample, timestamps: bool, clip_seconds: float | None = None) -> list[int]:
+        """The label in its timestamped or plain form (`build` picks the form per epoch)."""
         if not sample.text.strip() and not sample.sentences:
             return [self.generation_config.decoder_start_token_id, self.no_speech, self.eot]
         language = sample.language or self.default_language
-        if not self.uses_timestamps(sample, epoch):
+        if not timestamps:
             return self.prompt(language, False) + self.text_ids(sample.text) + [self.eot]
-        segments = sample.sentences or ((0.0, clip_seconds or sample.duration or CHUNK_SECONDS, sample.text),)
+        segments = sample.sentences or (TimedText(0.0, clip_seconds or sample.duration or CHUNK_SECONDS, sample.text),)
         ids = list(self.prompt(language, True))
         for segment in segments:
-            start, end, text = (segment.start, segment.end, segment.text) if hasattr(segment, "text") else segment
-            ids += [self.time_token(start)] + self.text_ids(text) + [self.time_token(end)]
+            ids += [self.time_token(segment.start)] + self.text_ids(segment.text) + [self.time_token(segment.end)]
         return ids + [self.eot]
+
+    @property
+    def ever_timestamps(self) -> bool:
+        return self.timestamps or self.timestamp_fraction > 0
 
     def longest(self, sample: Sample) -> int:
         """The most tokens this sample's label can have in any epoch (timestamps add 2 per segment)."""
-        with_timestamps = self.timestamps or self.timestamp_fraction > 0
-        saved = self.timestamps
-        self.timestamps = with_timestamps
-        try:
-            return len(self.build(sample))
-        finally:
-            self.timestamps = saved
+        return len(self.ids(sample, self.ever_timestamps))
 
 
 def build_labels(samples: list[Sample], processor, generation_config, default_language: str | None,
@@ -142,11 +143,13 @@ def build_labels(samples: list[Sample], processor, generation_config, default_la
             skipped.append(SkippedSample(i, sample.source, "empty text (train with --timestamps to use it as a "
                                                          "no-speech sample)"))
             continue
-        longest = builder.longest(sample)
-        if longest > MAX_LABEL_TOKENS:
+        longest_form = builder.ids(sample, builder.ever_timestamps)
+        if len(longest_form) > MAX_LABEL_TOKENS:
             labels.append(None)
-            skipped.append(SkippedSample(i, sample.source, f"label has {longest} tokens, over Whisper's "
+            skipped.append(SkippedSample(i, sample.source, f"label has {len(longest_form)} tokens, over Whisper's "
                                                          f"{MAX_LABEL_TOKENS}-token limit"))
+        elif builder.uses_timestamps(sample, 0) == builder.ever_timestamps:
+            labels.append(longest_form[1:])  # epoch 0 uses this form: tokenise once, not twice
         else:
             labels.append(builder.build(sample)[1:])
     return labels, skipped

@@ -285,7 +285,7 @@ def label_lengths(builder, samples: list[Sample]) -> list[int | UserError]:
     One tokenizer call per row costs ~50 µs of Python overhead; unique texts in batches do not, and
     a fast tokenizer gives the same ids either way. The arithmetic mirrors LabelBuilder.build.
     """
-    timestamps = builder.timestamps or builder.timestamp_fraction > 0
+    timestamps = builder.ever_timestamps
     pieces: list[list[str] | None] = []
     for sample in samples:
         if not sample.text.strip() and not sample.sentences:

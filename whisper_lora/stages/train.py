@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import asdict, replace
@@ -83,10 +84,6 @@ class SampleLog:
 
     def close(self) -> None:
         self.file.close()
-
-
-def open_sample_log(out: Path, rank: int, keep_lines: int) -> SampleLog:
-    return SampleLog(out / f"samples.rank{rank}.txt", keep_lines)
 
 
 def resolve_precision(precision: str) -> str:
@@ -196,8 +193,6 @@ def run(config: TrainConfig) -> dict:
             import wandb  # noqa: F401
         except ImportError:
             raise UserError("--wandb needs the wandb package: pip install 'whisper-lora[wandb]'") from None
-    import os
-
     launched = int(os.environ.get("WORLD_SIZE", "1"))  # processes started by torchrun / accelerate launch
     # Without cpu=True, accelerate on a machine with no GPU ignores torchrun's environment and every
     # process trains alone on all the data: correct-looking, N times slower, and the ranks never meet.
@@ -312,8 +307,10 @@ def run(config: TrainConfig) -> dict:
     rank = accelerator.process_index
     stream = state.streams[rank] if len(state.streams) > rank else {"epoch": 0, "consumed": {}}
     stream["consumed"] = {int(k): v for k, v in stream["consumed"].items()}  # JSON made the keys strings
-    sample_log = open_sample_log(out, rank, state.ids_logged[rank] if len(state.ids_logged) > rank else 0) \
-        if config.sample_log else None
+    sample_log = None
+    if config.sample_log:
+        logged = state.ids_logged[rank] if len(state.ids_logged) > rank else 0
+        sample_log = SampleLog(out / f"samples.rank{rank}.txt", logged)
     if trackers:
         run_name = config.run_name or out.resolve().name
         accelerator.init_trackers(
