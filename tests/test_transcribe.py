@@ -90,7 +90,7 @@ def test_vad_skips_silence_and_keeps_original_times(base_model_dir, tmp_path):
     import soundfile as sf
 
     from whisper_lora.audio import load_audio
-    from whisper_lora.vad import pack_regions, speech_regions
+    from whisper_lora.vad import speech_regions, speech_windows
 
     speech = load_audio(SHARED_EN / "arctic_a0009.wav")
     silence = np.zeros(16000 * 30, np.float32)
@@ -98,8 +98,9 @@ def test_vad_skips_silence_and_keeps_original_times(base_model_dir, tmp_path):
     regions = speech_regions(audio)
     assert len(regions) == 2
     assert 29.5 < regions[0].start < 30.5 and 62.5 < regions[1].start < 63.7
-    assert len(pack_regions(regions)) == 2  # 36 s from first start to last end: two 30 s windows
-    assert len(pack_regions(regions, max_seconds=40)) == 1
+    (window,) = speech_windows(regions, len(audio) / 16000)  # the 30 s silence between them shrinks to 2 s
+    assert window.duration < 2 * len(speech) / 16000 + 4
+    assert 62.5 < window.to_original(window.duration - 1) < 63.7 + len(speech) / 16000
     assert speech_regions(np.zeros(16000 * 10, np.float32)) == []
 
     sf.write(tmp_path / "gappy.wav", audio, 16000)
@@ -115,9 +116,10 @@ def test_vad_skips_silence_and_keeps_original_times(base_model_dir, tmp_path):
     assert json.loads((out / "silence.json").read_text())["segments"] == []  # no invented text
 
 
-def test_word_timestamps_on_the_ct2_backend(base_model_dir, tmp_path):
+@pytest.mark.parametrize("backend", ["transformers", "ct2"])
+def test_word_timestamps_on_both_backends(base_model_dir, tmp_path, backend):
     out = tmp_path / "w"
-    result = run_cli("transcribe", str(SHARED_EN / "arctic_a0007.wav"), "--backend", "ct2", "--word-timestamps",
+    result = run_cli("transcribe", str(SHARED_EN / "arctic_a0007.wav"), "--backend", backend, "--word-timestamps",
                      "--language", "en", "--output-format", "json", "--output-dir", str(out))
     assert result.returncode == 0, result.stderr[-2000:]
     (segment,) = json.loads((out / "arctic_a0007.json").read_text())["segments"]

@@ -267,8 +267,9 @@ class TranscribeConfig:
     initial_prompt: str | None = option(None, "text that primes the decoder (spelling, names, style)")
     condition_on_previous_text: bool = option(False, "feed the previous window's text as a prompt (more "
                                                      "context, but a loop can carry over)")
-    word_timestamps: bool = option(False, "word-level timestamps from the alignment heads (ct2 backend)")
-    compile: bool = option(False, "torch.compile the transformers model (slow start, faster long runs)")
+    word_timestamps: bool = option(False, "word-level timestamps (cross-attention alignment heads + DTW, as "
+                                          "openai/whisper), written to json/jsonl as each segment's words")
+    compile: bool = option(False, "torch.compile the transformers model's encoder (slow start, faster long runs)")
     output_format: str = option("txt", "txt (to stdout: 'path<TAB>text' per file), jsonl (one JSON object per "
                                        "file), or per-file json/srt/vtt/tsv, or all of these with --output-dir",
                                 choices=OUTPUT_FORMATS)
@@ -287,9 +288,6 @@ class TranscribeConfig:
             raise UserError("--output-format all needs --output-dir")
         if not self.temperature or any(not 0 <= t <= 2 for t in self.temperature):
             raise UserError(f"--temperature values must lie in [0, 2], got {self.temperature}")
-        if self.word_timestamps and self.backend != "ct2":
-            raise UserError("--word-timestamps needs --backend ct2 (the transformers backend gives segment "
-                            "timestamps only)")
         if self.compile and self.backend != "transformers":
             raise UserError("--compile applies to --backend transformers only")
         if self.batch_size <= 0 or self.num_beams <= 0:

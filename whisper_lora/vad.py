@@ -1,8 +1,9 @@
 """Voice-activity detection as a pure function: audio in, speech regions out.
 
 Uses the Silero VAD model that ships inside the faster-whisper package (ONNX, run offline through
-onnxruntime), so no model is downloaded. Regions are packed into windows of at most 30 s, which the
-decoder then transcribes in batches; times always refer to the original audio.
+onnxruntime), so no model is downloaded. Regions are packed into windows of at most 30 s of speech
+(the silence between them cut out, as faster-whisper's batched pipeline does), which the decoder
+then transcribes in batches; `SpeechWindow` maps times inside a window back to the original audio.
 """
 from __future__ import annotations
 
@@ -15,12 +16,17 @@ from .errors import UserError
 
 MIN_SILENCE_MS = 500  # a pause this long separates two regions
 SPEECH_PAD_MS = 200  # kept on each side of a region so word edges are not clipped
+KEPT_PAUSE_SECONDS = 2.0  # a pause up to this long stays in a decoder window as it was; a longer one shrinks to it
 
 
 @dataclass(frozen=True)
 class SpeechRegion:
     start: float  # seconds in the original audio
     end: float
+
+    @property
+    def duration(self) -> float:
+        return self.end - self.start
 
 
 def speech_regions(audio: np.ndarray, threshold: float = 0.5) -> list[SpeechRegion]:
@@ -36,11 +42,107 @@ def speech_regions(audio: np.ndarray, threshold: float = 0.5) -> list[SpeechRegi
 
 
 def pack_regions(regions: list[SpeechRegion], max_seconds: float = CHUNK_SECONDS) -> list[list[SpeechRegion]]:
-    """Group consecutive regions into windows whose span fits Whisper's 30 s input."""
+    """Group consecutive regions into windows holding at most `max_seconds` of audio in all."""
     windows: list[list[SpeechRegion]] = []
+    length = 0.0
     for region in regions:
-        if windows and region.end - windows[-1][0].start <= max_seconds:
+        if windows and length + region.duration <= max_seconds:
             windows[-1].append(region)
+            length += region.duration
         else:
             windows.append([region])
+            length = region.duration
     return windows
+
+
+def speech_windows(regions: list[SpeechRegion], duration: float, max_seconds: float = CHUNK_SECONDS,
+                   kept_pause: float = KEPT_PAUSE_SECONDS) -> list[SpeechWindow]:
+    """Decoder windows of at most `max_seconds` built from speech regions, pauses kept up to `kept_pause`.
+
+    Each region is widened into the pauses around it by up to half of `kept_pause`, so a short pause
+    stays whole and a long one (silence, music) shrinks to `kept_pause`; regions that then touch are
+    merged. Whisper was trained on speech with its pauses: windows of regions glued back to back make
+    it end the transcript early and drop what follows (the word loss batched VAD decoding used to have).
+    """
+    spans: list[SpeechRegion] = []
+    for i, region in enumerate(regions):
+        before = region.start - (regions[i - 1].end if i else 0.0)
+        after = (regions[i + 1].start if i + 1 < len(regions) else duration) - region.end
+        widen = [min(max(before, 0.0), kept_pause) / 2, min(max(after, 0.0), kept_pause) / 2]
+        room = max(0.0, max_seconds - region.duration)
+        if sum(widen) > room:
+            widen = [w * room / sum(widen) for w in widen]
+        start, end = region.start - widen[0], region.end + widen[1]
+        if spans and start <= spans[-1].end + 1e-6 and end - spans[-1].start <= max_seconds:
+            spans[-1] = SpeechRegion(spans[-1].start, end)
+        else:
+            spans.append(SpeechRegion(max(start, spans[-1].end if spans else 0.0), end))
+    windows = []
+    for packed in pack_regions(spans, max_seconds):
+        inside = tuple(r for r in regions if packed[0].start <= r.start and r.end <= packed[-1].end)
+        windows.append(SpeechWindow(tuple(packed), inside))
+    return windows
+
+
+@dataclass(frozen=True)
+class SpeechWindow:
+    """The audio one decoder window sees: `spans` of the original audio played back to back, holding
+    the VAD `speech` regions. Window times map back to original times through the spans; a time that
+    lands in a pause is moved to the nearest speech (a start forward, an end back), so a segment never
+    starts in a pause, and never across a cut one."""
+    spans: tuple[SpeechRegion, ...]
+    speech: tuple[SpeechRegion, ...] = ()
+
+    @property
+    def duration(self) -> float:
+        return sum(r.duration for r in self.spans)
+
+    def samples(self, audio: np.ndarray) -> np.ndarray:
+        return np.concatenate([audio[round(r.start * SAMPLE_RATE): round(r.end * SAMPLE_RATE)] for r in self.spans])
+
+    def _through_spans(self, t: float, is_end: bool) -> float:
+        # At the seam between two spans an end belongs to the span before it, a start to the one after.
+        position = 0.0
+        for i, span in enumerate(self.spans):
+            inside = t < position + span.duration or (is_end and t <= position + span.duration)
+            if inside or i == len(self.spans) - 1:
+                return min(span.end, span.start + max(0.0, t - position))
+            position += span.duration
+        return self.spans[-1].end
+
+    def to_original(self, t: float, is_end: bool = False) -> float:
+        """Original time of window time `t`."""
+        original = self._through_spans(t, is_end)
+        if not self.speech or any(r.start <= original <= r.end for r in self.speech):
+            return original
+        if is_end:
+            return max((r.end for r in self.speech if r.end <= original), default=original)
+        return min((r.start for r in self.speech if r.start >= original), default=original)
+
+    def to_window(self, original: float) -> float:
+        """Window time of an original time inside one of the spans (the start of the next span if none)."""
+        position = 0.0
+        for span in self.spans:
+            if original < span.end:
+                return position + max(0.0, original - span.start)
+            position += span.duration
+        return position
+
+    def after(self, t: float) -> SpeechWindow | None:
+        """The part of the window from window time `t` on (None if nothing is left)."""
+        rest, position = [], 0.0
+        for span in self.spans:
+            if position + span.duration > t:
+                rest.append(SpeechRegion(span.start + max(0.0, t - position), span.end))
+            position += span.duration
+        if not rest:
+            return None
+        return SpeechWindow(tuple(rest), tuple(r for r in self.speech if r.end > rest[0].start))
+
+    def unheard(self, t: float) -> tuple[int, float]:
+        """What VAD heard after window time `t`: how many speech regions start there or later, and how
+        many seconds are left of the region under way at `t`."""
+        original = self._through_spans(t, False)
+        later = sum(self.to_window(r.start) >= t for r in self.speech)
+        left = max((r.end - original for r in self.speech if r.start < original < r.end), default=0.0)
+        return later, left

@@ -56,8 +56,9 @@ def transcribe_all(transcriber: Transcriber | CT2Transcriber, paths: list[Path],
                    language: str | None) -> Iterator[tuple[Path, list[Segment] | None, TranscriptionInfo | str]]:
     """Yield (path, segments, info) in input order, or (path, None, error message) for bad files.
 
-    Clips up to 30 s are decoded together in batches; longer files are read and decoded block by
-    block from disk, so a three-hour file needs no more memory than a five-minute one.
+    Clips up to 30 s are decoded together in batches (unless they need VAD or word timestamps);
+    longer files are read and decoded block by block from disk, so a three-hour file needs no more
+    memory than a five-minute one.
     """
     options = decode_options(config)
     pending: list[tuple[Path, np.ndarray]] = []
@@ -68,7 +69,7 @@ def transcribe_all(transcriber: Transcriber | CT2Transcriber, paths: list[Path],
         decoded = transcriber.decode_batch([a for _, a in pending], [language] * len(pending), options)
         for (path, audio), d in zip(pending, decoded):
             duration = round(len(audio) / SAMPLE_RATE, 3)
-            segments = [Segment(0, 0.0, duration, d.text, d.tokens)] if d.text else []
+            segments = [Segment(0, 0.0, duration, d.text, d.tokens, d.avg_logprob, d.no_speech_prob)] if d.text else []
             yield path, segments, TranscriptionInfo(d.language, d.language_probability, duration)
         pending.clear()
 
