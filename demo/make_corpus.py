@@ -6,7 +6,12 @@ the training split contains: `test` holds unseen sentences over the training voc
 `test_new_words` holds sentences that each contain at least one word absent from every training
 sentence.
 
+English splits (`retain_en`, `test_en`) come from the same engine's English voice: a forgetting
+guard needs English speech to replay and to score, and the real English clips in
+../shared/data/speech-en are too few (7) to do both.
+
     python demo/make_corpus.py            # needs espeak-ng (apt) and pypinyin (pip)
+    python demo/make_corpus.py --english  # only the English splits
 """
 from __future__ import annotations
 
@@ -89,31 +94,60 @@ def sentences(rng: random.Random) -> dict[str, list[str]]:
     return splits
 
 
-def speak(text: str, voice: str, speed: int, pitch: int) -> np.ndarray:
-    pinyin = " ".join(lazy_pinyin(text, style=Style.TONE3, neutral_tone_with_five=True))
+ENGLISH_SEED = 20261122  # its own stream, so adding English left the Mandarin corpus byte-identical
+ENGLISH_SPLIT_SIZES = {"retain_en": 64, "test_en": 32}
+EN_SUBJECTS = ["I", "You", "We", "They", "My sister", "The teacher", "Our neighbour", "The driver", "His friend"]
+EN_VERBS = ["bought", "painted", "carried", "borrowed", "cleaned", "found", "sold", "described", "repaired"]
+EN_OBJECTS = ["an old bicycle", "the kitchen table", "a heavy suitcase", "two green chairs", "the garden gate",
+              "a small wooden boat", "the blue umbrella", "a box of letters", "the broken window"]
+EN_TAILS = ["last summer", "before lunch", "near the river", "for the museum", "after the storm",
+            "on Sunday morning", "in the city", "with great care"]
+
+
+def english_sentences(rng: random.Random) -> dict[str, list[str]]:
+    pool = [f"{s} {v} {o} {t}." for s, v, o, t in itertools.product(EN_SUBJECTS, EN_VERBS, EN_OBJECTS, EN_TAILS)]
+    rng.shuffle(pool)
+    n_retain = ENGLISH_SPLIT_SIZES["retain_en"]
+    return {"retain_en": pool[:n_retain], "test_en": pool[n_retain:n_retain + ENGLISH_SPLIT_SIZES["test_en"]]}
+
+
+def speak(text: str, voice: str, speed: int, pitch: int, language: str = "zh") -> np.ndarray:
+    if language == "zh":
+        text = " ".join(lazy_pinyin(text, style=Style.TONE3, neutral_tone_with_five=True))
+    espeak_voice = f"cmn-latn-pinyin{voice}" if language == "zh" else f"en-us{voice}"
     with tempfile.NamedTemporaryFile(suffix=".wav") as tmp:
-        subprocess.run(["espeak-ng", "-v", f"cmn-latn-pinyin{voice}", "-s", str(speed), "-p", str(pitch),
-                        "-w", tmp.name, pinyin], check=True)
+        subprocess.run(["espeak-ng", "-v", espeak_voice, "-s", str(speed), "-p", str(pitch),
+                        "-w", tmp.name, text], check=True)
         audio, rate = sf.read(tmp.name, dtype="float32")
     return soxr.resample(audio, rate, SAMPLE_RATE).astype(np.float32)
 
 
+def write_split(split: str, texts: list[str], language: str, rng: random.Random) -> None:
+    rows = []
+    for i, text in enumerate(texts):
+        name = f"audio/{split}_{i:04d}.ogg"
+        audio = speak(text, rng.choice(VOICE_VARIANTS), rng.randint(120, 185), rng.randint(25, 75), language)
+        audio *= rng.uniform(0.4, 0.95) / max(1e-6, float(np.abs(audio).max()))
+        # Opus keeps the committed corpus under 6 MB; speech survives it fine.
+        sf.write(OUT / name, audio, SAMPLE_RATE, format="OGG", subtype="OPUS")
+        rows.append({"audio": {"path": name}, "sentence": text + ("。" if language == "zh" else ""),
+                     "language": language, "duration": round(len(audio) / SAMPLE_RATE, 3)})
+    with open(OUT / f"{split}.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    print(f"{split}: {len(rows)} clips")
+
+
 def main() -> None:
-    rng = random.Random(SEED)
+    import sys
+
     (OUT / "audio").mkdir(parents=True, exist_ok=True)
-    for split, texts in sentences(rng).items():
-        rows = []
-        for i, text in enumerate(texts):
-            name = f"audio/{split}_{i:04d}.ogg"
-            audio = speak(text, rng.choice(VOICE_VARIANTS), rng.randint(120, 185), rng.randint(25, 75))
-            audio *= rng.uniform(0.4, 0.95) / max(1e-6, float(np.abs(audio).max()))
-            # Opus keeps the committed corpus under 5 MB; speech survives it fine.
-            sf.write(OUT / name, audio, SAMPLE_RATE, format="OGG", subtype="OPUS")
-            rows.append({"audio": {"path": name}, "sentence": text + "。", "language": "zh",
-                         "duration": round(len(audio) / SAMPLE_RATE, 3)})
-        with open(OUT / f"{split}.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        print(f"{split}: {len(rows)} clips")
+    if "--english" not in sys.argv:
+        rng = random.Random(SEED)
+        for split, texts in sentences(rng).items():
+            write_split(split, texts, "zh", rng)
+    rng = random.Random(ENGLISH_SEED)
+    for split, texts in english_sentences(rng).items():
+        write_split(split, texts, "en", rng)
 
 
 if __name__ == "__main__":

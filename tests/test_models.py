@@ -41,7 +41,12 @@ def test_hub_id_is_passed_through():
 
 
 def test_hub_id_offline_is_a_clear_error(monkeypatch):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # The library read the variable when it was imported: set what it reads now, or the test waits out
+    # network timeouts instead of taking the offline path.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(UserError, match="openai/whisper-nonexistent-xyz: cannot load model"):
         load_model("openai/whisper-nonexistent-xyz")
 
