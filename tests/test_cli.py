@@ -21,6 +21,7 @@ def test_help_describes_every_option():
             assert f.metadata["help"], (name, f.name)
 
 
+@pytest.mark.timeout(1200)  # four CLI processes, each importing torch: ~100 s alone, 600 s+ on a crowded machine
 def test_end_to_end_tiny_model(tiny_model_dir, tiny_corpus, tmp_path):
     run_dir = tmp_path / "run"
     train = run_cli("train", "--train-manifest", str(tiny_corpus / "train.jsonl"), "--dev-manifest",
