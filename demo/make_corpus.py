@@ -19,6 +19,7 @@ import itertools
 import json
 import random
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -138,8 +139,6 @@ def write_split(split: str, texts: list[str], language: str, rng: random.Random)
 
 
 def main() -> None:
-    import sys
-
     (OUT / "audio").mkdir(parents=True, exist_ok=True)
     if "--english" not in sys.argv:
         rng = random.Random(SEED)

@@ -40,12 +40,16 @@ def test_long_audio_is_chunked_not_truncated(base_transcriber):
     assert starts == sorted(starts) and all(0 <= s.start < s.end <= info.duration + 0.01 for s in segments)
 
 
-def test_transcribe_returns_a_lazy_iterator(base_transcriber):
+def test_transcribe_returns_a_lazy_iterator(base_transcriber, monkeypatch):
+    encoded = []
+    encode = base_transcriber._encode
+    monkeypatch.setattr(base_transcriber, "_encode", lambda features: encoded.append(len(features)) or encode(features))
     segments, info = base_transcriber.transcribe(load_audio(SHARED_EN / "cards" / "003.wav"))
     assert info.language == "en"
     assert iter(segments) is segments  # a generator: nothing decoded until consumed
     (segment,) = list(segments)
     assert "clubs" in segment.text.lower()
+    assert encoded == [1]  # language detection and decoding share one encoder pass
 
 
 def test_silence_produces_no_text_without_vad(base_transcriber):

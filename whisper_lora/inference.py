@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from .audio import CHUNK_SECONDS, SAMPLE_RATE, audio_duration, load_audio
 from .data import log_mel
+from .errors import UserError
 
 BLOCK_SECONDS = 300  # seconds of audio decoded per block of long-form transcription (bounds memory)
 MAX_TARGET_TOKENS = 448  # Whisper decoder context, prompt included
@@ -438,8 +439,6 @@ class Transcriber:
         tokens.append(self.sot)
         if self.multilingual:
             if language not in self._lang_to_id:
-                from .errors import UserError
-
                 raise UserError(f"the model has no language '{language}'")
             tokens += [self._lang_to_id[language], self._task_to_id[task]]
         if not timestamps:
@@ -838,26 +837,32 @@ class Transcriber:
         """
         source, duration = _open_source(audio)
         head = _read_block(source, 0.0, min(duration, CHUNK_SECONDS))
+        encoded_head = None  # a short clip's encoder output, kept from detection for its decoding
         if language is None and self.multilingual and not is_silent(head):
-            (lang, prob), = self.detect_language(self.features([head]))
+            with torch.inference_mode():
+                encoded_head = self._encode(self.features([head]))
+                (lang, prob), = self._detect(encoded_head)
         else:
             lang, prob = (language, None) if self.multilingual else ("en", 1.0)
         info = TranscriptionInfo(lang, prob, duration)
         if vad:
             return self._vad_segments(source, duration, lang, options, batch_size), info
         if duration <= CHUNK_SECONDS:
-            return self._lazy(lambda: self._short_form(head, lang, options)), info
+            return self._lazy(lambda: self._short_form(head, lang, options, encoded_head)), info
         return transcribe_in_blocks(lambda block, offset: self._long_form(block, offset, lang, options),
                                     source, duration), info
 
     @torch.inference_mode()
-    def _short_form(self, audio: np.ndarray, language: str | None, options: DecodeOptions) -> list[Segment]:
+    def _short_form(self, audio: np.ndarray, language: str | None, options: DecodeOptions,
+                    encoded: torch.Tensor | None = None) -> list[Segment]:
         """A clip of at most 30 s: one window without timestamp tokens (fewer tokens to decode, as
-        `decode_batch`), so one segment; its words, if asked for, from the alignment heads."""
+        `decode_batch`), so one segment; its words, if asked for, from the alignment heads.
+        `encoded`: the clip's encoder output when language detection already computed it."""
         if is_silent(audio):
             return []
         duration = len(audio) / SAMPLE_RATE
-        encoded = self._encode(self.features([audio]))
+        if encoded is None:
+            encoded = self._encode(self.features([audio]))
         language = language or self._detect(encoded)[0][0]
         prefix = self._prefix(language, options.task, False, self._prompt_tokens(options.initial_prompt))
         (result,) = self._decode_with_fallback(encoded, [prefix], options, timestamps=False)
@@ -978,14 +983,10 @@ class CT2Transcriber:
         try:
             from faster_whisper import WhisperModel
         except ImportError:
-            from .errors import UserError
-
             raise UserError("--backend ct2 needs faster-whisper: pip install 'whisper-lora[ct2]'") from None
         try:
             self.model = WhisperModel(model_dir, device=device, compute_type=compute_type)
         except ValueError as exc:  # e.g. float16 on a CPU
-            from .errors import UserError
-
             raise UserError(f"cannot load with --compute-type {compute_type}: {exc}", model_dir) from None
         self.multilingual = self.model.model.is_multilingual
         self.languages = set(self.model.supported_languages)

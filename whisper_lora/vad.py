@@ -1,9 +1,10 @@
 """Voice-activity detection as a pure function: audio in, speech regions out.
 
 Uses the Silero VAD model that ships inside the faster-whisper package (ONNX, run offline through
-onnxruntime), so no model is downloaded. Regions are packed into windows of at most 30 s of speech
-(the silence between them cut out, as faster-whisper's batched pipeline does), which the decoder
-then transcribes in batches; `SpeechWindow` maps times inside a window back to the original audio.
+onnxruntime), so no model is downloaded. Regions are packed into windows of at most 30 s that keep
+the pauses between them up to KEPT_PAUSE_SECONDS (longer silences shortened to that), which the
+decoder then transcribes in batches; `SpeechWindow` maps times inside a window back to the original
+audio.
 """
 from __future__ import annotations
 
