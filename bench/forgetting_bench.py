@@ -7,7 +7,10 @@ corpus. This runs that case three ways on the embedded whisper-base:
 
   base        no training
   no guard    Mandarin LoRA; the English retain set is only evaluated (--retain-manifest)
-  replay      the same run with --replay-ratio: a share of every epoch is English retain samples
+  replay      the same run with --replay-ratio: a share of every epoch is English retain samples,
+              trained on their labels (cross-entropy)
+  distill     the same replayed samples trained with --replay-loss distill: KL divergence to the base
+              model's own predictions (the adapters switched off) instead of cross-entropy
 
 and scores each on held-out sets none of the runs trained on: Mandarin `test` + `test_new_words`,
 synthetic English `test_en`, and the real English clips in ../shared/data/speech-en.
@@ -59,7 +62,10 @@ def score(model_spec: str | None, sets: dict) -> dict:
     scores = {}
     for name, (language, clips) in sets.items():
         result = score_model(name, transcriber, clips, language, progress=False)
-        scores[name] = result.cer if language == "zh" else result.wer
+        if language == "zh":
+            scores[name] = result.cer
+        else:
+            scores[name], scores[name.replace("WER", "CER")] = result.wer, result.cer
     del model, transcriber
     gc.collect()
     return scores
@@ -80,13 +86,13 @@ def base_transcripts(out: Path) -> Path:
     return out
 
 
-def train(out: Path, args, replay_ratio: float, retain: Path) -> dict:
+def train(out: Path, args, replay_ratio: float, replay_loss: str, retain: Path) -> dict:
     from whisper_lora.config import TrainConfig, build_config
     from whisper_lora.stages import train as train_stage
 
     config = build_config(TrainConfig, overrides=dict(
         train_manifest=str(CORPUS / "train.jsonl"), dev_manifest=str(CORPUS / "dev.jsonl"),
-        retain_manifest=str(retain), replay_ratio=replay_ratio, output_dir=str(out),
+        retain_manifest=str(retain), replay_ratio=replay_ratio, replay_loss=replay_loss, output_dir=str(out),
         epochs=args.epochs, batch_size=8, learning_rate=args.learning_rate, lora_targets=args.targets,
         freeze_encoder=args.decoder_only, tensorboard=False, overwrite=True))
     summary = train_stage.run(config)
@@ -113,13 +119,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         retain = base_transcripts(Path(tmp) / "retain_base.jsonl") if args.retain_labels == "base" \
             else CORPUS / "retain_en.jsonl"
-        for name, ratio in (("no guard", 0.0), (f"replay {args.replay_ratio:g}", args.replay_ratio)):
-            runs[name] = train(Path(tmp) / name.replace(" ", "_"), args, ratio, retain)
+        plans = {"no guard": (0.0, "labels"), f"replay {args.replay_ratio:g}": (args.replay_ratio, "labels"),
+                 f"distill {args.replay_ratio:g}": (args.replay_ratio, "distill")}
+        for name, (ratio, loss) in plans.items():
+            runs[name] = train(Path(tmp) / name.replace(" ", "_"), args, ratio, loss, retain)
             results[name] = score(runs[name]["adapter"], sets)
 
     from whisper_lora.report import format_table
 
-    columns = list(sets)
+    columns = list(results["base"])
     print(f"\nwhisper-base, {args.epochs:g} epochs of Mandarin LoRA ({args.targets}, retain labels {args.retain_labels}, "
           f"{'decoder only' if args.decoder_only else 'encoder + decoder'}), lr {args.learning_rate:g}; "
           f"{platform.machine()}, {time.time() - started:.0f} s")

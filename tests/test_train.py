@@ -226,6 +226,62 @@ def test_replay_mixes_the_retain_share_and_the_retain_set_is_scored(tiny_model_d
     assert sum(s in replayed for s in epoch) == 2
 
 
+def tiny_lora(tiny_model_dir):
+    from transformers import WhisperForConditionalGeneration
+
+    from whisper_lora.lora import apply_adapter
+
+    model = WhisperForConditionalGeneration.from_pretrained(tiny_model_dir)
+    return apply_adapter(model, build_config(TrainConfig, overrides={"train_manifest": "x", "lora_r": 4}), 10)
+
+
+def test_distilled_rows_are_pulled_towards_the_base_model_and_the_others_train_on_labels(tiny_model_dir):
+    torch.manual_seed(0)
+    model = tiny_lora(tiny_model_dir).train()
+    inputs = {"input_features": torch.randn(3, 80, 3000)}
+    labels = torch.tensor([[50258, 50260, 400, 401, 50257], [50258, 50259, 402, 50257, -100],
+                           [50258, 50259, 403, 404, 50257]])
+    replayed = torch.tensor([False, True, True])
+    assert torch.equal(train.training_loss(model, model, inputs, labels, None), model(**inputs, labels=labels).loss)
+
+    # LoRA starts as the identity (B = 0): the adapted model *is* the base, so the KL terms are zero
+    # and the loss is the first row's cross-entropy over the batch's 14 label tokens.
+    loss = train.training_loss(model, model, inputs, labels, replayed)
+    first_row_ce = model(input_features=inputs["input_features"][:1], labels=labels[:1]).loss * 5
+    assert loss.item() == pytest.approx(first_row_ce.item() / 14, rel=1e-5)
+
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)
+    only_replayed = train.training_loss(model, model, inputs, labels, torch.tensor([True, True, True]))
+    assert only_replayed.item() > 1e-4  # moved away from the base: the KL notices
+    only_replayed.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+    model.zero_grad()
+    with torch.no_grad(), model.disable_adapter():  # the base model itself is unchanged by the context
+        base_loss = model(**inputs, labels=labels).loss
+    assert base_loss.item() != pytest.approx(model(**inputs, labels=labels).loss.item())
+
+
+def test_distilled_replay_trains_end_to_end_and_its_conflicts_are_refused(tiny_model_dir, tiny_corpus, tmp_path):
+    from whisper_lora.errors import UserError
+
+    rows = [json.loads(line) for line in (tiny_corpus / "dev.jsonl").read_text(encoding="utf-8").splitlines()]
+    retain = tiny_corpus / "retain.jsonl"
+    retain.write_text("".join(json.dumps(dict(r, language="en", sentence="hello there")) + "\n" for r in rows))
+    summary = train.run(tiny_train_config(tiny_model_dir, tiny_corpus, tmp_path / "run", max_steps=2, eval_steps=2,
+                                          batch_size=4, retain_manifest=str(retain), replay_ratio=0.25,
+                                          replay_loss="distill"))
+    losses = [h["loss"] for h in summary["history"] if "loss" in h]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    with pytest.raises(UserError, match="--replay-loss distill needs --replay-ratio"):
+        tiny_train_config(tiny_model_dir, tiny_corpus, tmp_path / "a", retain_manifest=str(retain), replay_loss="distill")
+    with pytest.raises(UserError, match="--replay-loss distill and --method full conflict"):
+        tiny_train_config(tiny_model_dir, tiny_corpus, tmp_path / "b", retain_manifest=str(retain), replay_ratio=0.2,
+                          replay_loss="distill", method="full")
+
+
 def test_replay_sampler_cycles_through_the_retain_set_across_epochs():
     sampler = train.EpochShuffleSampler(6, seed=1, replay=4, replay_ratio=0.25)
     assert len(sampler) == 8

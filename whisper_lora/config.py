@@ -55,6 +55,7 @@ def check_deepspeed_config(path: str) -> dict:
 
 METRICS = ("auto", "cer", "wer")
 METHODS = ("lora", "dora", "adalora", "full")
+REPLAY_LOSSES = ("labels", "distill")
 LORA_TARGET_PRESETS = ("qv", "attention", "attention-mlp", "all-linear")
 TASKS = ("transcribe", "translate")
 
@@ -126,6 +127,9 @@ class TrainConfig:
                                                "model's transcripts) scored at every evaluation beside the dev set")
     replay_ratio: float = option(0.0, "share of each epoch's training samples drawn from --retain-manifest "
                                       "(replay against forgetting; 0 = evaluate it only)")
+    replay_loss: str = option("labels", "how replayed samples train: labels = cross-entropy on their text; distill = "
+                                        "KL divergence to the base model's own predictions on them (adapters "
+                                        "switched off; learning without forgetting)", choices=REPLAY_LOSSES)
     seed: int = option(42, "seed for data order, dropout and LoRA initialisation")
     timestamps: bool = option(False, "train timestamp tokens (0.02 s grid) from rows' `sentences`, or the whole "
                                      "clip as one segment; rows with empty text train as no-speech samples")
@@ -185,6 +189,11 @@ class TrainConfig:
             raise UserError("--replay-ratio needs --retain-manifest: replayed samples come from that set")
         if not 0 <= self.replay_ratio < 1:
             raise UserError(f"--replay-ratio must lie in [0, 1), got {self.replay_ratio}")
+        if self.replay_loss == "distill" and not self.replay_ratio:
+            raise UserError("--replay-loss distill needs --replay-ratio above 0: only replayed samples are distilled")
+        if self.replay_loss == "distill" and self.method == "full":
+            raise UserError("--replay-loss distill and --method full conflict: distillation compares with the base "
+                            "model, which an adapter keeps intact and full fine-tuning overwrites")
         if self.log_predictions < 0:
             raise UserError(f"--log-predictions must be >= 0, got {self.log_predictions}")
         if not 0 <= self.timestamp_fraction <= 1:

@@ -20,8 +20,8 @@ import torch
 
 from ..checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
 from ..config import TrainConfig, prepare_run_dir
-from ..data import (CachedEncoderDataset, EncoderCache, LabelBuilder, SkippedSample, SpeechDataset, build_labels,
-                    collate, shard_item_maker)
+from ..data import (LABEL_PAD, CachedEncoderDataset, EncoderCache, LabelBuilder, SkippedSample, SpeechDataset,
+                    build_labels, collate, shard_item_maker)
 from ..features import FeatureCache
 from ..shards import ShardStream, is_shard_dir
 from ..errors import UserError
@@ -145,6 +145,30 @@ def check_retain_labels(samples: list, processor, generation_config, config: Tra
     except UserError as exc:
         raise UserError(f"--retain-manifest and --model conflict: {exc}", config.retain_manifest) from None
     return labels
+
+
+def training_loss(model, base_model, inputs: dict, labels: torch.Tensor, distilled: torch.Tensor | None) -> torch.Tensor:
+    """Token-mean cross-entropy, except that the `distilled` rows' tokens use KL(base || model).
+
+    The base model is the same network with its adapters switched off, so distilling needs no second
+    copy of the weights, only a no-grad forward pass of the replayed rows. Soft targets pin the whole
+    distribution the base model predicts (learning without forgetting); replaying hard labels, even
+    the base model's own transcripts, only pins their argmax. Both terms are summed per token and
+    divided by all label tokens, so a replayed token weighs the same under either loss.
+    """
+    outputs = model(**inputs, labels=labels)
+    if distilled is None or not distilled.any():
+        return outputs.loss
+    log_probs = outputs.logits.float().log_softmax(-1)
+    per_token = -log_probs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    with torch.no_grad(), base_model.disable_adapter():
+        rows = {k: tuple(t[distilled] for t in v) if isinstance(v, tuple) else v[distilled] for k, v in inputs.items()}
+        teacher = base_model(**rows, labels=labels[distilled])
+        teacher_log_probs = teacher.logits.float().log_softmax(-1)
+    kl = (teacher_log_probs.exp() * (teacher_log_probs - log_probs[distilled])).sum(-1)
+    per_token = per_token.masked_scatter(distilled.unsqueeze(-1).expand_as(per_token), kl)
+    counted = labels != LABEL_PAD
+    return (per_token * counted).sum() / counted.sum()
 
 
 def evaluate_dev(accelerator, model, processor, dev_clips, config: TrainConfig, language: str | None) -> ModelScore:
@@ -369,10 +393,12 @@ def run(config: TrainConfig) -> dict:
                 if "labels" in batch:
                     labels = batch["labels"].to(accelerator.device)
                     if "encoder_hidden" in batch:
-                        hidden = batch["encoder_hidden"].to(accelerator.device, torch.float32)
-                        loss = model(encoder_outputs=(hidden,), labels=labels).loss
+                        inputs = {"encoder_outputs": (batch["encoder_hidden"].to(accelerator.device, torch.float32),)}
                     else:
-                        loss = model(input_features=batch["input_features"].to(accelerator.device), labels=labels).loss
+                        inputs = {"input_features": batch["input_features"].to(accelerator.device)}
+                    distilled = torch.tensor([i >= len(usable) for i in batch["index"]], device=accelerator.device) \
+                        if config.replay_loss == "distill" else None
+                    loss = training_loss(model, accelerator.unwrap_model(model), inputs, labels, distilled)
                     accelerator.backward(loss)
                     running_loss, loss_count = running_loss + loss.item(), loss_count + 1
                     state.samples_seen += len(batch["index"]) * accelerator.num_processes
