@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..allocator import return_freed_blocks_to_os
 from ..checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
 from ..config import TrainConfig, prepare_run_dir
 from ..data import (LABEL_PAD, CachedEncoderDataset, EncoderCache, LabelBuilder, SkippedSample, SpeechDataset,
@@ -236,6 +237,8 @@ def run(config: TrainConfig) -> dict:
                               mixed_precision=resolve_precision(config.precision),
                               gradient_accumulation_steps=config.grad_accum, log_with=trackers or None,
                               project_dir=str(Path(config.output_dir) / "tensorboard"))  # TensorBoard's folder
+    if accelerator.device.type == "cpu":
+        return_freed_blocks_to_os()  # peak RSS near live tensors instead of twice that (allocator.py)
     if accelerator.num_processes != launched:
         raise UserError(f"launched as {launched} processes but the distributed backend joined "
                         f"{accelerator.num_processes}; check the launcher's settings (MASTER_ADDR, ports)")
