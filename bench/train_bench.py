@@ -11,7 +11,8 @@ with --precision bf16 --model openai/whisper-small for the GPU run), no evaluati
 Two cases: LoRA on encoder + decoder, and decoder-only (frozen encoder; whisper-lora caches encoder
 outputs once per clip, the reference recomputes them every step, as Trainer does). Each system runs
 in its own process; samples/s excludes the first (warm-up) step; peak memory is the process's peak
-RSS on CPU (peak allocated on CUDA).
+RSS on CPU (peak allocated on CUDA). Encoder + decoder also runs whisper-lora with --low-cpu-memory
+(freed activations returned to the OS: lower peak RSS, slower steps).
 """
 from __future__ import annotations
 
@@ -105,7 +106,7 @@ def run_ours(args) -> dict:
             train_manifest=str(manifest), model=args.model, output_dir=str(Path(tmp) / "run"), batch_size=BATCH,
             max_steps=args.steps + 1, lora_r=32, lora_alpha=64, lora_dropout=0.05, lora_targets="qv",
             freeze_encoder=args.decoder_only, logging_steps=1, tensorboard=False, warmup_steps=0,
-            precision=args.precision, timestamp_fraction=0.0, save_steps=10_000))
+            precision=args.precision, timestamp_fraction=0.0, save_steps=10_000, low_cpu_memory=args.low_cpu_memory))
         summary = train.run(config)
         total = time.perf_counter() - started
     history = [h for h in summary["history"] if "elapsed_s" in h]
@@ -121,39 +122,42 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--system", choices=("reference", "ours"), help=argparse.SUPPRESS)
     parser.add_argument("--decoder-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--low-cpu-memory", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.system:  # child process: one measurement, printed as JSON
         print("RESULT " + json.dumps(run_reference(args) if args.system == "reference" else run_ours(args)))
         return
 
     results = []
-    for decoder_only in (False, True):
+    runs = [(False, "reference"), (False, "ours"), (False, "ours --low-cpu-memory"), (True, "reference"), (True, "ours")]
+    for decoder_only, system in runs:
         case = "decoder-only (frozen encoder)" if decoder_only else "encoder + decoder LoRA"
-        for system in ("reference", "ours"):
-            command = [sys.executable, __file__, "--system", system, "--steps", str(args.steps),
-                       "--precision", args.precision] + (["--model", args.model] if args.model else []) \
-                + (["--decoder-only"] if decoder_only else [])
-            done = subprocess.run(command, capture_output=True, text=True)
-            line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
-            if line is None:
-                sys.exit(f"{system} failed:\n{done.stderr[-3000:]}")
-            result = {"case": case, "system": "seed recipe (Seq2SeqTrainer)" if system == "reference" else "whisper-lora",
-                      **json.loads(line[len("RESULT "):])}
-            results.append(result)
-            print(json.dumps(result), flush=True)
+        command = [sys.executable, __file__, "--system", system.split()[0], "--steps", str(args.steps),
+                   "--precision", args.precision] + (["--model", args.model] if args.model else []) \
+            + (["--decoder-only"] if decoder_only else []) + system.split()[1:]
+        done = subprocess.run(command, capture_output=True, text=True)
+        line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if line is None:
+            sys.exit(f"{system} failed:\n{done.stderr[-3000:]}")
+        result = {"case": case, "system": "seed recipe (Seq2SeqTrainer)" if system == "reference"
+                  else system.replace("ours", "whisper-lora"),
+                  **json.loads(line[len("RESULT "):])}
+        results.append(result)
+        print(json.dumps(result), flush=True)
 
     import torch
 
     print(f"\nmodel {args.model or 'embedded whisper-base'}, batch {BATCH}, {args.precision}, LoRA r=32 q/v, "
           f"{args.steps} timed steps; {platform.machine()}, {torch.get_num_threads()} threads, "
           f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}")
-    print(f"{'case':<32}{'system':<32}{'samples/s':>10}{'peak MB':>10}{'speed-up':>10}")
-    for i in range(0, len(results), 2):
-        reference, ours = results[i], results[i + 1]
-        ours["speedup"] = ours["samples_per_s"] / reference["samples_per_s"]
-        for r in (reference, ours):
-            speedup = f"{r['speedup']:.2f}x" if "speedup" in r else ""
-            print(f"{r['case']:<32}{r['system']:<32}{r['samples_per_s']:>10.2f}{r['peak_memory_mb']:>10.0f}{speedup:>10}")
+    print(f"{'case':<32}{'system':<36}{'samples/s':>10}{'peak MB':>10}{'speed-up':>10}")
+    for r in results:
+        if not r["system"].startswith("seed"):
+            reference = next(x for x in results if x["case"] == r["case"] and x["system"].startswith("seed"))
+            r["speedup"] = r["samples_per_s"] / reference["samples_per_s"]
+    for r in results:
+        speedup = f"{r['speedup']:.2f}x" if "speedup" in r else ""
+        print(f"{r['case']:<32}{r['system']:<36}{r['samples_per_s']:>10.2f}{r['peak_memory_mb']:>10.0f}{speedup:>10}")
     out = REPO / "bench" / "results" / f"train_{platform.node() or 'host'}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"results": results, "steps": args.steps, "precision": args.precision,

@@ -40,3 +40,15 @@ def resident_after_free(mode: str) -> float:
 def test_freed_activation_blocks_go_back_to_the_os_under_the_training_policy():
     assert resident_after_free("default") > 20  # freed blocks trapped in the heap stay resident
     assert resident_after_free("policy") < 10
+
+
+def test_train_applies_the_policy_only_when_asked(tiny_model_dir, tiny_corpus, tmp_path, monkeypatch):
+    from test_train import tiny_train_config
+    from whisper_lora.stages import train
+
+    calls = []
+    monkeypatch.setattr(train, "return_freed_blocks_to_os", lambda: calls.append(1) or True)
+    for low_memory in (False, True):
+        train.run(tiny_train_config(tiny_model_dir, tiny_corpus, tmp_path / str(low_memory), max_steps=1,
+                                    dev_manifest=None, low_cpu_memory=low_memory))
+    assert calls == [1]

@@ -3,10 +3,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .allocator import request_huge_pages  # noqa: E402
-
-request_huge_pages()  # before anything imports torch: PyTorch reads the setting once
-
 from .audio import load_audio  # noqa: E402
 from .errors import UserError  # noqa: E402
 from .inference import DecodeOptions, Segment, Transcriber, TranscriptionInfo  # noqa: E402

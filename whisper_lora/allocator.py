@@ -1,4 +1,4 @@
-"""CPU memory policy for training: large tensors on huge pages, and freed ones returned to the OS.
+"""`train --low-cpu-memory`: freed activation blocks go back to the OS instead of staying resident.
 
 Training on CPU frees and re-allocates the same activation-sized blocks (tens of MB) every step.
 glibc serves blocks above its mmap threshold with a fresh mapping, but the threshold is dynamic:
@@ -8,28 +8,16 @@ whisper-base, batch 8, that is a peak RSS of ~8 GB for ~3.5 GB of live tensors, 
 Hugging Face Trainer recipe it replaces.
 
 A fixed threshold of 1 MB keeps large blocks as their own mappings, unmapped on free, so peak RSS
-tracks live memory. Fresh mappings cost page faults; on 4 KB pages that made steps ~25% slower,
-so large tensors also go on transparent huge pages (PyTorch's THP_MEM_ALLOC_ENABLE: 2 MB pages,
-512 times fewer faults), which makes the policy about free. Measurements: README, training benchmark.
+tracks live memory (3.5 GB). The price is page faults on every fresh mapping: steps 15-30% slower
+on this project's machine, also with PyTorch's THP_MEM_ALLOC_ENABLE=1 huge pages, hence opt-in.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
 
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter (malloc.h)
 MMAP_THRESHOLD_BYTES = 1 << 20  # blocks from 1 MB up get their own mapping, returned to the OS on free
-HUGE_PAGES_ENV = "THP_MEM_ALLOC_ENABLE"  # read by PyTorch once, at its first CPU allocation
-
-
-def request_huge_pages() -> None:
-    """Ask PyTorch to put CPU tensors of 2 MB and more on transparent huge pages.
-
-    Only effective before torch's first allocation, hence called when the package is imported; a
-    value the user set (0 to turn it off) is kept.
-    """
-    os.environ.setdefault(HUGE_PAGES_ENV, "1")
 
 
 def return_freed_blocks_to_os() -> bool:

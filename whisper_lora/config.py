@@ -107,6 +107,9 @@ class TrainConfig:
     precision: str = option("auto", "auto = bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU",
                             choices=PRECISIONS)
     gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
+    low_cpu_memory: bool = option(False, "CPU training: return freed activation memory to the OS (glibc), so peak "
+                                          "RSS follows live tensors (whisper-base batch 8: ~3.5 GB instead of "
+                                          "~8 GB) at the cost of ~15-30% slower steps")
     eval_steps: int | None = option(None, "evaluate (and checkpoint) every N steps; default: once per epoch")
     save_steps: int | None = option(None, "checkpoint every N steps for --resume; default: --eval-steps")
     keep_checkpoints: int = option(2, "resume checkpoints kept on disk (the best adapter is kept apart)")

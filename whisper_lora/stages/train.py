@@ -237,8 +237,8 @@ def run(config: TrainConfig) -> dict:
                               mixed_precision=resolve_precision(config.precision),
                               gradient_accumulation_steps=config.grad_accum, log_with=trackers or None,
                               project_dir=str(Path(config.output_dir) / "tensorboard"))  # TensorBoard's folder
-    if accelerator.device.type == "cpu":
-        return_freed_blocks_to_os()  # peak RSS near live tensors instead of twice that (allocator.py)
+    if config.low_cpu_memory and accelerator.device.type == "cpu" and not return_freed_blocks_to_os():
+        accelerator.print("--low-cpu-memory: this platform's allocator is not glibc; left as it is")
     if accelerator.num_processes != launched:
         raise UserError(f"launched as {launched} processes but the distributed backend joined "
                         f"{accelerator.num_processes}; check the launcher's settings (MASTER_ADDR, ports)")
