@@ -1,4 +1,4 @@
-"""`train --low-cpu-memory`: freed activation blocks go back to the OS instead of staying resident.
+"""`train --low-cpu-memory`: freed activations go back to the OS instead of staying resident.
 
 Training on CPU frees and re-allocates the same activation-sized blocks (tens of MB) every step.
 glibc serves blocks above its mmap threshold with a fresh mapping, but the threshold is dynamic:
@@ -8,8 +8,9 @@ whisper-base, batch 8, that is a peak RSS of ~8 GB for ~3.5 GB of live tensors, 
 Hugging Face Trainer recipe it replaces.
 
 A fixed threshold of 1 MB keeps large blocks as their own mappings, unmapped on free, so peak RSS
-tracks live memory (3.5 GB). The price is page faults on every fresh mapping: steps 15-30% slower
-on this project's machine, also with PyTorch's THP_MEM_ALLOC_ENABLE=1 huge pages, hence opt-in.
+tracks live memory (3.5 GB). Fresh mappings cost page faults, and how much varies from run to run:
+bench/train_bench.py measured 0-21% slower encoder + decoder steps and a decoder-only run (small
+steps, the same large blocks) at half speed. Hence opt-in, for runs that would not fit otherwise.
 """
 from __future__ import annotations
 
