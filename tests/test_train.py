@@ -211,10 +211,16 @@ def test_tracking_wandb_offline_and_tensorboard_log_every_metric(tiny_model_dir,
     assert content["columns"] == ["audio", "reference", "hypothesis"] and len(content["data"]) == 2
 
 
-def test_replay_mixes_the_retain_share_and_the_retain_set_is_scored(tiny_model_dir, tiny_corpus, tmp_path):
-    rows = [json.loads(line) for line in (tiny_corpus / "dev.jsonl").read_text(encoding="utf-8").splitlines()]
-    retain = tiny_corpus / "retain.jsonl"
+def english_retain_set(corpus):
+    """The dev clips relabelled as English: a retain manifest for the forgetting-guard tests."""
+    rows = [json.loads(line) for line in (corpus / "dev.jsonl").read_text(encoding="utf-8").splitlines()]
+    retain = corpus / "retain.jsonl"
     retain.write_text("".join(json.dumps(dict(r, language="en", sentence="hello there")) + "\n" for r in rows))
+    return retain, rows
+
+
+def test_replay_mixes_the_retain_share_and_the_retain_set_is_scored(tiny_model_dir, tiny_corpus, tmp_path):
+    retain, rows = english_retain_set(tiny_corpus)
     summary = train.run(tiny_train_config(tiny_model_dir, tiny_corpus, tmp_path / "run", max_steps=2, eval_steps=2,
                                           batch_size=8, retain_manifest=str(retain), replay_ratio=0.25,
                                           sample_log=True))
@@ -267,9 +273,7 @@ def test_distilled_rows_are_pulled_towards_the_base_model_and_the_others_train_o
 def test_distilled_replay_trains_end_to_end_and_its_conflicts_are_refused(tiny_model_dir, tiny_corpus, tmp_path):
     from whisper_lora.errors import UserError
 
-    rows = [json.loads(line) for line in (tiny_corpus / "dev.jsonl").read_text(encoding="utf-8").splitlines()]
-    retain = tiny_corpus / "retain.jsonl"
-    retain.write_text("".join(json.dumps(dict(r, language="en", sentence="hello there")) + "\n" for r in rows))
+    retain, _ = english_retain_set(tiny_corpus)
     summary = train.run(tiny_train_config(tiny_model_dir, tiny_corpus, tmp_path / "run", max_steps=2, eval_steps=2,
                                           batch_size=4, retain_manifest=str(retain), replay_ratio=0.25,
                                           replay_loss="distill"))
