@@ -4,7 +4,7 @@ import pytest
 import soundfile as sf
 
 from conftest import SHARED_EN, write_tone
-from whisper_lora.audio import SAMPLE_RATE, audio_duration, load_audio
+from whisper_lora.audio import SAMPLE_RATE, audio_duration, load_audio, load_window
 from whisper_lora.errors import AudioError
 
 
@@ -68,6 +68,14 @@ def test_offsets_select_a_span(tmp_path):
     assert second[100:-100].mean() > 0.45
     first = load_audio(path, end=1.0)
     assert abs(first[100:-100]).max() < 0.05
+
+
+def test_a_sample_must_fit_one_window_but_a_span_of_a_long_file_may(tmp_path):
+    long = write_tone(tmp_path / "long.wav", seconds=31.0)
+    with pytest.raises(AudioError, match=r"long\.wav: 31\.0 s is longer than Whisper's 30 s window"):
+        load_window(long)
+    assert len(load_window(long, start=2.0, end=31.0)) == 29 * SAMPLE_RATE
+    assert len(load_audio(long)) == 31 * SAMPLE_RATE  # plain decoding (transcribe) has no limit
 
 
 def test_real_speech_duration(tmp_path):

@@ -37,7 +37,7 @@ def test_unreadable_and_overlong_clips_are_listed_not_cached(tmp_path, processor
     stats = write_feature_cache(samples, processor, tmp_path / "cache", progress=False)
     cache = FeatureCache(tmp_path / "cache")
     assert stats["clips"] == 0 and len(cache.errors) == 2
-    assert "bad.wav" in cache.errors[samples[0].id] and "longer than 30 s" in cache.errors[samples[1].id]
+    assert "bad.wav" in cache.errors[samples[0].id] and "longer than Whisper's 30 s window" in cache.errors[samples[1].id]
     assert cache.get(samples[0].id) is None
 
 

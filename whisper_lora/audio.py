@@ -99,6 +99,20 @@ def load_audio(path: str | Path, start: float | None = None, end: float | None =
     return np.ascontiguousarray(audio, dtype=np.float32)
 
 
+def check_window(audio: np.ndarray, path: str | Path) -> np.ndarray:
+    """Refuse a training or scoring sample longer than Whisper's 30 s window rather than cut it: its
+    transcript would no longer match what the model hears."""
+    if len(audio) > N_SAMPLES:
+        raise AudioError(f"{len(audio) / SAMPLE_RATE:.1f} s is longer than Whisper's {CHUNK_SECONDS} s window; "
+                         "the transcript would no longer match the audio", path)
+    return audio
+
+
+def load_window(path: str | Path, start: float | None = None, end: float | None = None) -> np.ndarray:
+    """load_audio for one sample that must fit one window (training, feature caching, shards, scoring)."""
+    return check_window(load_audio(path, start, end), path)
+
+
 def _decode(path: Path, start: float | None, end: float | None) -> tuple[np.ndarray, int]:
     import soundfile as sf
 

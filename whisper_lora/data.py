@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .audio import CHUNK_SECONDS, N_SAMPLES, SAMPLE_RATE, load_audio
+from .audio import CHUNK_SECONDS, SAMPLE_RATE, check_window, load_window
 from .errors import AudioError, UserError
 from .manifest import Sample, TimedText
 
@@ -180,15 +180,11 @@ class ItemMaker:
         if cached is not None:
             features, seconds = cached
         else:
-            if audio is None:
-                try:
-                    audio = load_audio(sample.audio_path, sample.start, sample.end)
-                except AudioError as exc:
-                    return self.error(index, sample, str(exc))
-            if len(audio) > N_SAMPLES:
-                return self.error(index, sample, f"{sample.audio_path}: {len(audio) / SAMPLE_RATE:.1f} s is longer "
-                                                 f"than Whisper's {CHUNK_SECONDS} s window; the transcript would no "
-                                                 "longer match the audio")
+            try:
+                audio = load_window(sample.audio_path, sample.start, sample.end) if audio is None \
+                    else check_window(audio, sample.audio_path)
+            except AudioError as exc:
+                return self.error(index, sample, str(exc))
             if self.augmenter is not None:
                 audio, scale, offset = self.augmenter.audio_with_timing(audio, sample.id, self.epoch)
                 if sample.sentences and (scale != 1.0 or offset):  # timestamps move with the speech

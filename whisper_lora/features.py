@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .audio import N_SAMPLES, SAMPLE_RATE, load_audio
+from .audio import SAMPLE_RATE, load_window
 from .errors import AudioError, UserError
 from .manifest import Sample
 
@@ -91,12 +91,9 @@ def write_feature_cache(samples: list[Sample], processor, folder: str | Path, pr
     with open(staging, "wb") as raw:  # appended clip by clip: memory stays one clip deep
         for sample in tqdm(samples, desc="cache features", unit="clip", disable=not progress):
             try:
-                audio = load_audio(sample.audio_path, sample.start, sample.end)
+                audio = load_window(sample.audio_path, sample.start, sample.end)
             except AudioError as exc:
                 errors[sample.id] = str(exc)
-                continue
-            if len(audio) > N_SAMPLES:
-                errors[sample.id] = f"{sample.audio_path}: {len(audio) / SAMPLE_RATE:.1f} s is longer than 30 s"
                 continue
             count = real_frames(len(audio))
             rows = log_mel(processor, audio)[:, :count].T.astype(np.float16)

@@ -29,7 +29,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .audio import N_SAMPLES, SAMPLE_RATE, load_audio
+from .audio import SAMPLE_RATE, load_window
 from .errors import AudioError, UserError
 from .manifest import Sample, TimedText
 
@@ -77,13 +77,9 @@ def write_shards(samples: list[Sample], folder: str | Path, shard_size: int = 10
 
     for sample in tqdm(samples, desc="write shards", unit="clip", disable=not progress):
         try:
-            audio = load_audio(sample.audio_path, sample.start, sample.end)
+            audio = load_window(sample.audio_path, sample.start, sample.end)
         except AudioError as exc:
             rejected.append((sample.source, str(exc)))
-            continue
-        if len(audio) > N_SAMPLES:
-            rejected.append((sample.source, f"{sample.audio_path}: {len(audio) / SAMPLE_RATE:.1f} s is longer "
-                                            "than Whisper's 30 s window"))
             continue
         if tar is None or count == shard_size:
             close()
