@@ -67,6 +67,14 @@ class Converted:
     splits: dict[str, list[Sample]] = field(default_factory=dict)
     skipped: list[Skipped] = field(default_factory=list)
 
+    def duration(self, split: str, where: str, audio: Path) -> float | None:
+        """The clip's length in seconds, or None after recording why it cannot be read."""
+        try:
+            return _duration(audio)
+        except AudioError as exc:
+            self.skipped.append(Skipped(split, where, str(exc)))
+            return None
+
 
 # ---- shared helpers ---------------------------------------------------------------------------------
 
@@ -282,12 +290,8 @@ def read_commonvoice(root: str | Path, splits: Iterable[str] = (), language: str
                     result.skipped.append(Skipped(split, where, f"clip not found: clips/{name}"))
                     continue
                 duration = durations.get(clip.name)
-                if duration is None:
-                    try:
-                        duration = _duration(clip)
-                    except AudioError as exc:
-                        result.skipped.append(Skipped(split, where, str(exc)))
-                        continue
+                if duration is None and (duration := result.duration(split, where, clip)) is None:
+                    continue
                 row_language = language
                 locale = (row.get("locale") or "").strip()
                 if row_language is None and locale:
@@ -353,10 +357,7 @@ def read_aishell(root: str | Path, splits: Iterable[str] = (), transcript: str |
                 result.skipped.append(Skipped(split, str(audio), f"no transcript for {audio.stem} in "
                                                                  f"{transcript_path.name}"))
                 continue
-            try:
-                duration = _duration(audio)
-            except AudioError as exc:
-                result.skipped.append(Skipped(split, str(audio), str(exc)))
+            if (duration := result.duration(split, str(audio), audio)) is None:
                 continue
             samples.append(Sample(audio_path=audio.resolve(), text=text, language=language or AISHELL_LANGUAGE,
                                   duration=duration, source=str(audio)))
@@ -526,10 +527,7 @@ def read_folder(root: str | Path, language: str | None = None) -> Converted:
         except UnicodeDecodeError as exc:
             result.skipped.append(Skipped(DEFAULT_SPLIT, str(sidecar), f"not valid UTF-8 (byte {exc.start})"))
             continue
-        try:
-            duration = _duration(audio)
-        except AudioError as exc:
-            result.skipped.append(Skipped(DEFAULT_SPLIT, str(audio), str(exc)))
+        if (duration := result.duration(DEFAULT_SPLIT, str(audio), audio)) is None:
             continue
         result.splits[DEFAULT_SPLIT].append(Sample(audio_path=audio.resolve(), text=join_words(lines),
                                                    language=language, duration=duration, source=str(sidecar)))
@@ -669,10 +667,7 @@ def read_subtitles(root: str | Path, max_window: float = 30.0, language: str | N
             result.skipped.append(Skipped(DEFAULT_SPLIT, str(audio), "no .srt or .vtt subtitles beside it"))
             continue
         cues = parse_subtitles(subtitles)
-        try:
-            duration = audio_duration(audio)
-        except AudioError as exc:
-            result.skipped.append(Skipped(DEFAULT_SPLIT, str(audio), str(exc)))
+        if (duration := result.duration(DEFAULT_SPLIT, str(audio), audio)) is None:
             continue
         if not cues:
             result.skipped.append(Skipped(DEFAULT_SPLIT, str(subtitles), "no cues"))
