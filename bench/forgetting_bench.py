@@ -1,6 +1,7 @@
 """Forgetting guard on the demo corpus: does replaying English keep English while Mandarin improves?
 
-    python bench/forgetting_bench.py                 # prints a table, writes bench/results/forgetting_<host>.json
+    python bench/forgetting_bench.py                      # prints a table, writes bench/results/forgetting_<host>.json
+    python bench/forgetting_bench.py --runs no-guard replay  # two trainings instead of three
 
 The shared notes report English error rising from 3% to 11% after a Mandarin LoRA on the demo
 corpus. This runs that case three ways on the embedded whisper-base:
@@ -13,10 +14,13 @@ corpus. This runs that case three ways on the embedded whisper-base:
               model's own predictions (the adapters switched off) instead of cross-entropy
 
 and scores each on held-out sets none of the runs trained on: Mandarin `test` + `test_new_words`,
-synthetic English `test_en`, and the real English clips in ../shared/data/speech-en.
+synthetic English `test_en` (32 clips) and `test_en_large` (128), and the real English clips in
+../shared/data/speech-en.
 
-The retain set (`retain_en`, other sentences than `test_en`) is labelled with the base model's own
-transcripts by default (`--retain-labels base`), the way a user builds one from any English audio:
+The retain set (`--retain-set large`: `retain_en_large`, 320 clips, so one epoch's replay never repeats
+a clip; `small`: `retain_en`, 64 clips, replayed more than once per epoch) holds other sentences than
+the test sets. It is labelled with the base model's own transcripts by default
+(`--retain-labels base`), the way a user builds one from any English audio:
 
     whisper-lora transcribe english/ --language en --output-format jsonl --output retain.jsonl
 
@@ -38,6 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 CORPUS = REPO / "demo" / "data"
 REAL_ENGLISH = REPO.parent / "shared" / "data" / "speech-en"
+RETAIN_SETS = {"large": CORPUS / "retain_en_large.jsonl", "small": CORPUS / "retain_en.jsonl"}
 
 
 def held_out_sets() -> dict:
@@ -46,19 +51,23 @@ def held_out_sets() -> dict:
     from whisper_lora.stages.evaluate import load_clips
 
     sets = {"Mandarin test CER": ("zh", read_manifest(CORPUS / "test.jsonl") + read_manifest(CORPUS / "test_new_words.jsonl")),
-            "English test_en WER": ("en", read_manifest(CORPUS / "test_en.jsonl"))}
+            "English test_en WER": ("en", read_manifest(CORPUS / "test_en.jsonl")),
+            "English test_en_large WER": ("en", read_manifest(CORPUS / "test_en_large.jsonl"))}
     if REAL_ENGLISH.is_dir():
         sets["English real clips WER"] = ("en", english_samples(REAL_ENGLISH))
     return {name: (language, load_clips(samples)[0]) for name, (language, samples) in sets.items()}
 
 
-def score(model_spec: str | None, sets: dict) -> dict:
+def load(model_spec: str | None):
     from whisper_lora.inference import Transcriber
     from whisper_lora.models import load_model
+
+    return Transcriber(*load_model(model_spec))
+
+
+def score(transcriber, sets: dict) -> dict:
     from whisper_lora.stages.evaluate import score_model
 
-    model, processor = load_model(model_spec)
-    transcriber = Transcriber(model, processor)
     scores = {}
     for name, (language, clips) in sets.items():
         result = score_model(name, transcriber, clips, language, progress=False)
@@ -66,21 +75,16 @@ def score(model_spec: str | None, sets: dict) -> dict:
             scores[name] = result.cer
         else:
             scores[name], scores[name.replace("WER", "CER")] = result.wer, result.cer
-    del model, transcriber
-    gc.collect()
     return scores
 
 
-def base_transcripts(out: Path) -> Path:
-    """retain_en with the base model's own transcripts as labels: the rows `transcribe --output-format jsonl` writes."""
-    from whisper_lora.inference import Transcriber
+def base_transcripts(transcriber, retain: Path, out: Path) -> Path:
+    """The retain set with the base model's own transcripts as labels: the rows `transcribe --output-format jsonl` writes."""
     from whisper_lora.manifest import read_manifest
-    from whisper_lora.models import load_model
     from whisper_lora.stages.evaluate import load_clips, score_model
 
-    model, processor = load_model(None)
-    clips, _ = load_clips(read_manifest(CORPUS / "retain_en.jsonl"))
-    rows = score_model("retain_en", Transcriber(model, processor), clips, "en", progress=False).rows
+    clips, _ = load_clips(read_manifest(retain))
+    rows = score_model("retain", transcriber, clips, "en", progress=False).rows
     out.write_text("".join(json.dumps({"path": r["audio"], "text": r["hypothesis"], "language": "en"}) + "\n"
                            for r in rows if r["hypothesis"].strip()))
     return out
@@ -110,29 +114,41 @@ def main() -> None:
     parser.add_argument("--replay-ratio", type=float, default=0.2)
     parser.add_argument("--retain-labels", choices=("base", "reference"), default="base",
                         help="label the replayed English with the base model's transcripts, or with the true text")
+    parser.add_argument("--retain-set", choices=tuple(RETAIN_SETS), default="large",
+                        help="the English replayed and scored during training (see above)")
+    parser.add_argument("--runs", nargs="+", choices=("no-guard", "replay", "distill"),
+                        default=["no-guard", "replay", "distill"], help="which trainings to run beside the base model")
     args = parser.parse_args()
 
     started = time.time()
     sets = held_out_sets()
-    results = {"base": score(None, sets)}
+    retain_source = RETAIN_SETS[args.retain_set]
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
-        retain = base_transcripts(Path(tmp) / "retain_base.jsonl") if args.retain_labels == "base" \
-            else CORPUS / "retain_en.jsonl"
-        plans = {"no guard": (0.0, "labels"), f"replay {args.replay_ratio:g}": (args.replay_ratio, "labels"),
-                 f"distill {args.replay_ratio:g}": (args.replay_ratio, "distill")}
-        for name, (ratio, loss) in plans.items():
-            runs[name] = train(Path(tmp) / name.replace(" ", "_"), args, ratio, loss, retain)
-            results[name] = score(runs[name]["adapter"], sets)
+        base = load(None)
+        results = {"base": score(base, sets)}
+        retain = base_transcripts(base, retain_source, Path(tmp) / "retain_base.jsonl") \
+            if args.retain_labels == "base" else retain_source
+        del base
+        gc.collect()
+        plans = {"no-guard": ("no guard", 0.0, "labels"),
+                 "replay": (f"replay {args.replay_ratio:g}", args.replay_ratio, "labels"),
+                 "distill": (f"distill {args.replay_ratio:g}", args.replay_ratio, "distill")}
+        for key in args.runs:
+            name, ratio, loss = plans[key]
+            runs[name] = train(Path(tmp) / key, args, ratio, loss, retain)
+            results[name] = score(load(runs[name]["adapter"]), sets)
+            gc.collect()
 
     from whisper_lora.report import format_table
 
     columns = list(results["base"])
     print(f"\nwhisper-base, {args.epochs:g} epochs of Mandarin LoRA ({args.targets}, retain labels {args.retain_labels}, "
-          f"{'decoder only' if args.decoder_only else 'encoder + decoder'}), lr {args.learning_rate:g}; "
+          f"{'decoder only' if args.decoder_only else 'encoder + decoder'}), retain set {args.retain_set}, "
+          f"lr {args.learning_rate:g}; "
           f"{platform.machine()}, {time.time() - started:.0f} s")
     print(format_table(["run"] + columns, [[name] + [scores[c] for c in columns] for name, scores in results.items()]))
-    print("\nretain-set (retain_en) WER at each evaluation during training:")
+    print(f"\nretain-set ({retain_source.stem}) WER at each evaluation during training:")
     for name, run in runs.items():
         print(f"  {name:<12}" + "  ".join(f"step {h['step']}: {h['retain_wer']:.1%}" for h in run["curve"]))
     out = REPO / "bench" / "results" / f"forgetting_{platform.node() or 'host'}.json"

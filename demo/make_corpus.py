@@ -6,9 +6,9 @@ the training split contains: `test` holds unseen sentences over the training voc
 `test_new_words` holds sentences that each contain at least one word absent from every training
 sentence.
 
-English splits (`retain_en`, `test_en`) come from the same engine's English voice: a forgetting
-guard needs English speech to replay and to score, and the real English clips in
-../shared/data/speech-en are too few (7) to do both.
+English splits (`retain_en`, `test_en`, and the larger `retain_en_large`, `test_en_large`) come from
+the same engine's English voice: a forgetting guard needs English speech to replay and to score, and
+the real English clips in ../shared/data/speech-en are too few (7) to do both.
 
     python demo/make_corpus.py            # needs espeak-ng (apt) and pypinyin (pip)
     python demo/make_corpus.py --english  # only the English splits
@@ -97,6 +97,10 @@ def sentences(rng: random.Random) -> dict[str, list[str]]:
 
 ENGLISH_SEED = 20261122  # its own stream, so adding English left the Mandarin corpus byte-identical
 ENGLISH_SPLIT_SIZES = {"retain_en": 64, "test_en": 32}
+# A retain set large enough to replay without repeating a clip in an epoch, and a held-out set large
+# enough that one word is 0.1% WER (1,092 words), from further sentences of the same pool.
+ENGLISH_LARGE_SEED = 7  # its own stream, so adding these left the first English splits byte-identical
+ENGLISH_LARGE_SPLIT_SIZES = {"retain_en_large": 320, "test_en_large": 128}
 EN_SUBJECTS = ["I", "You", "We", "They", "My sister", "The teacher", "Our neighbour", "The driver", "His friend"]
 EN_VERBS = ["bought", "painted", "carried", "borrowed", "cleaned", "found", "sold", "described", "repaired"]
 EN_OBJECTS = ["an old bicycle", "the kitchen table", "a heavy suitcase", "two green chairs", "the garden gate",
@@ -108,8 +112,10 @@ EN_TAILS = ["last summer", "before lunch", "near the river", "for the museum", "
 def english_sentences(rng: random.Random) -> dict[str, list[str]]:
     pool = [f"{s} {v} {o} {t}." for s, v, o, t in itertools.product(EN_SUBJECTS, EN_VERBS, EN_OBJECTS, EN_TAILS)]
     rng.shuffle(pool)
-    n_retain = ENGLISH_SPLIT_SIZES["retain_en"]
-    return {"retain_en": pool[:n_retain], "test_en": pool[n_retain:n_retain + ENGLISH_SPLIT_SIZES["test_en"]]}
+    splits, start = {}, 0
+    for split, size in {**ENGLISH_SPLIT_SIZES, **ENGLISH_LARGE_SPLIT_SIZES}.items():
+        splits[split], start = pool[start:start + size], start + size
+    return splits
 
 
 def speak(text: str, voice: str, speed: int, pitch: int, language: str = "zh") -> np.ndarray:
@@ -145,8 +151,10 @@ def main() -> None:
         for split, texts in sentences(rng).items():
             write_split(split, texts, "zh", rng)
     rng = random.Random(ENGLISH_SEED)
-    for split, texts in english_sentences(rng).items():
-        write_split(split, texts, "en", rng)
+    english = english_sentences(rng)
+    large_rng = random.Random(ENGLISH_LARGE_SEED)
+    for split, texts in english.items():
+        write_split(split, texts, "en", large_rng if split in ENGLISH_LARGE_SPLIT_SIZES else rng)
 
 
 if __name__ == "__main__":
