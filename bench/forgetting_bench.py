@@ -118,6 +118,8 @@ def main() -> None:
                         help="the English replayed and scored during training (see above)")
     parser.add_argument("--runs", nargs="+", choices=("no-guard", "replay", "distill"),
                         default=["no-guard", "replay", "distill"], help="which trainings to run beside the base model")
+    parser.add_argument("--out", type=Path, help="where the JSON results go "
+                                                  "(default: bench/results/forgetting_<host>.json)")
     args = parser.parse_args()
 
     started = time.time()
@@ -151,9 +153,9 @@ def main() -> None:
     print(f"\nretain-set ({retain_source.stem}) WER at each evaluation during training:")
     for name, run in runs.items():
         print(f"  {name:<12}" + "  ".join(f"step {h['step']}: {h['retain_wer']:.1%}" for h in run["curve"]))
-    out = REPO / "bench" / "results" / f"forgetting_{platform.node() or 'host'}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "held_out": results,
+    out = args.out or REPO / "bench" / "results" / f"forgetting_{platform.node() or 'host'}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": {**vars(args), "out": str(out)}, "held_out": results,
                                "runs": {k: {kk: vv for kk, vv in v.items() if kk != "adapter"} for k, v in runs.items()}},
                               indent=2))
     print(f"wrote {out}")
