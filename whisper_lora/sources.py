@@ -70,7 +70,7 @@ class Converted:
     def duration(self, split: str, where: str, audio: Path) -> float | None:
         """The clip's length in seconds, or None after recording why it cannot be read."""
         try:
-            return _duration(audio)
+            return round(audio_duration(audio), ROUND)
         except AudioError as exc:
             self.skipped.append(Skipped(split, where, str(exc)))
             return None
@@ -110,10 +110,6 @@ def locale_language(locale: str, where: str) -> str:
         except UserError:
             raise UserError(f"locale {locale!r} is not a language Whisper knows; pass --language to choose "
                             "the language token", where) from None
-
-
-def _duration(path: Path) -> float:
-    return round(audio_duration(path), ROUND)
 
 
 def _audio_files(root: Path) -> list[Path]:
@@ -491,9 +487,10 @@ def read_hf(source: str, audio_out: str | Path, splits: Iterable[str] = (), audi
                 continue
             try:
                 audio = _write_hf_audio(example[audio_column], source_dir, Path(audio_out) / split / str(index))
-                duration = _duration(audio)
-            except (ValueError, AudioError) as exc:
+            except ValueError as exc:
                 result.skipped.append(Skipped(split, row_where, str(exc)))
+                continue
+            if (duration := result.duration(split, row_where, audio)) is None:
                 continue
             row_language = language
             if language_column and example[language_column]:
