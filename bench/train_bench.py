@@ -129,19 +129,19 @@ def main() -> None:
         return
 
     results = []
-    runs = [(False, "reference"), (False, "ours"), (False, "ours --low-cpu-memory"), (True, "reference"), (True, "ours")]
-    for decoder_only, system in runs:
+    runs = [(False, "reference", []), (False, "ours", []), (False, "ours", ["--low-cpu-memory"]),
+            (True, "reference", []), (True, "ours", [])]
+    for decoder_only, system, flags in runs:
         case = "decoder-only (frozen encoder)" if decoder_only else "encoder + decoder LoRA"
-        command = [sys.executable, __file__, "--system", system.split()[0], "--steps", str(args.steps),
+        label = "seed recipe (Seq2SeqTrainer)" if system == "reference" else " ".join(["whisper-lora"] + flags)
+        command = [sys.executable, __file__, "--system", system, "--steps", str(args.steps),
                    "--precision", args.precision] + (["--model", args.model] if args.model else []) \
-            + (["--decoder-only"] if decoder_only else []) + system.split()[1:]
+            + (["--decoder-only"] if decoder_only else []) + flags
         done = subprocess.run(command, capture_output=True, text=True)
         line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
         if line is None:
-            sys.exit(f"{system} failed:\n{done.stderr[-3000:]}")
-        result = {"case": case, "system": "seed recipe (Seq2SeqTrainer)" if system == "reference"
-                  else system.replace("ours", "whisper-lora"),
-                  **json.loads(line[len("RESULT "):])}
+            sys.exit(f"{label} failed:\n{done.stderr[-3000:]}")
+        result = {"case": case, "system": label, **json.loads(line[len("RESULT "):])}
         results.append(result)
         print(json.dumps(result), flush=True)
 

@@ -109,7 +109,7 @@ class TrainConfig:
     gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
     low_cpu_memory: bool = option(False, "CPU training: return freed activation memory to the OS (glibc), so peak "
                                           "RSS follows live tensors (whisper-base batch 8: ~3.5 GB instead of "
-                                          "~7-8 GB); steps measured 2-21% slower, decoder-only up to 2x")
+                                          "~7-8 GB); steps measured 0-21% slower, decoder-only up to 2x")
     eval_steps: int | None = option(None, "evaluate (and checkpoint) every N steps; default: once per epoch")
     save_steps: int | None = option(None, "checkpoint every N steps for --resume; default: --eval-steps")
     keep_checkpoints: int = option(2, "resume checkpoints kept on disk (the best adapter is kept apart)")
