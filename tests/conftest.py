@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -103,3 +105,37 @@ def assert_one_line_error(result, *fragments):
     assert len(lines) == 1, result.stderr[-1500:]
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+def free_port() -> int:
+    """A port nobody listens on now: a fixed port reused by the next test can still be in TIME_WAIT, or
+    held by a rank a previous run left behind."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+LAUNCH_TIMEOUT = 420  # seconds; a two-process test run takes 1-2 minutes on two busy cores
+
+
+def run_launcher(command: list[str], env: dict | None = None, timeout: int = LAUNCH_TIMEOUT) -> subprocess.CompletedProcess:
+    """Run a multi-process launcher (torchrun, accelerate launch) in a session of its own.
+
+    On a timeout every process it started is killed, ranks included (a stuck rank would otherwise
+    outlive the test and hold its memory), and the test fails with the launcher's own output.
+    """
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        import pytest
+
+        pytest.fail(f"{command[2:4]} did not finish in {timeout} s; its output:\n{stdout[-2000:]}\n{stderr[-4000:]}",
+                    pytrace=False)
+    result = subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+    assert result.returncode == 0, stderr[-3000:]
+    return result

@@ -1,13 +1,11 @@
 """Real multi-process training on CPU (gloo): torchrun and accelerate launch, same command line."""
 import json
-import os
 import shutil
-import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import free_port, run_launcher
 
 GLOBAL_BATCH = 4
 STEPS = 4
@@ -19,13 +17,6 @@ def train_args(tiny_model_dir, corpus, out, per_process_batch: int) -> list[str]
             "--max-steps", str(STEPS), "--eval-steps", "2", "--logging-steps", "1", "--lora-r", "4",
             "--lora-dropout", "0", "--no-tensorboard", "--max-new-tokens", "8", "--eval-batch-size", "2",
             "--timestamp-fraction", "0", "--warmup-steps", "0"]
-
-
-def run(command: list[str]) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
 
 
 def losses(out) -> list[float]:
@@ -45,7 +36,7 @@ def single_process(tiny_model_dir, tmp_path_factory):
     (corpus / "train.jsonl").write_text("\n".join(rows[:16]) + "\n", encoding="utf-8")
     (corpus / "dev.jsonl").write_text("\n".join(rows[16:20]) + "\n", encoding="utf-8")
     out = tmp_path_factory.mktemp("single")
-    run([sys.executable, "-m", "whisper_lora", *train_args(tiny_model_dir, corpus, out, GLOBAL_BATCH)])
+    run_launcher([sys.executable, "-m", "whisper_lora", *train_args(tiny_model_dir, corpus, out, GLOBAL_BATCH)])
     return corpus, losses(out)
 
 
@@ -55,14 +46,14 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(launcher
     corpus, reference = single_process
     args = train_args(tiny_model_dir, corpus, tmp_path / "ddp", GLOBAL_BATCH // 2)
     if launcher == "torchrun":
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29511",
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
                    "-m", "whisper_lora", *args]
     else:
         # On a machine without GPUs, `accelerate launch --num-processes 2` alone starts ONE process;
         # --multi-gpu is accelerate's switch for "N processes under torch elastic", GPUs or not.
         command = [sys.executable, "-m", "accelerate.commands.launch", "--multi-gpu", "--num-processes", "2",
-                   "--main-process-port", "29512", "-m", "whisper_lora", *args]
-    result = run(command)
+                   "--main-process-port", str(free_port()), "-m", "whisper_lora", *args]
+    result = run_launcher(command)
     got = losses(tmp_path / "ddp")
     assert len(got) == len(reference) == STEPS
     # Same data, same global batch, no dropout: the curves agree to float rounding (all-reduce order,

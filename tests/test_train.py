@@ -333,3 +333,26 @@ def test_every_method_trains_saves_and_loads_back(method, tiny_model_dir, tiny_c
         config = json.loads((out / "adapter" / "adapter_config.json").read_text())
         assert config["peft_type"] == "ADALORA" and config["init_r"] == 3 and config["target_r"] == 2
     assert (out / "checkpoints").is_dir() and list((out / "checkpoints").iterdir())
+
+
+def test_end_training_frees_the_ddp_wrapper_before_destroying_its_process_group(tmp_path, monkeypatch):
+    """The DDP reducer must not be the last owner of the gloo group: destroyed from there, at exit,
+    the group's destructor holds the GIL while joining a worker thread that waits for it (a hung rank)."""
+    import weakref
+
+    import torch.distributed as dist
+    from accelerate import Accelerator
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    accelerator = Accelerator(cpu=True)
+    wrapper = DistributedDataParallel(torch.nn.Linear(2, 2))
+    accelerator._models.append(wrapper)  # what accelerator.prepare keeps of a model under DDP
+    alive = weakref.ref(wrapper)
+    del wrapper
+    seen = []
+    destroy = dist.destroy_process_group
+    monkeypatch.setattr(dist, "destroy_process_group", lambda *a: (seen.append(alive() is not None), destroy(*a)))
+    train.end_training(accelerator)
+    assert seen == [False]  # the group was destroyed once, after the wrapper was gone
+    assert not dist.is_initialized()

@@ -479,5 +479,24 @@ def run(config: TrainConfig) -> dict:
             f.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in state.skipped)
         if state.skipped:
             accelerator.print(f"{len(state.skipped)} samples skipped; see {out / SKIPPED_FILE}")
-    accelerator.end_training()
+    del model, optimizer, scheduler, loader, trainable  # the DDP wrapper must go before its process group
+    end_training(accelerator)
     return summary
+
+
+def end_training(accelerator) -> None:
+    """Close trackers and tear the process group down while the interpreter is fully alive, in order.
+
+    `accelerator.end_training()` destroys the process group, but the DDP wrapper's reducer still holds
+    it; left to interpreter exit, that reducer is its last owner and destroys the gloo group holding
+    the GIL, joining a gloo worker thread that waits for the GIL to free a tensor: the rank never exits
+    (seen in CI, where a finished run's rank 1 hung until the test timed out). So every reference the
+    accelerator keeps is released and collected first; the group then dies from Python, where torch
+    releases the GIL for its destructor.
+    """
+    import gc
+
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()
+    gc.collect()
+    accelerator.end_training()
