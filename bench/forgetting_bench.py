@@ -48,7 +48,7 @@ RETAIN_SETS = {"large": CORPUS / "retain_en_large.jsonl", "small": CORPUS / "ret
 def held_out_sets() -> dict:
     from whisper_lora.manifest import read_manifest
     from whisper_lora.stages.demo import english_samples
-    from whisper_lora.stages.evaluate import load_clips
+    from whisper_lora.scoring import load_clips
 
     sets = {"Mandarin test CER": ("zh", read_manifest(CORPUS / "test.jsonl") + read_manifest(CORPUS / "test_new_words.jsonl")),
             "English test_en WER": ("en", read_manifest(CORPUS / "test_en.jsonl")),
@@ -59,14 +59,14 @@ def held_out_sets() -> dict:
 
 
 def load(model_spec: str | None):
-    from whisper_lora.inference import Transcriber
+    from whisper_lora.decode import TransformersBackend
     from whisper_lora.models import load_model
 
-    return Transcriber(*load_model(model_spec))
+    return TransformersBackend(*load_model(model_spec))
 
 
 def score(transcriber, sets: dict) -> dict:
-    from whisper_lora.stages.evaluate import score_model
+    from whisper_lora.scoring import score_model
 
     scores = {}
     for name, (language, clips) in sets.items():
@@ -81,7 +81,7 @@ def score(transcriber, sets: dict) -> dict:
 def base_transcripts(transcriber, retain: Path, out: Path) -> Path:
     """The retain set with the base model's own transcripts as labels: the rows `transcribe --output-format jsonl` writes."""
     from whisper_lora.manifest import read_manifest
-    from whisper_lora.stages.evaluate import load_clips, score_model
+    from whisper_lora.scoring import load_clips, score_model
 
     clips, _ = load_clips(read_manifest(retain))
     rows = score_model("retain", transcriber, clips, "en", progress=False).rows

@@ -5,10 +5,10 @@
 
 Systems, all on the embedded whisper-base, greedy decoding (beam 1, no temperature fallback, no
 previous-text conditioning, no VAD), language given, on the same files:
-  whisper-lora transformers   our Transcriber (sequential long-form in blocks; "vad": batched speech windows)
+  whisper-lora transformers   our TransformersBackend (sequential long-form in blocks; "vad": batched speech windows)
   transformers pipeline       pipeline("automatic-speech-recognition", chunk_length_s=30)
   transformers pipeline ts    the same with return_timestamps=True (chunks merged on timestamps)
-  whisper-lora ct2 <type>     our CT2Transcriber (faster-whisper underneath, our block reader)
+  whisper-lora ct2 <type>     our CT2Backend (faster-whisper underneath, our block reader)
   faster-whisper <type>       faster_whisper.WhisperModel.transcribe called directly
 Each system runs in its own process (model loading excluded from the time; peak RSS from GNU time
 includes it). Ratios compare systems measured in this same run. Time and WER are also given apart
@@ -63,13 +63,14 @@ def build_corpus(folder: Path) -> list[tuple[Path, str]]:
 
 
 def run_system(name: str, files: list[str], repeat: int = 1) -> dict:
-    from whisper_lora.inference import GREEDY, CT2Transcriber, Transcriber
+    from whisper_lora.constants import MAX_NEW_TOKENS
+    from whisper_lora.decode import GREEDY, CT2Backend, TransformersBackend
     from whisper_lora.models import ct2_model_dir, load_model
 
-    options = replace(GREEDY, max_new_tokens=440)
+    options = replace(GREEDY, max_new_tokens=MAX_NEW_TOKENS)
     compute = name.rsplit(" ", 1)[-1]
     if name.startswith("whisper-lora transformers"):
-        transcriber = Transcriber(*load_model(None), device="cpu")
+        transcriber = TransformersBackend(*load_model(None), device="cpu")
         vad = name.endswith("vad")  # speech regions packed into 30 s windows, decoded 8 at a time
         run = lambda f: " ".join(s.text for s in transcriber.transcribe(f, "en", options, vad=vad)[0])  # noqa: E731
     elif name.startswith("transformers pipeline"):
@@ -87,7 +88,7 @@ def run_system(name: str, files: list[str], repeat: int = 1) -> dict:
         run = lambda f: asr({"raw": load_audio(f), "sampling_rate": 16000}, return_timestamps=timestamps,  # noqa: E731
                             generate_kwargs={"language": "en", "task": "transcribe", "num_beams": 1})["text"]
     elif name.startswith("whisper-lora ct2"):
-        transcriber = CT2Transcriber(ct2_model_dir(None), compute, device="cpu")
+        transcriber = CT2Backend(ct2_model_dir(None), compute, device="cpu")
         run = lambda f: " ".join(s.text for s in transcriber.transcribe(f, "en", options)[0])  # noqa: E731
     else:
         from faster_whisper import WhisperModel

@@ -4,7 +4,8 @@ import pytest
 import soundfile as sf
 
 from conftest import SHARED_EN, write_tone
-from whisper_lora.audio import SAMPLE_RATE, audio_duration, load_audio, load_window
+from whisper_lora.audio import audio_duration, load_audio, load_window
+from whisper_lora.constants import SAMPLE_RATE
 from whisper_lora.errors import AudioError
 
 

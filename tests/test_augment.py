@@ -10,7 +10,7 @@ import pytest
 import soundfile as sf
 
 from whisper_lora import augment as aug
-from whisper_lora.audio import N_SAMPLES, SAMPLE_RATE
+from whisper_lora.constants import N_SAMPLES, SAMPLE_RATE
 from whisper_lora.augment import (AugmentConfig, Augmenter, NoiseConfig, ShiftConfig, SpecAugmentConfig, SpeedConfig,
                                   VolumeConfig, apply_masks, content_frames, load_augment_config, speed_perturb,
                                   stable_hash, time_shift)

@@ -6,10 +6,15 @@ import torch
 from transformers import GenerationConfig, WhisperProcessor
 
 from conftest import write_tone
-from whisper_lora.data import (LABEL_PAD, MAX_LABEL_TOKENS, LabelBuilder, SpeechDataset, build_labels, collate,
-                               prompt_ids)
+from whisper_lora.constants import MAX_TARGET_TOKENS
+from whisper_lora.data import LABEL_PAD, LabelBuilder, SpeechDataset, build_labels, collate
 from whisper_lora.errors import UserError
 from whisper_lora.manifest import Sample, TimedText
+from whisper_lora.tokens import SpecialTokens
+
+
+def prompt_ids(generation, language, task="transcribe"):
+    return SpecialTokens(generation).prompt(language, task)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +46,7 @@ def test_labels_use_per_sample_language_and_skip_overlong(processor_and_generati
     assert labels[0][-1] == generation.eos_token_id
     assert tok.decode(labels[0], skip_special_tokens=True) == "你好"
     assert labels[2] is None and skipped[0].source == "m.jsonl:line 3"
-    assert f"{MAX_LABEL_TOKENS}-token limit" in skipped[0].reason
+    assert f"{MAX_TARGET_TOKENS}-token limit" in skipped[0].reason
 
 
 def test_dataset_reports_bad_audio_instead_of_replacing_it(tmp_path, processor_and_generation):

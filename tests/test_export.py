@@ -3,7 +3,7 @@ import json
 import pytest
 
 from conftest import SHARED_EN, run_cli
-from whisper_lora.stages.evaluate import score_rows
+from whisper_lora.scoring import score_rows
 from whisper_lora.stages.export import parity_verdict
 
 pytest.importorskip("faster_whisper")

@@ -5,7 +5,7 @@ import pytest
 import srt
 import webvtt
 
-from whisper_lora.inference import Segment, TranscriptionInfo
+from whisper_lora.decode.types import Segment, TranscriptionInfo
 from whisper_lora.writers import WRITERS, format_timestamp
 
 SEGMENTS = [Segment(0, 0.0, 2.5, "First line."), Segment(1, 2.5, 3661.257, "Second --> line\n\nwith breaks")]

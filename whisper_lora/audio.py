@@ -10,12 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .constants import CHUNK_SECONDS, N_SAMPLES, RAW_PCM_SUFFIXES, SAMPLE_RATE
 from .errors import AudioError
 
-SAMPLE_RATE = 16000  # Hz, Whisper's input rate
-CHUNK_SECONDS = 30  # seconds of audio in one Whisper window
-N_SAMPLES = CHUNK_SECONDS * SAMPLE_RATE  # 480000 samples in a 30 s window
-RAW_PCM_SUFFIXES = {".pcm", ".raw"}  # headerless 16-bit little-endian mono at 16 kHz
 MAX_SAMPLE_RATE = 768_000  # Hz; a header claiming more is corrupt, not hi-fi
 
 

@@ -24,12 +24,12 @@ from typing import Any
 import numpy as np
 import yaml
 
-from .audio import CHUNK_SECONDS, N_SAMPLES, SAMPLE_RATE, load_audio
+from .audio import load_audio
+from .constants import AUDIO_SUFFIXES, CHUNK_SECONDS, N_SAMPLES, SAMPLE_RATE
 from .config import option
 from .errors import AudioError, UserError
 
 # Suffixes picked up from a noise folder; the same formats `load_audio` decodes.
-NOISE_SUFFIXES = {".wav", ".flac", ".mp3", ".m4a", ".ogg", ".opus", ".webm", ".aac", ".wma", ".mp4", ".pcm", ".raw"}
 NOISE_CACHE_BYTES = 64 * 2**20  # per process: ~17 min of 16 kHz float32 noise; each DataLoader worker has its own
 QUIET_DB = -40.0  # dB below the clip's peak: samples under this before the first word count as leading silence
 ONSET_MARGIN = int(0.02 * SAMPLE_RATE)  # samples (20 ms) always kept before the first loud sample
@@ -88,7 +88,7 @@ class NoiseConfig:
             raise UserError(f"noise.dir: folder not found: {folder}")
         files = noise_files(folder)
         if not files:
-            raise UserError(f"noise.dir: no audio files ({', '.join(sorted(NOISE_SUFFIXES))}) in {folder}")
+            raise UserError(f"noise.dir: no audio files ({', '.join(sorted(AUDIO_SUFFIXES))}) in {folder}")
         # One decodable file proves the folder is usable; decoding all of them here would stall start-up
         # on a large noise corpus. A file that fails later is skipped deterministically (see Augmenter).
         for path in files:
@@ -255,7 +255,7 @@ def stable_hash(key: str) -> int:
 
 def noise_files(folder: str | Path) -> list[Path]:
     """Audio files under `folder`, sorted so that every process indexes them identically."""
-    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in NOISE_SUFFIXES)
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
 
 
 def speed_perturb(audio: np.ndarray, factor: float) -> np.ndarray:

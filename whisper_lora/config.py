@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from .constants import MAX_NEW_TOKENS, MAX_TARGET_TOKENS
 from .errors import UserError
 
 
@@ -29,12 +30,11 @@ def option(default: Any = None, help: str = "", *, choices: tuple | None = None,
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-MAX_NEW_TOKENS = 444  # 448-token decoder context minus the 4 prompt tokens
 
 
 def check_max_new_tokens(value: int) -> None:
     if value > MAX_NEW_TOKENS:
-        raise UserError(f"--max-new-tokens must be at most {MAX_NEW_TOKENS} (Whisper's 448-token context "
+        raise UserError(f"--max-new-tokens must be at most {MAX_NEW_TOKENS} (Whisper's {MAX_TARGET_TOKENS}-token context "
                         f"minus the prompt), got {value}")
 def check_deepspeed_config(path: str) -> dict:
     """Parse a DeepSpeed config up front: a typo found after the model loaded on 8 GPUs wastes a job."""
@@ -304,6 +304,46 @@ class TranscribeConfig:
             raise UserError("--compile applies to --backend transformers only")
         if self.batch_size <= 0 or self.num_beams <= 0:
             raise UserError("--batch-size and --num-beams must be positive")
+
+
+BACKENDS = ("transformers", "ct2")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str = option("127.0.0.1", "address to listen on (0.0.0.0 for every interface)")
+    port: int = option(8000, "port to listen on")
+    model: str | None = option(None, "base model: hub id, transformers or CTranslate2 folder; empty = the embedded "
+                                     "whisper-base (served as openai/whisper-base, and as whisper-1)")
+    adapters: str | None = option(None, "folder whose subfolders are LoRA adapters, each served under its folder's "
+                                        "name; folders added later are found without a restart")
+    backend: str = option("transformers", "transformers (adapters, dynamic batching) or ct2 (an exported CTranslate2 "
+                                          "model through faster-whisper; no adapters)", choices=BACKENDS)
+    compute_type: str = option("default", "ct2 backend weight type", choices=("default", "int8", "int8_float16",
+                                                                            "int8_float32", "float16", "bfloat16",
+                                                                            "float32"))
+    api_key: str | None = option(None, "require 'Authorization: Bearer KEY' on /v1/ routes (default: "
+                                       "$WHISPER_LORA_API_KEY; none = open)")
+    max_upload_mb: float = option(25.0, "largest upload accepted, in MB (OpenAI's limit is 25); larger ones get 413 "
+                                        "while they arrive")
+    max_adapters: int = option(8, "adapters kept in memory; the least recently used idle one is unloaded past this")
+    max_queue: int = option(64, "transcriptions admitted at once (running or waiting); more get 429 with Retry-After")
+    max_batch: int = option(8, "windows decoded together at most (1 = one request at a time, no batching)")
+    mixed_adapters: bool = option(True, "decode windows of different LoRA adapters in one batch (peft's mixed "
+                                        "batches); --no-mixed-adapters batches each adapter apart")
+    log_level: str = option("info", "uvicorn's log level", choices=("critical", "error", "warning", "info", "debug"))
+
+    def validate(self) -> None:
+        if not 0 < self.port < 65536:
+            raise UserError(f"--port must lie in 1-65535, got {self.port}")
+        for name in ("max_upload_mb", "max_adapters", "max_queue", "max_batch"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.adapters and self.backend == "ct2":
+            raise UserError("--adapters and --backend ct2 conflict: CTranslate2 models cannot load LoRA adapters; "
+                            "merge and export each one, or serve them with --backend transformers")
+        if self.adapters and not Path(self.adapters).is_dir():
+            raise UserError("--adapters folder not found", self.adapters)
 
 
 CT2_QUANTIZATIONS = ("int8", "int8_float16", "int8_float32", "int8_bfloat16", "float16", "bfloat16", "float32")

@@ -14,32 +14,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .audio import CHUNK_SECONDS, SAMPLE_RATE, check_window, load_window
+from .audio import check_window, load_window
+from .constants import CHUNK_SECONDS, MAX_TARGET_TOKENS, SAMPLE_RATE
 from .errors import AudioError, UserError
 from .manifest import Sample, TimedText
+from .tokens import SpecialTokens
 
-MAX_LABEL_TOKENS = 448  # Whisper's decoder context (max_target_positions), prompt tokens included
 LABEL_PAD = -100  # ignored by the cross-entropy loss
-
-
-TIME_PRECISION = 0.02  # seconds per timestamp token (<|0.00|>, <|0.02|>, … <|30.00|>)
-
-
-def prompt_ids(generation_config, language: str | None, task: str = "transcribe", timestamps: bool = False) -> list[int]:
-    """The decoder prompt <|startoftranscript|><|lang|><|task|>[<|notimestamps|>] for one sample."""
-    ids = [generation_config.decoder_start_token_id]
-    if getattr(generation_config, "is_multilingual", False):
-        lang_to_id = generation_config.lang_to_id or {}
-        if language is None:
-            raise UserError("this multilingual model needs a language for training: set --language "
-                            "or a 'language' field per row")
-        token = f"<|{language}|>"
-        if token not in lang_to_id:
-            raise UserError(f"the model has no language token {token}")
-        ids += [lang_to_id[token], generation_config.task_to_id[task]]
-    if not timestamps:
-        ids.append(generation_config.no_timestamps_token_id)
-    return ids
 
 
 @dataclass
@@ -75,16 +56,14 @@ class LabelBuilder:
         self.tokenizer, self.generation_config = tokenizer, generation_config
         self.default_language, self.task = default_language, task
         self.timestamps, self.timestamp_fraction, self.seed = timestamps, timestamp_fraction, seed
-        eot = generation_config.eos_token_id
-        self.eot = eot[0] if isinstance(eot, list) else eot
-        self.timestamp_begin = generation_config.no_timestamps_token_id + 1  # id of <|0.00|>
-        self.no_speech = generation_config.no_timestamps_token_id - 1  # <|nocaptions|> / <|nospeech|>
+        self.special = SpecialTokens(generation_config, tokenizer)
+        self.eot = self.special.eot
         self._prompts: dict[tuple, list[int]] = {}
 
     def prompt(self, language: str | None, timestamps: bool) -> list[int]:
         key = (language, timestamps)
         if key not in self._prompts:
-            self._prompts[key] = prompt_ids(self.generation_config, language, self.task, timestamps)
+            self._prompts[key] = self.special.prompt(language, self.task, timestamps)
         return self._prompts[key]
 
     def uses_timestamps(self, sample: Sample, epoch: int) -> bool:
@@ -93,8 +72,7 @@ class LabelBuilder:
         return self.timestamp_fraction > 0 and _stable_fraction(self.seed, epoch, sample.id) < self.timestamp_fraction
 
     def time_token(self, seconds: float) -> int:
-        steps = int(round(min(max(seconds, 0.0), CHUNK_SECONDS) / TIME_PRECISION))
-        return self.timestamp_begin + steps
+        return self.special.time_token(seconds)
 
     def text_ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -107,7 +85,7 @@ class LabelBuilder:
     def ids(self, sample: Sample, timestamps: bool, clip_seconds: float | None = None) -> list[int]:
         """The label in its timestamped or plain form (`build` picks the form per epoch)."""
         if not sample.text.strip() and not sample.sentences:
-            return [self.generation_config.decoder_start_token_id, self.no_speech, self.eot]
+            return [self.special.sot, self.special.no_speech, self.eot]
         language = sample.language or self.default_language
         if not timestamps:
             return self.prompt(language, False) + self.text_ids(sample.text) + [self.eot]
@@ -144,10 +122,10 @@ def build_labels(samples: list[Sample], processor, generation_config, default_la
                                                          "no-speech sample)"))
             continue
         longest_form = builder.ids(sample, builder.ever_timestamps)
-        if len(longest_form) > MAX_LABEL_TOKENS:
+        if len(longest_form) > MAX_TARGET_TOKENS:
             labels.append(None)
             skipped.append(SkippedSample(i, sample.source, f"label has {len(longest_form)} tokens, over Whisper's "
-                                                         f"{MAX_LABEL_TOKENS}-token limit"))
+                                                         f"{MAX_TARGET_TOKENS}-token limit"))
         elif builder.uses_timestamps(sample, 0) == builder.ever_timestamps:
             labels.append(longest_form[1:])  # epoch 0 uses this form: tokenise once, not twice
         else:
@@ -195,9 +173,9 @@ class ItemMaker:
         if self.augmenter is not None:
             features = self.augmenter.features(features, sample.id, self.epoch)
         label = self.builder.build(sample, clip_seconds=seconds, epoch=self.epoch)[1:]
-        if len(label) + 1 > MAX_LABEL_TOKENS:  # only streamed samples get here: manifests are checked up front
+        if len(label) + 1 > MAX_TARGET_TOKENS:  # only streamed samples get here: manifests are checked up front
             return self.error(index, sample, f"{sample.source}: label has {len(label) + 1} tokens, over "
-                                             f"Whisper's {MAX_LABEL_TOKENS}-token limit")
+                                             f"Whisper's {MAX_TARGET_TOKENS}-token limit")
         if not sample.text.strip() and not sample.sentences and not self.builder.timestamps:
             return self.error(index, sample, f"{sample.source}: empty text (train with --timestamps to use "
                                              "it as a no-speech sample)")

@@ -36,8 +36,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .audio import MAX_SAMPLE_RATE, RAW_PCM_SUFFIXES, SAMPLE_RATE, load_audio
-from .data import MAX_LABEL_TOKENS
+from .audio import MAX_SAMPLE_RATE, load_audio
+from .constants import MAX_TARGET_TOKENS, RAW_PCM_SUFFIXES, SAMPLE_RATE
 from .errors import AudioError, UserError
 from .manifest import ManifestRow, Sample, TimedText
 
@@ -69,7 +69,7 @@ _KINDS = [
     ProblemKind("empty_text", "empty text", ERROR),
     ProblemKind("no_speech", "empty text: trained as a no-speech sample", INFO),
     ProblemKind("no_language", "no language for a multilingual model", ERROR),
-    ProblemKind("label_too_long", "label over Whisper's 448 tokens", ERROR),
+    ProblemKind("label_too_long", f"label over Whisper's {MAX_TARGET_TOKENS} tokens", ERROR),
     # Audio.
     ProblemKind("missing_audio", "audio file missing", ERROR),
     ProblemKind("empty_audio", "audio empty (0 bytes or 0 samples)", ERROR),
@@ -438,9 +438,9 @@ def check_text(checked: CheckedManifest, options: CheckOptions, builder) -> None
         if isinstance(length, UserError):
             kind = "no_language" if (sample.language or builder.default_language) is None else "unknown_language"
             checked.add(kind, row, str(length))
-        elif length > MAX_LABEL_TOKENS:
+        elif length > MAX_TARGET_TOKENS:
             checked.add("label_too_long", row, f"label has {length} tokens (prompt included), over Whisper's "
-                                               f"{MAX_LABEL_TOKENS}")
+                                               f"{MAX_TARGET_TOKENS}")
         if sample.sentences:
             clip, _ = clip_seconds(sample, checked.facts.get(row.index))
             problems = sentence_problems(sample.sentences, clip, options.duration_tolerance)

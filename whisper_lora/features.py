@@ -19,12 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .audio import SAMPLE_RATE, load_window
+from .audio import load_window
+from .constants import HOP_LENGTH, N_FRAMES, SAMPLE_RATE
 from .errors import AudioError, UserError
 from .manifest import Sample
 
-N_FRAMES = 3000  # frames in a 30 s log-mel spectrogram
-HOP_LENGTH = 160  # samples between frames (10 ms at 16 kHz)
 EDGE_FRAMES = 3  # frames past the audio's end that the STFT window still reaches (n_fft 400 = 2.5 hops)
 LOG_FLOOR_BELOW_MAX = 2.0  # Whisper clamps log10 power at max - 8, then scales by 1/4: max - 2
 FEATURES_FILE = "features.npy"

@@ -29,7 +29,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .audio import SAMPLE_RATE, load_window
+from .audio import load_window
+from .constants import SAMPLE_RATE
 from .errors import AudioError, UserError
 from .manifest import Sample, TimedText
 

@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Iterable
 
 from .audio import audio_duration
+from .constants import AUDIO_SUFFIXES
 from .errors import AudioError, ManifestError, UserError
 from .manifest import Sample, TimedText, language_code, read_manifest
 
-AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".m4a", ".ogg", ".opus", ".webm")
 SUBTITLE_SUFFIXES = (".srt", ".vtt")  # tried in this order when a recording has both
 MANIFEST_SUFFIXES = (".json", ".jsonl")
 DEFAULT_SPLIT = "train"  # the one split of sources that have none

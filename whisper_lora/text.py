@@ -16,8 +16,9 @@ from typing import Iterable
 
 import jiwer
 
+from .constants import NO_SPACE_LANGUAGES
+
 # Scripts written without spaces between words: WER is meaningless, CER ignores spaces.
-NO_SPACE_LANGUAGES = frozenset({"zh", "yue", "ja", "th", "lo", "my", "km", "bo"})
 CHINESE_LANGUAGES = frozenset({"zh", "yue"})
 _KANA = re.compile(r"[\u3040-\u30ff]")
 _HAN = re.compile(r"[\u4e00-\u9fff]")

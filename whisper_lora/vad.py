@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .audio import CHUNK_SECONDS, SAMPLE_RATE
+from .constants import CHUNK_SECONDS, SAMPLE_RATE
 from .errors import UserError
 
 MIN_SILENCE_MS = 500  # a pause this long separates two regions

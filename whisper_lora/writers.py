@@ -8,7 +8,7 @@ import json
 from dataclasses import asdict
 from typing import Callable, TextIO
 
-from .inference import Segment, TranscriptionInfo
+from .decode.types import Segment, TranscriptionInfo
 
 FORMATS = ("txt", "json", "srt", "vtt", "tsv")
 

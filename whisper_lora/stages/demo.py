@@ -12,12 +12,12 @@ from pathlib import Path
 
 from ..config import DemoConfig, TrainConfig, build_config, prepare_run_dir
 from ..errors import UserError
-from ..inference import Transcriber
+from ..decode import TransformersBackend
 from ..manifest import read_manifest
 from ..models import load_model
 from ..report import format_table
+from ..scoring import load_clips, score_model
 from . import train
-from .evaluate import load_clips, score_model
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CORPUS = REPO_ROOT / "demo" / "data"
@@ -33,10 +33,10 @@ def english_samples(folder: Path):
 
 def score(model_spec: str | None, zh_clips, en_clips, new_word_paths: set[str]) -> dict:
     model, processor = load_model(model_spec)
-    transcriber = Transcriber(model, processor)
-    zh = score_model("zh-test", transcriber, zh_clips, "zh")
-    en = score_model("en", transcriber, en_clips, "en") if en_clips else None
-    del model, transcriber
+    backend = TransformersBackend(model, processor)
+    zh = score_model("zh-test", backend, zh_clips, "zh")
+    en = score_model("en", backend, en_clips, "en") if en_clips else None
+    del model, backend
     gc.collect()
     return {"cer": zh.cer, "cer_new_words": zh.subset(new_word_paths).cer, "english_wer": en.wer if en else None,
             "rows": zh.rows + (en.rows if en else [])}

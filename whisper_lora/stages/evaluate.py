@@ -3,64 +3,17 @@ from __future__ import annotations
 
 import gc
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-
-from ..audio import load_window
 from ..config import EvaluateConfig
-from ..errors import AudioError, UserError
-from ..inference import GREEDY, DecodeOptions, Transcriber
-from ..manifest import Sample, check_audio_exists, language_code, read_manifest
+from ..decode import GREEDY, TransformersBackend
+from ..errors import UserError
+from ..manifest import check_audio_exists, language_code, read_manifest
 from ..models import load_model
 from ..report import format_table
-from ..text import default_metric, error_rate
-
-
-@dataclass
-class ModelScore:
-    model: str
-    cer: float
-    wer: float
-    rows: list[dict] = field(default_factory=list)
-
-    def subset(self, audio_paths: set[str]) -> "ModelScore":
-        rows = [r for r in self.rows if r["audio"] in audio_paths]
-        return score_rows(self.model, rows)
-
-
-def score_rows(model: str, rows: list[dict]) -> ModelScore:
-    refs, hyps, langs = [r["reference"] for r in rows], [r["hypothesis"] for r in rows], [r["language"] for r in rows]
-    return ModelScore(model, error_rate(refs, hyps, "cer", langs), error_rate(refs, hyps, "wer", langs), rows)
-
-
-def load_clips(samples: list[Sample]) -> tuple[list[tuple[Sample, np.ndarray]], list[str]]:
-    """Decode every clip once (shared by all models); unreadable clips are reported, not scored."""
-    clips, problems = [], []
-    for sample in samples:
-        try:
-            audio = load_window(sample.audio_path, sample.start, sample.end)  # a cut clip would skew the score
-        except AudioError as exc:
-            problems.append(str(exc))
-            continue
-        clips.append((sample, audio))
-    return clips, problems
-
-
-def score_model(name: str, transcriber: Transcriber, clips: list[tuple[Sample, np.ndarray]],
-                default_language: str | None, options: DecodeOptions = GREEDY, batch_size: int = 16,
-                progress: bool = True) -> ModelScore:
-    from tqdm.auto import tqdm
-
-    rows = []
-    for start in tqdm(range(0, len(clips), batch_size), desc=f"evaluate {name}", disable=not progress, leave=False):
-        batch = clips[start : start + batch_size]
-        languages = [s.language or default_language for s, _ in batch]
-        decoded = transcriber.decode_batch([a for _, a in batch], languages, options)
-        rows += [{"audio": str(s.audio_path), "reference": s.text, "hypothesis": d.text,
-                  "language": lang or d.language} for (s, _), d, lang in zip(batch, decoded, languages)]
-    return score_rows(name, rows)
+from ..scoring import load_clips, score_model
+from ..text import default_metric
 
 
 def run(config: EvaluateConfig) -> list[ModelScore]:
@@ -80,10 +33,10 @@ def run(config: EvaluateConfig) -> list[ModelScore]:
     scores = []
     for spec in config.models:
         model, processor = load_model(spec)
-        transcriber = Transcriber(model, processor)
+        backend = TransformersBackend(model, processor)
         options = replace(GREEDY, task=config.task, num_beams=config.num_beams, max_new_tokens=config.max_new_tokens)
-        scores.append(score_model(spec, transcriber, clips, language, options, config.batch_size))
-        del model, transcriber
+        scores.append(score_model(spec, backend, clips, language, options, config.batch_size))
+        del model, backend
         gc.collect()
 
     # ---- save

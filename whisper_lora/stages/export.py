@@ -16,13 +16,14 @@ from pathlib import Path
 
 from ..config import ExportConfig, clear_output_dir, save_config
 from ..errors import UserError
-from ..inference import GREEDY, CT2Transcriber, Transcriber
+from ..constants import MAX_NEW_TOKENS
+from ..decode import GREEDY, CT2Backend, TransformersBackend
 from ..lora import merge_into_base
 from ..manifest import check_audio_exists, language_code, read_manifest
 from ..models import load_model, save_processor
 from ..report import format_table
 from ..text import default_metric
-from .evaluate import load_clips, score_model
+from ..scoring import load_clips, score_model
 
 EXPORT_REPORT = "export_report.json"
 EXPORT_CONFIG = "export_config.yaml"
@@ -82,10 +83,10 @@ def run(config: ExportConfig) -> Path:
         metric = config.metric if config.metric != "auto" else default_metric(
             language or next((s.language for s, _ in clips if s.language), None))
         # Same greedy settings for both; the export runs through faster-whisper's own front end and
-        # loop (CT2Transcriber), which is what users will deploy.
-        options = replace(GREEDY, max_new_tokens=440)
-        reference = score_model("transformers", Transcriber(model, processor), clips, language, options)
-        exported = score_model("ct2", CT2Transcriber(str(partial)), clips, language, options)
+        # loop (CT2Backend), which is what users will deploy.
+        options = replace(GREEDY, max_new_tokens=MAX_NEW_TOKENS)
+        reference = score_model("transformers", TransformersBackend(model, processor), clips, language, options)
+        exported = score_model("ct2", CT2Backend(str(partial)), clips, language, options)
         verdict = parity_verdict(reference, exported, metric, config.max_gap)
         report.update(verdict)
         gap = verdict["gap_points"]

@@ -29,9 +29,9 @@ from ..errors import UserError
 from ..lora import adapter_step_hook, apply_adapter, check_quantisation, save_adapter
 from ..manifest import check_audio_exists, language_code, read_manifest
 from ..models import load_model, resolve_model
-from ..inference import GREEDY, Transcriber
+from ..decode import GREEDY, TransformersBackend
 from ..text import default_metric
-from .evaluate import ModelScore, load_clips, score_model, score_rows
+from ..scoring import ModelScore, load_clips, score_model, score_rows
 
 STREAMING_EVAL_STEPS = 1000  # default evaluation interval when an epoch's length is unknown
 ADAPTER_DIR = "adapter"  # best adapter by dev metric (or the last one without a dev set)
@@ -177,10 +177,10 @@ def evaluate_dev(accelerator, model, processor, dev_clips, config: TrainConfig, 
     from accelerate.utils import gather_object
 
     unwrapped = accelerator.unwrap_model(model)
-    transcriber = Transcriber(unwrapped, processor, device=str(accelerator.device))
+    backend = TransformersBackend(unwrapped, processor, device=str(accelerator.device))
     with accelerator.split_between_processes(dev_clips) as mine:
         options = replace(GREEDY, task=config.task, max_new_tokens=config.max_new_tokens)
-        mine_scored = score_model("dev", transcriber, mine, language, options, config.eval_batch_size, progress=False)
+        mine_scored = score_model("dev", backend, mine, language, options, config.eval_batch_size, progress=False)
     unwrapped.train()
     return score_rows("dev", gather_object(mine_scored.rows))
 

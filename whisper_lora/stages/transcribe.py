@@ -9,16 +9,14 @@ from typing import Iterator
 
 import numpy as np
 
-from ..audio import CHUNK_SECONDS, SAMPLE_RATE, audio_duration, load_audio
+from ..audio import audio_duration, load_audio
 from ..config import TranscribeConfig
+from ..constants import AUDIO_SUFFIXES, CHUNK_SECONDS
+from ..decode import Backend, DecodeOptions, Segment, TranscriptionInfo, join_text, load_backend
 from ..errors import AudioError, UserError
-from ..inference import CT2Transcriber, DecodeOptions, Segment, Transcriber, TranscriptionInfo
 from ..manifest import language_code
-from ..models import ct2_model_dir, load_model
-from ..text import NO_SPACE_LANGUAGES
 from ..writers import FORMATS, WRITERS
 
-AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".m4a", ".ogg", ".opus", ".webm", ".aac", ".wma", ".mp4", ".pcm", ".raw"}
 LIST_SUFFIXES = {".txt", ".lst", ".list"}
 
 
@@ -39,26 +37,23 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     return list(dict.fromkeys(paths))  # the same file named twice is transcribed once
 
 
-def join_segments(segments: list[Segment], language: str | None) -> str:
-    return ("" if language in NO_SPACE_LANGUAGES else " ").join(s.text for s in segments).strip()
-
-
 def decode_options(config: TranscribeConfig) -> DecodeOptions:
     return DecodeOptions(task=config.task, num_beams=config.num_beams, temperature=tuple(config.temperature),
                          compression_ratio_threshold=config.compression_ratio_threshold,
                          log_prob_threshold=config.log_prob_threshold, no_speech_threshold=config.no_speech_threshold,
                          initial_prompt=config.initial_prompt,
                          condition_on_previous_text=config.condition_on_previous_text,
-                         word_timestamps=config.word_timestamps)
+                         word_timestamps=config.word_timestamps,
+                         # plain text needs no segment times: a clip of up to 30 s is then one segment
+                         without_timestamps=config.output_format == "txt" and not config.word_timestamps)
 
 
-def transcribe_all(transcriber: Transcriber | CT2Transcriber, paths: list[Path], config: TranscribeConfig,
-                   language: str | None) -> Iterator[tuple[Path, list[Segment] | None, TranscriptionInfo | str]]:
+def transcribe_all(backend: Backend, paths: list[Path], config: TranscribeConfig, language: str | None
+                   ) -> Iterator[tuple[Path, list[Segment] | None, TranscriptionInfo | str]]:
     """Yield (path, segments, info) in input order, or (path, None, error message) for bad files.
 
-    Clips up to 30 s are decoded together in batches (unless they need VAD or word timestamps);
-    longer files are read and decoded block by block from disk, so a three-hour file needs no more
-    memory than a five-minute one.
+    Clips up to 30 s are decoded together in batches (unless they need VAD); longer files are read and
+    decoded block by block from disk, so a three-hour file needs no more memory than a five-minute one.
     """
     options = decode_options(config)
     pending: list[tuple[Path, np.ndarray]] = []
@@ -66,20 +61,17 @@ def transcribe_all(transcriber: Transcriber | CT2Transcriber, paths: list[Path],
     def flush():
         if not pending:
             return
-        decoded = transcriber.decode_batch([a for _, a in pending], [language] * len(pending), options)
-        for (path, audio), d in zip(pending, decoded):
-            duration = round(len(audio) / SAMPLE_RATE, 3)
-            segments = [Segment(0, 0.0, duration, d.text, d.tokens, d.avg_logprob, d.no_speech_prob)] if d.text else []
-            yield path, segments, TranscriptionInfo(d.language, d.language_probability, duration)
+        decoded = backend.transcribe_batch([a for _, a in pending], [language] * len(pending), options)
+        for (path, _), (segments, info) in zip(pending, decoded):
+            yield path, segments, info
         pending.clear()
 
     for path in paths:
         try:
-            long = audio_duration(path) > CHUNK_SECONDS
-            if config.vad or config.word_timestamps or long:
+            if config.vad or audio_duration(path) > CHUNK_SECONDS:
                 yield from flush()
-                segments, info = transcriber.transcribe(path, language, options, vad=config.vad,
-                                                        batch_size=config.batch_size)
+                segments, info = backend.transcribe(path, language, options, vad=config.vad,
+                                                    batch_size=config.batch_size)
                 yield path, list(segments), info
                 continue
             pending.append((path, load_audio(path)))
@@ -116,13 +108,9 @@ def run(config: TranscribeConfig) -> int:
     if config.output_format in ("json", "srt", "vtt", "tsv") and not config.output_dir and len(paths) > 1:
         raise UserError(f"--output-format {config.output_format} with {len(paths)} inputs needs --output-dir "
                         "(one file per input)")
-    if config.backend == "ct2":
-        transcriber = CT2Transcriber(ct2_model_dir(config.model), config.compute_type)
-    else:
-        model, processor = load_model(config.model, merge_adapter=True)  # identical output, no LoRA matmuls
-        transcriber = Transcriber(model, processor, compile=config.compile)
-    if language and language not in transcriber.languages:
-        raise UserError(f"the model has no language '{language}'" + ("" if transcriber.multilingual else
+    backend = load_backend(config.model, config.backend, config.compute_type, compile=config.compile)
+    if language and language not in backend.languages:
+        raise UserError(f"the model has no language '{language}'" + ("" if backend.multilingual else
                         " (it is English-only)"), config.model or "default")
     out_dir = Path(config.output_dir) if config.output_dir else None
     if out_dir:
@@ -137,13 +125,13 @@ def run(config: TranscribeConfig) -> int:
     # ---- loop
     failures = 0
     try:
-        for path, segments, info in tqdm(transcribe_all(transcriber, paths, config, language), total=len(paths),
+        for path, segments, info in tqdm(transcribe_all(backend, paths, config, language), total=len(paths),
                                          desc="transcribe", unit="file", disable=len(paths) < 2, file=sys.stderr):
             if segments is None:
                 failures += 1
                 print(f"whisper-lora: error: {info}", file=sys.stderr)
                 continue
-            text = join_segments(segments, info.language)
+            text = join_text(segments, info.language)
             if out_dir:
                 for fmt in per_file_formats:
                     with open(out_dir / f"{stems[path]}.{fmt}", "w", encoding="utf-8") as f:

@@ -1,0 +1,34 @@
+"""The inference core: audio in, typed `Segment`s out, lazily, window by window.
+
+    types.py       Segment, Word, TranscriptionInfo, DecodeOptions; the Backend protocol
+    kv.py          the encoder and key/value-cache decoder over transformers modules (adapters per row)
+    rules.py       the logit filters (suppression, timestamp grammar)
+    search.py      greedy / sampled / beam search, temperature fallback
+    timing.py      word timestamps: alignment heads + DTW
+    longform.py    windows of long audio, VAD windows, batches of clips
+    transformers_backend.py, ct2_backend.py   the two backends
+
+Every front end (CLI, evaluation, export, server, web UI, realtime) calls a Backend's `transcribe()`,
+which returns `(segments, info)` with `segments` a lazy iterator, as in faster-whisper.
+"""
+from __future__ import annotations
+
+from .ct2_backend import CT2Backend
+from .transformers_backend import TransformersBackend, default_device
+from .types import GREEDY, Backend, DecodeOptions, Segment, TranscriptionInfo, Word, join_text
+
+
+def load_backend(model: str | None = None, backend: str = "transformers", compute_type: str = "default",
+                 device: str | None = None, compile: bool = False) -> Backend:
+    """The backend for `--model` as users pass it: an adapter is merged into a private copy of its base
+    (identical output, no LoRA matmuls); `ct2` needs a CTranslate2 folder (or the embedded default)."""
+    from ..models import ct2_model_dir, load_model
+
+    if backend == "ct2":
+        return CT2Backend(ct2_model_dir(model), compute_type, device or "auto")
+    loaded, processor = load_model(model, merge_adapter=True)
+    return TransformersBackend(loaded, processor, device=device, compile=compile)
+
+
+__all__ = ["Backend", "CT2Backend", "DecodeOptions", "GREEDY", "Segment", "TranscriptionInfo", "TransformersBackend",
+           "Word", "default_device", "join_text", "load_backend"]

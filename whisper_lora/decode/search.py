@@ -1,0 +1,203 @@
+"""Search over a batch of 30 s windows: greedy or sampled decoding, beam search, and temperature fallback.
+
+Rows that reach end-of-text leave the batch, so the others stop paying for them; a retry at the next
+temperature reuses the encoder output and decodes only the windows that need it.
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..constants import MAX_TARGET_TOKENS
+from ..tokens import SpecialTokens
+from .kv import Network
+from .rules import LogitRules
+from .types import DecodeOptions
+
+
+@dataclass
+class WindowResult:
+    """What openai/whisper's DecodingResult carries for one 30 s window."""
+    tokens: list[int]  # sampled tokens, timestamps included, end-of-text excluded
+    avg_logprob: float
+    no_speech_prob: float
+    compression_ratio: float
+    temperature: float
+
+
+def compression_ratio(text: str) -> float:
+    """gzip ratio of the text, as faster-whisper computes it: above ~2.4 the window is a repetition loop."""
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0
+
+
+def needs_fallback(result: WindowResult, options: DecodeOptions) -> bool:
+    """A loop or low confidence is retried hotter, unless the window is likely silence anyway."""
+    needs = ((options.compression_ratio_threshold is not None
+              and result.compression_ratio > options.compression_ratio_threshold)
+             or (options.log_prob_threshold is not None and result.avg_logprob < options.log_prob_threshold))
+    silence = (options.no_speech_threshold is not None and result.no_speech_prob > options.no_speech_threshold
+               and options.log_prob_threshold is not None and result.avg_logprob < options.log_prob_threshold)
+    return needs and not silence
+
+
+def is_silence(result: WindowResult, options: DecodeOptions) -> bool:
+    """openai/whisper's rule: a likely no-speech window is skipped unless its text is confident."""
+    if options.no_speech_threshold is None or result.no_speech_prob <= options.no_speech_threshold:
+        return False
+    return options.log_prob_threshold is None or result.avg_logprob <= options.log_prob_threshold
+
+
+class Search:
+    def __init__(self, network: Network, tokens: SpecialTokens, rules: LogitRules):
+        self.network, self.tokens, self.rules = network, tokens, rules
+
+    def _sample(self, encoded: torch.Tensor, prefixes: list[list[int]], sot_index: int, timestamps: bool,
+                temperature: float, max_new: int, adapters: list[str] | None,
+                generator: torch.Generator) -> list[tuple[list[int], float, float]]:
+        """Greedy (temperature 0) or sampled decoding of a batch of windows.
+
+        Returns (tokens, sum of their log-probabilities with the end-of-text one, no-speech probability)
+        per window.
+        """
+        net, eot = self.network, self.tokens.eot
+        rows = len(prefixes)
+        caches, hidden = net.start(torch.tensor(prefixes, device=net.device), encoded, len(prefixes[0]) + max_new,
+                                   adapters)
+        no_speech = net.logits(hidden[:, sot_index]).softmax(-1)[:, self.tokens.no_speech].tolist()
+        logits = net.logits(hidden[:, -1])
+        sampled: list[list[int]] = [[] for _ in range(rows)]
+        totals = [0.0] * rows
+        active = list(range(rows))
+        for step in range(max_new):
+            logits = self.rules.apply(logits, [sampled[i] for i in active], step == 0, timestamps)
+            if temperature > 0:
+                chosen = torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator).squeeze(1)
+            else:
+                chosen = logits.argmax(-1)
+            logprobs = logits.log_softmax(-1).gather(1, chosen[:, None]).squeeze(1).tolist()
+            keep = []
+            for j, (i, token) in enumerate(zip(active, chosen.tolist())):
+                totals[i] += logprobs[j]
+                if token != eot:
+                    sampled[i].append(token)
+                    keep.append(j)
+            if not keep or step == max_new - 1:
+                break
+            if len(keep) < len(active):
+                index = torch.tensor(keep, device=net.device)
+                caches.select(index)
+                chosen = chosen[index]
+                active = [active[j] for j in keep]
+            logits = net.logits(net.step(chosen[:, None], caches))
+        return [(sampled[i], totals[i], no_speech[i]) for i in range(rows)]
+
+    def _beam_search(self, encoded: torch.Tensor, prefixes: list[list[int]], sot_index: int, timestamps: bool,
+                     beams: int, max_new: int, adapters: list[str] | None) -> list[tuple[list[int], float, float]]:
+        """openai/whisper's beam search (patience 1; the finished candidate with the best mean log-probability)."""
+        net, eot = self.network, self.tokens.eot
+        audios = len(prefixes)
+        ids = torch.tensor(prefixes, device=net.device).repeat_interleave(beams, 0)
+        beam_adapters = None if adapters is None else [a for a in adapters for _ in range(beams)]
+        caches, hidden = net.start(ids, encoded.repeat_interleave(beams, 0), len(prefixes[0]) + max_new, beam_adapters)
+        no_speech = net.logits(hidden[::beams, sot_index]).softmax(-1)[:, self.tokens.no_speech].tolist()
+        logits = net.logits(hidden[:, -1])
+        sampled: list[list[int]] = [[] for _ in range(audios * beams)]
+        totals = [0.0] * (audios * beams)
+        finished: list[dict[tuple[int, ...], float]] = [{} for _ in range(audios)]
+        for step in range(max_new):
+            logprobs = self.rules.apply(logits, sampled, step == 0, timestamps).log_softmax(-1)
+            top_logprobs, top_tokens = (t.tolist() for t in logprobs.topk(beams + 1, dim=-1))
+            next_sampled, next_totals, sources = [], [], []
+            for audio in range(audios):
+                scores, origin = {}, {}
+                for row in range(audio * beams, (audio + 1) * beams):
+                    for logprob, token in zip(top_logprobs[row], top_tokens[row]):
+                        candidate = (*sampled[row], token)
+                        scores[candidate], origin[candidate] = totals[row] + logprob, row
+                saved = 0
+                for candidate in sorted(scores, key=scores.get, reverse=True):
+                    if candidate[-1] == eot:
+                        if len(finished[audio]) < beams:
+                            finished[audio][candidate[:-1]] = scores[candidate]
+                        continue
+                    next_sampled.append(list(candidate))
+                    next_totals.append(scores[candidate])
+                    sources.append(origin[candidate])
+                    saved += 1
+                    if saved == beams:
+                        break
+            sampled, totals = next_sampled, next_totals
+            if all(len(f) >= beams for f in finished) or step == max_new - 1:
+                break
+            caches.select(torch.tensor(sources, device=net.device))
+            ids = torch.tensor([[s[-1]] for s in sampled], device=net.device)
+            logits = net.logits(net.step(ids, caches))
+        results = []
+        for audio in range(audios):
+            candidates = finished[audio]
+            live = range(audio * beams, (audio + 1) * beams)
+            for row in sorted(live, key=lambda r: totals[r], reverse=True):
+                if len(candidates) >= beams:
+                    break
+                candidates.setdefault(tuple(sampled[row]), totals[row])
+            best = max(candidates, key=lambda c: candidates[c] / max(1, len(c)))
+            results.append((list(best), candidates[best], no_speech[audio]))
+        return results
+
+    def decode(self, encoded: torch.Tensor, prefixes: list[list[int]], options: DecodeOptions, timestamps: bool,
+               adapters: list[str] | None = None) -> list[WindowResult]:
+        """Decode each window, retrying the ones that loop or lack confidence at the next temperature.
+
+        Prefixes must have one length. A window that fails at every temperature keeps its most confident
+        attempt among those that do not loop (faster-whisper's rule; openai/whisper would keep the
+        hottest, often garbled, one). Sampling draws from a generator of this call's own, so concurrent
+        calls neither share nor disturb random state, and a call is reproducible.
+        """
+        sot_index = prefixes[0].index(self.tokens.sot)
+        max_new = max(1, min(options.max_new_tokens, MAX_TARGET_TOKENS - len(prefixes[0])))
+        generator = torch.Generator(device=self.network.device).manual_seed(0)
+        attempts: list[list[WindowResult]] = [[] for _ in prefixes]
+        results: list[WindowResult | None] = [None] * len(prefixes)
+        todo = list(range(len(prefixes)))
+        for temperature in options.temperature:
+            everyone = len(todo) == len(prefixes)
+            rows = encoded if everyone else encoded[torch.tensor(todo, device=encoded.device)]
+            row_adapters = None if adapters is None else [adapters[i] for i in todo]
+            batch = [prefixes[i] for i in todo]
+            if temperature == 0 and options.num_beams > 1:
+                decoded = self._beam_search(rows, batch, sot_index, timestamps, options.num_beams, max_new,
+                                            row_adapters)
+            else:
+                decoded = self._sample(rows, batch, sot_index, timestamps, temperature, max_new, row_adapters,
+                                       generator)
+            retry = []
+            for i, (tokens, total, no_speech) in zip(todo, decoded):
+                result = WindowResult(tokens, total / (len(tokens) + 1), no_speech,
+                                      compression_ratio(self.tokens.decode(tokens).strip()), temperature)
+                attempts[i].append(result)
+                results[i] = result
+                if needs_fallback(result, options):
+                    retry.append(i)
+            todo = retry
+            if not todo:
+                break
+        threshold = options.compression_ratio_threshold
+        for i in todo:
+            fluent = [r for r in attempts[i] if threshold is None or r.compression_ratio <= threshold]
+            best = max(fluent or attempts[i], key=lambda r: r.avg_logprob)
+            results[i] = replace(best, temperature=options.temperature[-1])  # no prompt from it, as the hottest
+        return results
+
+    def detect_language(self, encoded: torch.Tensor, adapters: list[str] | None = None) -> list[tuple[str, float]]:
+        """Most likely language and its probability per window, from the first decoder step."""
+        net = self.network
+        start = torch.full((len(encoded), 1), self.tokens.sot, device=net.device)
+        _, hidden = net.start(start, encoded, 1, adapters)
+        codes = list(self.tokens.language_ids)
+        ids = torch.tensor(list(self.tokens.language_ids.values()), device=net.device)
+        probs = net.logits(hidden[:, -1])[:, ids].softmax(-1)
+        best = probs.argmax(-1)
+        return [(codes[int(b)], float(probs[i, b])) for i, b in enumerate(best)]

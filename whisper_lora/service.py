@@ -1,0 +1,461 @@
+"""The transcription service every long-running front end shares: a model pool and a batcher.
+
+* `ModelPool`: the base model loaded once; LoRA adapters loaded beside it by name (peft `load_adapter`),
+  never merged into the shared weights, chosen per call; the least recently used ones unloaded past a
+  limit (never one that a call still uses). Adapters are the subfolders of one folder, found again on
+  every lookup, so a folder added later is served without a restart. A request's model name is only
+  ever looked up among those subfolders' names: it never becomes a path.
+* `Batcher`: one worker thread runs every forward pass. Calls from any number of threads hand it their
+  work (encode windows, detect language, decode windows, align words) and wait; it merges the work of
+  concurrent calls into one batch, the rows of different adapters included (peft's mixed-adapter
+  batches: each LoRA layer gets the adapter name of every row), so many clients share the cost of a
+  decoding step. Nothing global is switched per batch, so no call can see another's adapter.
+* `TranscriptionService`: admission (a bounded number of calls in the house; more are refused with
+  `Busy`, which the server turns into 429), and `transcribe()`, the same lazy iterator of Segments as
+  the backends give.
+"""
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .decode import CT2Backend, DecodeOptions, Segment, TranscriptionInfo, TransformersBackend
+from .decode.ct2_backend import ADAPTERS_REFUSED
+from .decode.longform import WindowModel
+from .decode.search import WindowResult
+from .decode.timing import WordTiming
+from .errors import UserError
+from .models import DEFAULT_MODEL, EMBEDDED_MODELS, ct2_model_dir, load_model, resolve_model
+
+BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
+OPENAI_MODEL = "whisper-1"  # what clients of OpenAI's API send; always the base model here
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class UnknownModel(UserError):
+    """A model name that is neither the base nor a served adapter (HTTP 404)."""
+
+
+class Busy(Exception):
+    """The service holds as many calls as it admits (HTTP 429)."""
+
+    def __init__(self, retry_after: float):
+        self.retry_after = retry_after
+        super().__init__(f"the server is busy: {retry_after:.0f} s until a slot is likely free")
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    id: str
+    created: int  # Unix seconds
+    owned_by: str
+    adapter: str | None = None  # the adapter's name, None for the base model
+
+
+def base_model_name(spec: str | None) -> str:
+    """The public name of the base model: the embedded whisper-base is OpenAI's `openai/whisper-base`; a
+    folder goes by its name; a hub id by itself."""
+    spec = spec or DEFAULT_MODEL
+    if spec == DEFAULT_MODEL or spec == "embedded:base":
+        return "openai/whisper-base"
+    if spec.startswith("embedded:") and spec.removeprefix("embedded:") in EMBEDDED_MODELS:
+        return f"openai/{EMBEDDED_MODELS[spec.removeprefix('embedded:')].name}"
+    path = Path(spec).expanduser()
+    return path.resolve().name if path.is_dir() else spec
+
+
+@dataclass
+class _Adapter:
+    name: str
+    path: Path
+    mixable: bool  # plain LoRA: peft can mix it with others in one batch (DoRA cannot)
+    users: int = 0
+
+
+class ModelPool:
+    """The base model once, adapters by name beside it."""
+
+    def __init__(self, model: str | None = None, adapters_dir: str | None = None, max_adapters: int = 8,
+                 backend: str = "transformers", compute_type: str = "default", device: str | None = None):
+        self.base_name = base_model_name(model)
+        self.adapters_dir = Path(adapters_dir).expanduser().resolve() if adapters_dir else None
+        if self.adapters_dir is not None and not self.adapters_dir.is_dir():
+            raise UserError("--adapters is not a folder", adapters_dir)
+        self.max_adapters = max_adapters
+        self.started = int(time.time())
+        self.lock = threading.RLock()  # held by every forward pass and by every adapter load or unload
+        self._loaded: OrderedDict[str, _Adapter] = OrderedDict()  # least recently used first
+        self.peft = None  # the PeftModel wrapping the base once an adapter is loaded
+        if backend == "ct2":
+            if self.adapters_dir is not None:
+                raise UserError(f"--adapters and --backend ct2 conflict: {ADAPTERS_REFUSED}")
+            self.backend = CT2Backend(ct2_model_dir(model), compute_type, device or "auto", workers=2)
+            self.base_location = None
+            return
+        resolved = resolve_model(model)
+        if resolved.adapter is not None:
+            raise UserError("--model is an adapter: serve its base with --model and put the adapter's folder "
+                            "under --adapters (it is then served under the folder's name)", model)
+        self.base_location = resolved.location
+        loaded, processor = load_model(resolved)
+        self.backend = TransformersBackend(loaded, processor, device=device)
+
+    # ---- names ------------------------------------------------------------------------------------------
+
+    def adapter_folders(self) -> dict[str, Path]:
+        """Adapters on disk now: each subfolder holding an adapter_config.json, by folder name."""
+        if self.adapters_dir is None:
+            return {}
+        found = {}
+        for folder in sorted(self.adapters_dir.iterdir()):
+            if folder.is_dir() and (folder / "adapter_config.json").is_file() and ADAPTER_NAME.match(folder.name) \
+                    and folder.name not in (OPENAI_MODEL, self.base_name):
+                found[folder.name] = folder
+        return found
+
+    def models(self) -> list[ServedModel]:
+        served = [ServedModel(OPENAI_MODEL, self.started, "whisper-lora"),
+                  ServedModel(self.base_name, self.started, "whisper-lora")]
+        for name, folder in self.adapter_folders().items():
+            served.append(ServedModel(name, int(folder.stat().st_mtime), "whisper-lora", adapter=name))
+        return served
+
+    def resolve(self, name: str | None) -> str | None:
+        """The adapter a model name stands for; None for the base model."""
+        if not name or name in (OPENAI_MODEL, self.base_name):
+            return None
+        if name in self.adapter_folders():
+            return name
+        available = ", ".join(m.id for m in self.models())
+        raise UnknownModel(f"model '{name}' does not exist; this server has: {available}")
+
+    # ---- adapters ---------------------------------------------------------------------------------------
+
+    @contextmanager
+    def using(self, adapter: str | None):
+        """Keep `adapter` loaded (loading it if needed) for the duration of one call."""
+        if adapter is None:
+            yield None
+            return
+        with self.lock:
+            entry = self._loaded.get(adapter) or self._load(adapter)
+            entry.users += 1
+            self._loaded.move_to_end(adapter)
+        try:
+            yield adapter
+        finally:
+            with self.lock:
+                entry.users -= 1
+                self._evict()
+
+    def is_mixable(self, adapter: str) -> bool:
+        entry = self._loaded.get(adapter)
+        return entry is None or entry.mixable
+
+    def _load(self, name: str) -> _Adapter:
+        path = self.adapter_folders().get(name)
+        if path is None:  # removed from disk since it was resolved
+            raise UnknownModel(f"model '{name}' does not exist")
+        try:
+            config = json.loads((path / "adapter_config.json").read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UserError(f"adapter_config.json cannot be read ({exc})", path) from None
+        if config.get("peft_type") != "LORA":
+            raise UserError(f"adapter '{name}' is {config.get('peft_type')}, not LoRA; serving loads LoRA and DoRA "
+                            "adapters: merge it (`whisper-lora merge`) and serve the merged model with --model", path)
+        self._check_base(name, path, config.get("base_model_name_or_path"))
+        from peft import PeftModel
+
+        try:
+            if self.peft is None:
+                self.peft = PeftModel.from_pretrained(self.backend.model, str(path), adapter_name=name)
+                self.peft.eval()
+            else:
+                self.peft.load_adapter(str(path), adapter_name=name)
+        except (RuntimeError, ValueError, OSError, KeyError) as exc:
+            reason = str(exc).strip().splitlines()[0][:200]
+            raise UserError(f"adapter '{name}' does not fit the base model {self.base_name} ({reason})", path) from None
+        entry = _Adapter(name, path, mixable=not config.get("use_dora", False))
+        self._loaded[name] = entry
+        return entry
+
+    def _check_base(self, name: str, path: Path, recorded: str | None) -> None:
+        """An adapter trained on another base would load (same shapes) and transcribe badly: refuse it."""
+        if not recorded:
+            return
+        try:
+            location = resolve_model(recorded).location
+        except UserError:
+            return  # a base we cannot resolve here (a folder on another machine): the weights' shapes decide
+        if location != self.base_location and Path(location).name != Path(self.base_location).name:
+            raise UserError(f"adapter '{name}' was trained on {recorded}, this server's base model is "
+                            f"{self.base_name}", path)
+
+    def _evict(self) -> None:
+        """Unload the least recently used adapters nobody is using, down to `max_adapters`."""
+        while len(self._loaded) > self.max_adapters:
+            idle = next((a for a in self._loaded.values() if a.users == 0), None)
+            if idle is None:
+                return  # every loaded adapter is in use: unloaded once its calls end
+            del self._loaded[idle.name]
+            self.peft.delete_adapter(idle.name)
+
+    @property
+    def loaded_adapters(self) -> list[str]:
+        return list(self._loaded)
+
+
+@dataclass
+class _Work:
+    op: str  # encode | detect | decode | align
+    key: object  # work with equal keys can share a batch
+    args: tuple
+    rows: int
+    adapter: str  # BASE for the base model
+    future: Future = field(default_factory=Future)
+    queued: float = field(default_factory=time.monotonic)
+
+
+class Batcher:
+    """One worker thread; the model work of concurrent calls merged into batches."""
+
+    def __init__(self, pool: ModelPool, max_batch: int = 8, max_wait: float = 0.01, mixed_adapters: bool = True):
+        self.pool, self.max_batch, self.max_wait, self.mixed_adapters = pool, max_batch, max_wait, mixed_adapters
+        self._pending: list[_Work] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self.active_calls = 0  # calls that may submit more work soon: worth a short wait for them
+        self.batches = 0
+        self.batched_rows = 0
+        self._thread = threading.Thread(target=self._loop, name="whisper-lora-batcher", daemon=True)
+        self._thread.start()
+
+    @property
+    def depth(self) -> int:
+        with self._cond:
+            return len(self._pending)
+
+    def call_started(self) -> None:
+        with self._cond:
+            self.active_calls += 1
+
+    def call_ended(self) -> None:
+        with self._cond:
+            self.active_calls -= 1
+            self._cond.notify()  # a batch waiting for this call's work need not wait any longer
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout=30)
+
+    def submit(self, op: str, key, args: tuple, rows: int, adapter: str | None):
+        work = _Work(op, key, args, rows, adapter or BASE)
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the batcher is closed")
+            self._pending.append(work)
+            self._cond.notify()
+        return work.future.result()
+
+    # ---- the worker -------------------------------------------------------------------------------------
+
+    def _compatible(self, first: _Work, other: _Work) -> bool:
+        if other.op != first.op or other.key != first.key or first.op == "align":
+            return other is first
+        if first.adapter == other.adapter:
+            return True
+        both_mixable = self.pool.is_mixable(first.adapter) and self.pool.is_mixable(other.adapter)
+        return self.mixed_adapters and both_mixable
+
+    def _take(self) -> list[_Work] | None:
+        with self._cond:
+            while not self._pending and not self._closed:
+                self._cond.wait()
+            if not self._pending:
+                return None
+            first = self._pending[0]
+            while True:  # a short wait for the rest of a batch, only while other calls are under way
+                group, rows = [], 0
+                for work in self._pending:
+                    if self._compatible(first, work) and rows + work.rows <= max(self.max_batch, first.rows):
+                        group.append(work)
+                        rows += work.rows
+                waited = time.monotonic() - first.queued
+                others = self.active_calls - len(self._pending)
+                if rows >= self.max_batch or others <= 0 or waited >= self.max_wait or self._closed:
+                    break
+                self._cond.wait(self.max_wait - waited)
+            taken = set(map(id, group))
+            self._pending = [w for w in self._pending if id(w) not in taken]
+            return group
+
+    def _loop(self) -> None:
+        while (group := self._take()) is not None:
+            try:
+                with self.pool.lock:
+                    results = self._run(group)
+                for work, result in zip(group, results):
+                    work.future.set_result(result)
+            except BaseException as exc:  # the calls fail, the worker lives on
+                for work in group:
+                    if not work.future.done():
+                        work.future.set_exception(exc)
+            self.batches += 1
+            self.batched_rows += sum(w.rows for w in group)
+
+    def _adapters(self, group: list[_Work]) -> list[str] | None:
+        if self.pool.peft is None:
+            return None  # no adapter was ever loaded: plain layers
+        return [w.adapter for w in group for _ in range(w.rows)]
+
+    def _run(self, group: list[_Work]) -> list:
+        import torch
+
+        backend, op = self.pool.backend, group[0].op
+        adapters = self._adapters(group)
+        if group[0].adapter != BASE and not self.pool.is_mixable(group[0].adapter):
+            self.pool.peft.set_adapter(group[0].adapter)  # DoRA: one adapter per batch, chosen here
+            adapters = None
+        if op == "align":
+            (work,) = group
+            return [backend.align_row(*work.args, adapter=None if adapters is None else adapters[0])]
+        if op == "encode":
+            encoded = backend.encode_rows(torch.cat([w.args[0] for w in group]), adapters)
+            return list(torch.split(encoded, [w.rows for w in group]))
+        if op == "detect":
+            detected = backend.detect_rows(torch.cat([w.args[0] for w in group]), adapters)
+            return _split_list(detected, group)
+        encoded = torch.cat([w.args[0] for w in group])
+        prefixes = [p for w in group for p in w.args[1]]
+        options, timestamps = group[0].key[0], group[0].key[1]
+        return _split_list(backend.decode_rows(encoded, prefixes, options, timestamps, adapters), group)
+
+
+def _split_list(values: list, group: list[_Work]) -> list[list]:
+    out, start = [], 0
+    for work in group:
+        out.append(values[start:start + work.rows])
+        start += work.rows
+    return out
+
+
+class BatchedWindowModel:
+    """`longform.WindowModel` for one backend, its model work handed to the batcher; features are
+    computed in the calling thread."""
+
+    def __init__(self, backend: TransformersBackend, batcher: Batcher):
+        self.backend, self.batcher, self.tokens = backend, batcher, backend.tokens
+
+    def features(self, audios: list[np.ndarray]):
+        return self.backend.features(audios)
+
+    def block_features(self, audio: np.ndarray):
+        return self.backend.block_features(audio)
+
+    def encode(self, features, adapter: str | None):
+        return self.batcher.submit("encode", (tuple(features.shape[1:]), features.dtype), (features,), len(features),
+                                   adapter)
+
+    def detect(self, encoded, adapter: str | None) -> list[tuple[str, float]]:
+        return self.batcher.submit("detect", None, (encoded,), len(encoded), adapter)
+
+    def decode(self, encoded, prefixes: list[list[int]], options: DecodeOptions, timestamps: bool,
+               adapter: str | None) -> list[WindowResult]:
+        return self.batcher.submit("decode", (options, timestamps, len(prefixes[0])), (encoded, prefixes),
+                                   len(prefixes), adapter)
+
+    def align(self, encoded, text_tokens: list[int], language: str | None, task: str, num_frames: int,
+              adapter: str | None) -> list[WordTiming]:
+        return self.batcher.submit("align", None, (encoded, text_tokens, language, task, num_frames), 1, adapter)
+
+
+class TranscriptionService:
+    """What the server, the web UI and realtime streams call: many threads at once, one model."""
+
+    def __init__(self, pool: ModelPool, max_queue: int = 64, max_batch: int = 8, mixed_adapters: bool = True):
+        self.pool, self.max_queue = pool, max_queue
+        self.batcher = None
+        self.backend = pool.backend
+        if isinstance(pool.backend, TransformersBackend):
+            self.batcher = Batcher(pool, max_batch=max_batch, mixed_adapters=mixed_adapters)
+            self.backend = pool.backend.batched(BatchedWindowModel(pool.backend, self.batcher))
+        self._admitted = 0
+        self._lock = threading.Lock()
+        self._recent_seconds = 2.0  # running mean of a call's wall time, for Retry-After
+
+    @property
+    def in_flight(self) -> int:
+        return self._admitted
+
+    @property
+    def queue_depth(self) -> int:
+        return self.batcher.depth if self.batcher else 0
+
+    def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
+
+    def models(self) -> list[ServedModel]:
+        return self.pool.models()
+
+    def resolve(self, model: str | None) -> str | None:
+        return self.pool.resolve(model)
+
+    @contextmanager
+    def admitted(self):
+        """One call in the house, or Busy when `max_queue` are already."""
+        with self._lock:
+            if self._admitted >= self.max_queue:
+                raise Busy(max(1.0, self._recent_seconds * self._admitted / max(1, self.max_queue)))
+            self._admitted += 1
+        if self.batcher:
+            self.batcher.call_started()
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._admitted -= 1
+                self._recent_seconds = 0.8 * self._recent_seconds + 0.2 * (time.monotonic() - started)
+            if self.batcher:
+                self.batcher.call_ended()
+
+    def transcribe(self, audio: np.ndarray | str | Path, model: str | None = None, language: str | None = None,
+                   options: DecodeOptions = DecodeOptions(), vad: bool = False
+                   ) -> tuple[Iterator[Segment], TranscriptionInfo]:
+        """Like a backend's `transcribe`, for the base model or an adapter by name. The call holds its
+        admission slot and its adapter until the segments are consumed (or the iterator is closed)."""
+        adapter = self.resolve(model)
+        if language and language not in self.backend.languages:
+            raise UserError(f"the model has no language '{language}'")
+        admission = self.admitted()
+        admission.__enter__()
+        using = self.pool.using(adapter)
+        try:
+            using.__enter__()
+            segments, info = self.backend.transcribe(audio, language, options, vad=vad, adapter=adapter)
+        except BaseException as exc:
+            using.__exit__(type(exc), exc, exc.__traceback__)
+            admission.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+
+        def held() -> Iterator[Segment]:
+            try:
+                yield from segments
+            finally:
+                using.__exit__(None, None, None)
+                admission.__exit__(None, None, None)
+
+        return held(), info

@@ -1,0 +1,40 @@
+"""`whisper-lora serve`: the OpenAI-compatible transcription server (FastAPI + uvicorn)."""
+from __future__ import annotations
+
+import os
+
+from ..config import ServeConfig
+from ..errors import UserError
+
+SERVE_PIP = "pip install 'whisper-lora[serve]'"
+
+
+def build_service(config: ServeConfig):
+    from ..service import ModelPool, TranscriptionService
+
+    pool = ModelPool(config.model, config.adapters, config.max_adapters, config.backend, config.compute_type)
+    return TranscriptionService(pool, max_queue=config.max_queue, max_batch=config.max_batch,
+                                mixed_adapters=config.mixed_adapters)
+
+
+def create_app(config: ServeConfig):
+    try:
+        from ..serve.api import create_app as create
+    except ImportError as exc:
+        raise UserError(f"serve needs {exc.name}: {SERVE_PIP}") from None
+    api_key = config.api_key or os.environ.get("WHISPER_LORA_API_KEY") or None
+    return create(lambda: build_service(config), api_key=api_key, max_upload_mb=config.max_upload_mb,
+                  max_queue=config.max_queue)
+
+
+def run(config: ServeConfig) -> int:
+    try:
+        import uvicorn
+    except ImportError:
+        raise UserError(f"serve needs uvicorn: {SERVE_PIP}") from None
+    app = create_app(config)
+    print(f"whisper-lora: serving on http://{config.host}:{config.port} (OpenAI API under /v1; /health says when "
+          "the model is loaded)", flush=True)
+    # uvicorn finishes the requests in flight on SIGTERM before it exits (no graceful-shutdown timeout).
+    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level, timeout_graceful_shutdown=None)
+    return 0
