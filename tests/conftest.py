@@ -90,6 +90,20 @@ def tiny_corpus(tmp_path) -> Path:
     return folder
 
 
+def conversation_clip(folder: Path) -> tuple[Path, list[float]]:
+    """~22 s of real speech: four utterances 2.5 s apart. Returns the file and when each utterance starts."""
+    from whisper_lora.audio import load_audio
+
+    pieces, onsets, position = [], [], 0.0
+    for name in ("arctic_a0009.wav", "cards/001.wav", "arctic_a0007.wav", "cards/005.wav"):
+        speech = load_audio(SHARED_EN / name)
+        onsets.append(position)
+        pieces += [speech, np.zeros(int(SR * 2.5), np.float32)]
+        position += len(speech) / SR + 2.5
+    sf.write(folder / "conversation.wav", np.concatenate(pieces), SR)
+    return folder / "conversation.wav", onsets
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run the real console entry point in a subprocess, as a user would."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -139,3 +153,25 @@ def run_launcher(command: list[str], env: dict | None = None, timeout: int = LAU
     result = subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
     assert result.returncode == 0, stderr[-3000:]
     return result
+
+
+@pytest.fixture(scope="session")
+def mandarin_adapter(base_model_dir, tmp_path_factory) -> tuple[Path, list[dict]]:
+    """A real LoRA adapter on the embedded whisper-base, trained here (decoder only, ~1 minute) on 16
+    robotic-Mandarin demo clips that the base model reads badly. Returns its folder and those rows."""
+    from whisper_lora.config import TrainConfig, build_config
+    from whisper_lora.stages import train
+
+    rows = [json.loads(line) for line in (DEMO / "train.jsonl").read_text(encoding="utf-8").splitlines()[:16]]
+    corpus = tmp_path_factory.mktemp("mandarin")
+    (corpus / "audio").mkdir()
+    for row in rows:
+        shutil.copy(DEMO / row["audio"]["path"], corpus / row["audio"]["path"])
+        row["audio"]["path"] = str(corpus / row["audio"]["path"])
+    (corpus / "train.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    out = tmp_path_factory.mktemp("mandarin-run")
+    train.run(build_config(TrainConfig, overrides=dict(
+        train_manifest=str(corpus / "train.jsonl"), output_dir=str(out / "run"), freeze_encoder=True, lora_r=16,
+        lora_alpha=32, lora_dropout=0.0, batch_size=8, max_steps=16, learning_rate=3e-3, warmup_steps=2,
+        timestamp_fraction=0.0, tensorboard=False, logging_steps=4)))
+    return out / "run" / "adapter", rows

@@ -37,29 +37,14 @@ def test_jsonl_output_has_segments_and_language_detection(base_model_dir, tmp_pa
     assert segment["temperature"] == 0.0 and segment["compression_ratio"] > 0
 
 
-def conversation(tmp_path):
-    """~22 s: four real utterances, 2.5 s apart; returns the file and when each utterance starts."""
-    import numpy as np
-    import soundfile as sf
-
-    from whisper_lora.audio import load_audio
-
-    pieces, onsets, position = [], [], 0.0
-    for name in ("arctic_a0009.wav", "cards/001.wav", "arctic_a0007.wav", "cards/005.wav"):
-        speech = load_audio(SHARED_EN / name)
-        onsets.append(position)
-        pieces += [speech, np.zeros(int(16000 * 2.5), np.float32)]
-        position += len(speech) / 16000 + 2.5
-    sf.write(tmp_path / "conversation.wav", np.concatenate(pieces), 16000)
-    return tmp_path / "conversation.wav", onsets
-
-
 @pytest.mark.parametrize("backend", ["transformers", "ct2"])
 def test_a_clip_under_30_s_gets_one_cue_per_utterance(base_model_dir, tmp_path, backend):
     """Subtitles of a short recording come from Whisper's timestamp tokens, not one cue over the clip."""
     import srt
 
-    clip, onsets = conversation(tmp_path)
+    from conftest import conversation_clip
+
+    clip, onsets = conversation_clip(tmp_path)
     result = run_cli("transcribe", str(clip), "--language", "en", "--output-format", "srt", "--backend", backend)
     assert result.returncode == 0, result.stderr[-2000:]
     cues = list(srt.parse(result.stdout))

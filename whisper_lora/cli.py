@@ -14,7 +14,7 @@ import warnings
 
 from . import __version__
 from .config import (CheckConfig, DemoConfig, EvaluateConfig, ExportConfig, MergeConfig, PrepareConfig,
-                     SageMakerConfig, ServeConfig, TrainConfig, TranscribeConfig, build_config)
+                     RealtimeConfig, SageMakerConfig, ServeConfig, TrainConfig, TranscribeConfig, build_config)
 from .errors import UserError
 
 STAGES = {
@@ -25,6 +25,7 @@ STAGES = {
     "evaluate": (EvaluateConfig, "CER/WER of one or more models on a manifest, side by side"),
     "transcribe": (TranscribeConfig, "transcribe audio files, folders or list files"),
     "serve": (ServeConfig, "serve models and LoRA adapters over OpenAI's audio API (dynamic batching)"),
+    "realtime": (RealtimeConfig, "live transcription from the microphone or a file, locally or on a server"),
     "export": (ExportConfig, "export to CTranslate2 (faster-whisper), gated on CER/WER parity"),
     "sagemaker": (SageMakerConfig, "launch `whisper-lora train` as an Amazon SageMaker training job (multi-node, spot)"),
     "demo": (DemoConfig, "fine-tune the embedded whisper-base on the Mandarin demo corpus and report"),

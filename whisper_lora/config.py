@@ -346,6 +346,27 @@ class ServeConfig:
             raise UserError("--adapters folder not found", self.adapters)
 
 
+@dataclass(frozen=True)
+class RealtimeConfig:
+    file: str | None = option(None, "audio file fed at real-time speed instead of the microphone")
+    speed: float = option(1.0, "with --file: feed N times faster than real time")
+    model: str | None = option(None, "locally: hub id, folder or adapter folder (empty = the embedded whisper-base); "
+                                     "with --server: a model or adapter name the server lists")
+    server: str | None = option(None, "URL of a running `whisper-lora serve` (http://127.0.0.1:8000) to stream to; "
+                                      "empty = transcribe in this process")
+    api_key: str | None = option(None, "bearer key for --server (default: $WHISPER_LORA_API_KEY)")
+    language: str | None = option(None, "spoken language; empty = detect")
+    prompt: str | None = option(None, "text that primes the decoder (names, spelling)")
+    input_device: str | None = option(None, "microphone (sounddevice name or number; default: the system's)")
+    output: str | None = option(None, "write the confirmed segments to this .srt, .vtt, .json or .txt file at the end")
+
+    def validate(self) -> None:
+        if self.speed <= 0:
+            raise UserError(f"--speed must be positive, got {self.speed}")
+        if self.speed != 1.0 and not self.file:
+            raise UserError("--speed needs --file: a microphone speaks in real time")
+
+
 CT2_QUANTIZATIONS = ("int8", "int8_float16", "int8_float32", "int8_bfloat16", "float16", "bfloat16", "float32")
 
 

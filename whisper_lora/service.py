@@ -151,6 +151,7 @@ class ModelPool:
             entry = self._loaded.get(adapter) or self._load(adapter)
             entry.users += 1
             self._loaded.move_to_end(adapter)
+            self._evict()  # room for it, from the idle ones
         try:
             yield adapter
         finally:

@@ -147,3 +147,46 @@ class SpeechWindow:
         later = sum(self.to_window(r.start) >= t for r in self.speech)
         left = max((r.end - original for r in self.speech if r.start < original < r.end), default=0.0)
         return later, left
+
+
+FRAME_SAMPLES = 512  # samples per Silero frame (32 ms at 16 kHz)
+CONTEXT_SAMPLES = 64  # samples of the previous frame Silero sees before each frame
+
+
+class SpeechDetector:
+    """Silero's speech probability for audio that arrives in pieces, one per 32 ms frame.
+
+    The model's recurrent state and the last frame's tail are carried from one piece to the next, so
+    feeding a stream in pieces gives the probabilities feeding it whole would (a test checks it).
+    """
+
+    def __init__(self):
+        try:
+            from faster_whisper.vad import get_vad_model
+        except ImportError:
+            raise UserError("streaming needs the Silero model shipped with faster-whisper: "
+                            "pip install 'whisper-lora[ct2]'") from None
+        self._session = get_vad_model().session
+        self._state = (np.zeros((1, 1, 128), np.float32), np.zeros((1, 1, 128), np.float32))
+        self._context = np.zeros(CONTEXT_SAMPLES, np.float32)
+        self._pending = np.zeros(0, np.float32)
+
+    @property
+    def pending(self) -> int:
+        """Samples received that do not make a whole frame yet."""
+        return len(self._pending)
+
+    def __call__(self, audio: np.ndarray) -> np.ndarray:
+        """Probabilities of the whole frames completed by `audio` (leftover samples wait for the next call)."""
+        audio = np.concatenate([self._pending, audio.astype(np.float32, copy=False)])
+        count = len(audio) // FRAME_SAMPLES
+        self._pending = audio[count * FRAME_SAMPLES:]
+        if count == 0:
+            return np.zeros(0, np.float32)
+        frames = audio[:count * FRAME_SAMPLES].reshape(count, FRAME_SAMPLES)
+        contexts = np.concatenate([self._context[None], frames[:-1, -CONTEXT_SAMPLES:]])
+        self._context = frames[-1, -CONTEXT_SAMPLES:].copy()
+        output, h, c = self._session.run(None, {"input": np.concatenate([contexts, frames], 1),
+                                                "h": self._state[0], "c": self._state[1]})
+        self._state = (h, c)
+        return np.asarray(output, np.float32).reshape(-1)

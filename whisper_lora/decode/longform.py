@@ -231,7 +231,8 @@ def clips(model: WindowModel, audios: list[np.ndarray], languages: list[str | No
         encoded = model.encode(model.features([audios[i] for i in voiced]), adapter)
     resolved = _resolve_languages(model, encoded, [languages[i] for i in voiced], adapter)
     prompt = tokens.prompt_ids(options.initial_prompt)
-    prefixes = [tokens.prefix(lang, options.task, timestamps, prompt) for lang, _ in resolved]
+    forced = tokens.prompt_ids(options.prefix) if not timestamps else []  # decoded as given, not searched
+    prefixes = [tokens.prefix(lang, options.task, timestamps, prompt) + forced for lang, _ in resolved]
     results = model.decode(encoded, prefixes, options, timestamps, adapter)
     for row, (i, (lang, prob), result) in enumerate(zip(voiced, resolved, results)):
         seconds = len(audios[i]) / SAMPLE_RATE
@@ -241,7 +242,7 @@ def clips(model: WindowModel, audios: list[np.ndarray], languages: list[str | No
         if timestamps:
             pieces, _, _ = split_window(tokens, result.tokens, 0.0, seconds)
         else:
-            pieces = [Piece(0.0, seconds, [t for t in result.tokens if t < tokens.eot])]
+            pieces = [Piece(0.0, seconds, forced + [t for t in result.tokens if t < tokens.eot])]
             if not tokens.decode(pieces[0].tokens).strip():
                 continue
         if options.word_timestamps and pieces:

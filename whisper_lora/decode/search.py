@@ -16,6 +16,8 @@ from .kv import Network
 from .rules import LogitRules
 from .types import DecodeOptions
 
+SAMPLING_SEED = 0  # every sampled window starts from this seed: results are reproducible
+
 
 @dataclass
 class WindowResult:
@@ -55,12 +57,13 @@ class Search:
         self.network, self.tokens, self.rules = network, tokens, rules
 
     def _sample(self, encoded: torch.Tensor, prefixes: list[list[int]], sot_index: int, timestamps: bool,
-                temperature: float, max_new: int, adapters: list[str] | None,
-                generator: torch.Generator) -> list[tuple[list[int], float, float]]:
+                temperature: float, max_new: int, adapters: list[str] | None) -> list[tuple[list[int], float, float]]:
         """Greedy (temperature 0) or sampled decoding of a batch of windows.
 
         Returns (tokens, sum of their log-probabilities with the end-of-text one, no-speech probability)
-        per window.
+        per window. Each window samples from a generator of its own, seeded alike: its draws do not depend
+        on which other windows share the batch, so a request decodes the same alone or among others, and
+        concurrent calls neither share nor disturb random state.
         """
         net, eot = self.network, self.tokens.eot
         rows = len(prefixes)
@@ -71,10 +74,13 @@ class Search:
         sampled: list[list[int]] = [[] for _ in range(rows)]
         totals = [0.0] * rows
         active = list(range(rows))
+        generators = [torch.Generator(device=net.device).manual_seed(SAMPLING_SEED) for _ in range(rows)] \
+            if temperature > 0 else []
         for step in range(max_new):
             logits = self.rules.apply(logits, [sampled[i] for i in active], step == 0, timestamps)
             if temperature > 0:
-                chosen = torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator).squeeze(1)
+                probs = (logits / temperature).softmax(-1)
+                chosen = torch.cat([torch.multinomial(p, 1, generator=generators[i]) for p, i in zip(probs, active)])
             else:
                 chosen = logits.argmax(-1)
             logprobs = logits.log_softmax(-1).gather(1, chosen[:, None]).squeeze(1).tolist()
@@ -153,12 +159,10 @@ class Search:
 
         Prefixes must have one length. A window that fails at every temperature keeps its most confident
         attempt among those that do not loop (faster-whisper's rule; openai/whisper would keep the
-        hottest, often garbled, one). Sampling draws from a generator of this call's own, so concurrent
-        calls neither share nor disturb random state, and a call is reproducible.
+        hottest, often garbled, one).
         """
         sot_index = prefixes[0].index(self.tokens.sot)
         max_new = max(1, min(options.max_new_tokens, MAX_TARGET_TOKENS - len(prefixes[0])))
-        generator = torch.Generator(device=self.network.device).manual_seed(0)
         attempts: list[list[WindowResult]] = [[] for _ in prefixes]
         results: list[WindowResult | None] = [None] * len(prefixes)
         todo = list(range(len(prefixes)))
@@ -171,8 +175,7 @@ class Search:
                 decoded = self._beam_search(rows, batch, sot_index, timestamps, options.num_beams, max_new,
                                             row_adapters)
             else:
-                decoded = self._sample(rows, batch, sot_index, timestamps, temperature, max_new, row_adapters,
-                                       generator)
+                decoded = self._sample(rows, batch, sot_index, timestamps, temperature, max_new, row_adapters)
             retry = []
             for i, (tokens, total, no_speech) in zip(todo, decoded):
                 result = WindowResult(tokens, total / (len(tokens) + 1), no_speech,

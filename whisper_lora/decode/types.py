@@ -55,6 +55,7 @@ class DecodeOptions:
     log_prob_threshold: float | None = -1.0  # below: low confidence, retry hotter
     no_speech_threshold: float | None = 0.6  # above (and low log-prob): silence, no text
     initial_prompt: str | None = None
+    prefix: str | None = None  # text the window's transcript is forced to begin with (without timestamps only)
     condition_on_previous_text: bool = False  # off: a loop in one window cannot leak into the next
     word_timestamps: bool = False
     without_timestamps: bool = False  # one segment per clip of up to 30 s (cheaper); longer audio always has them

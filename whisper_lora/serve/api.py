@@ -113,7 +113,9 @@ def parse_request(form, task: str, languages: set[str]) -> TranscriptionRequest:
     words = "word" in granularities
     options = DecodeOptions(task=task, temperature=(temperature,) if temperature > 0 else DEFAULT_TEMPERATURES,
                             initial_prompt=_field(form, "prompt"), word_timestamps=words,
-                            without_timestamps=response_format in ("json", "text") and not words)
+                            # segment times are only needed for the formats that show them, and to stream a
+                            # clip segment by segment
+                            without_timestamps=response_format in ("json", "text") and not words and not stream)
     extras = {key: form.get(key) for key in form.keys() if key not in KNOWN_FIELDS}
     return TranscriptionRequest(task, model, language, options, response_format, words,
                                 "segment" in granularities or not granularities, stream, chunking is not None, extras)
@@ -385,4 +387,7 @@ def create_app(load_service: Callable[[], TranscriptionService], api_key: str | 
     async def translations(request: Request):
         return await audio_request(request, "translate")
 
+    from .realtime import install as install_realtime
+
+    install_realtime(app, state, api_key)
     return app

@@ -1,0 +1,210 @@
+"""Serving throughput: dynamic batching against one request at a time, one adapter against four mixed.
+
+    python bench/serve_bench.py                 # prints the table, writes bench/results/serve_<host>.json
+    python bench/serve_bench.py --requests 20   # a shorter run
+
+Each configuration is a real `whisper-lora serve` process on 127.0.0.1 with the embedded whisper-base
+and four LoRA adapters (r=32 on q/v of encoder and decoder, as `train` makes them; small random weights,
+so every adapter transcribes like the base and the systems decode the same number of tokens). A load
+generator sends `--requests` concurrent requests (the official `openai` client, one thread each) of
+real speech: the CMU ARCTIC and card recordings of ../shared/data/speech-en, joined with natural pauses
+into 20-28 s clips (API traffic is recordings, not 3 s words). Every request must succeed. Reported:
+audio seconds transcribed per wall second, p50/p95 latency, and the server's peak resident memory.
+
+  one at a time     --max-batch 1: each window decoded alone, as a server without batching does
+  batched           --max-batch 8: windows of concurrent requests decoded together
+  batched, 1 adapter      every request for the same adapter
+  batched, 4 adapters     requests spread over four adapters, mixed in batches (peft adapter_names)
+  batched, 4 grouped      the same load with --no-mixed-adapters (a batch holds one adapter)
+
+Memory: the server's resident set after a warm-up request with the base only, then after all four
+adapters were used, against base + 4 x adapter file size (+10%).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+SPEECH_EN = REPO.parent / "shared" / "data" / "speech-en"
+ADAPTERS = ("alpha", "beta", "gamma", "delta")
+
+
+def make_clips(folder: Path, count: int) -> list[Path]:
+    """`count` files of 20-28 s: the real recordings in random order with 0.4-1.2 s pauses."""
+    import soundfile as sf
+
+    from whisper_lora.audio import load_audio
+
+    recordings = [load_audio(p) for p in sorted(SPEECH_EN.rglob("*.wav"))]
+    rng = np.random.default_rng(0)
+    paths = []
+    for n in range(count):
+        target, pieces, length = rng.uniform(20, 28), [], 0.0
+        while True:
+            clip = recordings[rng.integers(len(recordings))]
+            pause = np.zeros(int(16000 * rng.uniform(0.4, 1.2)), np.float32)
+            if length + (len(clip) + len(pause)) / 16000 > target:
+                break
+            pieces += [clip, pause]
+            length += (len(clip) + len(pause)) / 16000
+        paths.append(folder / f"clip_{n:02d}.wav")
+        sf.write(paths[-1], np.concatenate(pieces), 16000)
+    return paths
+
+
+def make_adapters(folder: Path) -> float:
+    """Four adapters of the embedded model; returns one adapter's weight file size in MB."""
+    import torch
+
+    from whisper_lora.lora import apply_lora, save_adapter
+    from whisper_lora.models import load_model
+
+    for seed, name in enumerate(ADAPTERS):
+        model, processor = load_model(None)
+        peft_model = apply_lora(model, 32, 64, 0.0, ["q_proj", "v_proj"])
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for param_name, param in peft_model.named_parameters():
+                if "lora_B" in param_name:
+                    param.normal_(0, 1e-3)
+        save_adapter(peft_model, processor, folder / name, "default")
+    return (folder / ADAPTERS[0] / "adapter_model.safetensors").stat().st_size / 2**20
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, adapters: Path, *args: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(Path(tempfile.gettempdir()) / f"serve-bench-{self.port}.log", "w")
+        self.process = subprocess.Popen([sys.executable, "-m", "whisper_lora", "serve", "--port", str(self.port),
+                                         "--adapters", str(adapters), "--max-queue", "256", *args],
+                                        cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError(f"server did not start; see {self.log.name}")
+
+    def rss_mb(self) -> tuple[float, float]:
+        """(current, peak) resident memory of the server process."""
+        fields = dict(line.split(":", 1) for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines())
+        return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(timeout=120)
+        self.log.close()
+
+
+def load(server: Server, clips: list[Path], models: list[str], timeout: float) -> dict:
+    """All requests at once, one thread each; every one must succeed."""
+    import openai
+
+    from whisper_lora.audio import audio_duration
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="bench", max_retries=0, timeout=timeout)
+    latencies: list[float] = []
+    lock = threading.Lock()
+
+    def one(job):
+        clip, model = job
+        started = time.perf_counter()
+        text = client.audio.transcriptions.create(file=open(clip, "rb"), model=model, language="en").text
+        with lock:
+            latencies.append(time.perf_counter() - started)
+        return text
+
+    jobs = list(zip(clips, models))
+    started = time.perf_counter()
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        texts = list(pool.map(one, jobs))
+    wall = time.perf_counter() - started
+    audio = sum(audio_duration(c) for c in clips)
+    return {"requests": len(jobs), "failed": 0, "audio_s": round(audio, 1), "wall_s": round(wall, 1),
+            "throughput": round(audio / wall, 3), "p50_s": round(float(np.percentile(latencies, 50)), 2),
+            "p95_s": round(float(np.percentile(latencies, 95)), 2), "peak_rss_mb": round(server.rss_mb()[1]),
+            "texts": texts}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=50)
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds one request may take")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / f"serve_{platform.node()}.json")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    clips = make_clips(work, args.requests)
+    adapter_mb = make_adapters(work / "adapters")
+    spread = [ADAPTERS[i % len(ADAPTERS)] for i in range(args.requests)]
+    runs = [("one at a time", ["--max-batch", "1"], ["whisper-1"] * args.requests),
+            ("batched", ["--max-batch", "8"], ["whisper-1"] * args.requests),
+            ("batched, 1 adapter", ["--max-batch", "8"], ["alpha"] * args.requests),
+            ("batched, 4 adapters mixed", ["--max-batch", "8"], spread),
+            ("batched, 4 adapters grouped", ["--max-batch", "8", "--no-mixed-adapters"], spread)]
+    results, memory = {}, {}
+    for name, flags, models in runs:
+        server = Server(work / "adapters", *flags)
+        try:
+            if name == "batched, 4 adapters mixed":
+                load(server, clips[:1], ["whisper-1"], args.timeout)  # warm-up on the base alone
+                memory["base_mb"] = round(server.rss_mb()[0])
+                for adapter in ADAPTERS:
+                    load(server, clips[:1], [adapter], args.timeout)
+                memory["four_adapters_mb"] = round(server.rss_mb()[0])
+            else:
+                load(server, clips[:1], models[:1], args.timeout)  # warm-up (and the adapter loaded)
+            print(f"{name}: {args.requests} requests ...", flush=True)
+            results[name] = load(server, clips, models, args.timeout)
+        finally:
+            server.stop()
+    base = results["one at a time"]["throughput"]
+    single = results["batched, 1 adapter"]["throughput"]
+    print(f"\n{args.requests} concurrent requests, {results['batched']['audio_s']:.0f} s of speech; "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores\n")
+    print("| system | audio s / wall s | vs one at a time | vs 1 adapter | p50 latency | p95 latency | peak RSS |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        print(f"| {name} | {r['throughput']:.2f} | {r['throughput'] / base:.2f}x | "
+              f"{r['throughput'] / single:.2f}x | {r['p50_s']:.1f} s | {r['p95_s']:.1f} s | {r['peak_rss_mb']} MB |")
+    memory["adapter_file_mb"] = round(adapter_mb, 1)
+    limit = (memory["base_mb"] + 4 * adapter_mb) * 1.1
+    memory["limit_mb"] = round(limit)
+    print(f"\nresident memory: base alone {memory['base_mb']} MB; with four adapters of {adapter_mb:.1f} MB "
+          f"{memory['four_adapters_mb']} MB (+{memory['four_adapters_mb'] - memory['base_mb']} MB; "
+          f"limit base + 4 adapters + 10% = {limit:.0f} MB)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"machine": platform.node(), "cpus": os.cpu_count(), "requests": args.requests,
+                                    "results": {k: {kk: vv for kk, vv in v.items() if kk != "texts"}
+                                                for k, v in results.items()},
+                                    "memory": memory}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,281 @@
+"""`whisper-lora serve` as users meet it: a real server process on 127.0.0.1, the official `openai` client."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, SHARED_EN, free_port
+
+openai = pytest.importorskip("openai")
+
+KEY = "test-key"
+ARCTIC = SHARED_EN / "arctic_a0009.wav"
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen
+    log: Path
+
+    def get(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=10) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    def metric(self, name: str) -> float:
+        lines = [ln for ln in self.get("/metrics")[1].splitlines() if ln.startswith(name + " ")]
+        return float(lines[0].split()[-1]) if lines else 0.0
+
+    def client(self, key: str = KEY, **kwargs):
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, **kwargs)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+def start_server(tmp: Path, *args: str, timeout: float = 180) -> Server:
+    port = free_port()
+    log = tmp / f"serve-{port}.log"
+    process = subprocess.Popen([sys.executable, "-m", "whisper_lora", "serve", "--port", str(port), *args],
+                               cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    server = Server(f"http://127.0.0.1:{port}", process, log)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"the server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if server.get("/health")[0] == 200:
+                return server
+        except OSError:
+            pass
+        time.sleep(0.5)
+    server.stop()
+    pytest.fail(f"the server was not healthy within {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def adapters_dir(mandarin_adapter, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("adapters")
+    shutil.copytree(mandarin_adapter[0], folder / "mandarin")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(adapters_dir, tmp_path_factory):
+    """The embedded whisper-base with the trained Mandarin adapter, a key, and a 1 MB upload limit."""
+    server = start_server(tmp_path_factory.mktemp("logs"), "--adapters", str(adapters_dir), "--api-key", KEY,
+                          "--max-upload-mb", "1")
+    yield server
+    server.stop()
+    assert "Traceback" not in server.log.read_text()  # no request made the server print one
+
+
+def test_models_lists_the_base_and_every_adapter(server):
+    client = server.client()
+    ids = [m.id for m in client.models.list()]
+    assert ids[:2] == ["whisper-1", "openai/whisper-base"] and "mandarin" in ids
+    assert client.models.retrieve("mandarin").owned_by == "whisper-lora"
+    assert server.get("/health")[0] == 200
+
+
+def test_every_response_format_as_the_client_parses_it(server, tmp_path):
+    import srt
+    import webvtt
+
+    from conftest import conversation_clip
+
+    clip, onsets = conversation_clip(tmp_path)
+    client = server.client()
+    plain = client.audio.transcriptions.create(file=open(clip, "rb"), model="whisper-1", language="en")
+    assert "gregson" in plain.text.lower() and plain.usage.seconds == pytest.approx(21.7, abs=0.2)
+    text = client.audio.transcriptions.create(file=open(clip, "rb"), model="whisper-1", language="en",
+                                              response_format="text")
+    assert isinstance(text, str) and text.strip() == plain.text
+    cues = list(srt.parse(client.audio.transcriptions.create(file=open(clip, "rb"), model="whisper-1", language="en",
+                                                             response_format="srt")))
+    assert [round(c.start.total_seconds()) for c in cues] == [round(t) for t in onsets]
+    vtt = client.audio.transcriptions.create(file=open(clip, "rb"), model="whisper-1", language="en",
+                                             response_format="vtt")
+    (tmp_path / "c.vtt").write_text(vtt)
+    assert [c.text for c in webvtt.read(str(tmp_path / "c.vtt"))] == [c.content for c in cues]
+    verbose = client.audio.transcriptions.create(file=open(clip, "rb"), model="whisper-1", response_format="verbose_json",
+                                                 timestamp_granularities=["word", "segment"])
+    assert verbose.language == "english" and verbose.duration == pytest.approx(21.7, abs=0.2)
+    assert len(verbose.segments) == len(onsets)
+    for segment in verbose.segments:
+        assert isinstance(segment.seek, int) and isinstance(segment.tokens, list) and segment.tokens
+        assert -2 < segment.avg_logprob < 0 and 0 <= segment.no_speech_prob < 1 and segment.compression_ratio > 0
+    words = verbose.words
+    assert " ".join(w.word for w in words).lower().startswith("he turned sharply")
+    assert all(0 <= w.start <= w.end <= verbose.duration for w in words)
+    assert [w.start for w in words] == sorted(w.start for w in words)
+
+
+def test_streaming_sends_each_segment_as_a_delta_then_the_whole_text(server, tmp_path):
+    from conftest import conversation_clip
+
+    clip, onsets = conversation_clip(tmp_path)
+    client = server.client()
+    events = list(client.audio.transcriptions.create(file=open(clip, "rb"), model="whisper-1", language="en",
+                                                     stream=True))
+    deltas = [e.delta for e in events if e.type == "transcript.text.delta"]
+    (done,) = [e for e in events if e.type == "transcript.text.done"]
+    assert len(deltas) == len(onsets) and events[-1] is done
+    assert "".join(deltas) == done.text
+    whole = client.audio.transcriptions.create(file=open(clip, "rb"), model="whisper-1", language="en",
+                                               response_format="verbose_json")
+    assert done.text == whole.text and deltas == [s.text if i == 0 else " " + s.text for i, s in enumerate(whole.segments)]
+
+
+def test_translation(server):
+    client = server.client()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the client marks translations deprecated
+        english = client.audio.translations.create(file=open(ARCTIC, "rb"), model="whisper-1")
+        verbose = client.audio.translations.create(file=open(ARCTIC, "rb"), model="whisper-1",
+                                                   response_format="verbose_json")
+    assert "gregson" in english.text.lower()
+    assert verbose.language == "english" and verbose.segments and verbose.text == english.text
+
+
+def test_an_adapter_chosen_by_name_transcribes_its_own_data_better(server, mandarin_adapter):
+    from whisper_lora.text import error_rate
+
+    client = server.client()
+    rows = mandarin_adapter[1][:2]
+    base, tuned = [], []
+    for row in rows:
+        for model, out in (("whisper-1", base), ("mandarin", tuned)):
+            out.append(client.audio.transcriptions.create(file=open(row["audio"]["path"], "rb"), model=model,
+                                                          language="zh").text)
+    references = [r["sentence"] for r in rows]
+    assert base != tuned
+    assert error_rate(references, tuned, "cer", ["zh"] * 2) < 0.5 * error_rate(references, base, "cer", ["zh"] * 2)
+
+
+def test_concurrent_requests_for_base_and_adapter_are_batched_and_each_gets_its_own_text(server, mandarin_adapter):
+    """Windows of concurrent requests for different adapters are decoded in one batch (peft's
+    mixed-adapter batches), and every request gets exactly what it gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = server.client()
+    english = [(SHARED_EN / "cards" / f"00{n}.wav", "whisper-1", "en") for n in (1, 2, 3)]
+    mandarin = [(row["audio"]["path"], "mandarin", "zh") for row in mandarin_adapter[1][4:7]]
+    jobs = [job for pair in zip(english, mandarin) for job in pair]
+
+    def transcribe(job):
+        return client.audio.transcriptions.create(file=open(job[0], "rb"), model=job[1], language=job[2]).text
+
+    alone = [transcribe(job) for job in jobs]
+    batches, rows = server.metric("whisper_lora_batches"), server.metric("whisper_lora_batched_rows")
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        together = list(pool.map(transcribe, jobs))
+    assert together == alone
+    merged_rows = server.metric("whisper_lora_batched_rows") - rows
+    merged_batches = server.metric("whisper_lora_batches") - batches
+    assert merged_rows / merged_batches > 2, (merged_rows, merged_batches)  # windows of several requests per batch
+
+
+def test_an_adapter_folder_added_later_is_served_without_a_restart(server, adapters_dir):
+    client = server.client()
+    shutil.copytree(adapters_dir / "mandarin", adapters_dir / "mandarin-copy")
+    assert "mandarin-copy" in [m.id for m in client.models.list()]
+    assert client.audio.transcriptions.create(file=open(ARCTIC, "rb"), model="mandarin-copy", language="en").text
+
+
+def test_errors_come_in_openai_shape_as_the_clients_own_exceptions(server, tmp_path):
+    client = server.client()
+    with pytest.raises(openai.NotFoundError) as exc:
+        client.audio.transcriptions.create(file=open(ARCTIC, "rb"), model="../mandarin")
+    assert exc.value.code == "model_not_found" and "whisper-1" in exc.value.message  # names what exists
+    (tmp_path / "broken.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk" * 10)
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.audio.transcriptions.create(file=open(tmp_path / "broken.wav", "rb"), model="whisper-1")
+    assert exc.value.param == "file" and "broken.wav" in exc.value.message and "upload-" not in exc.value.message
+    for bad, param in ((dict(language="xx"), "language"), (dict(response_format="docx"), "response_format"),
+                       (dict(temperature=3.0), "temperature"), (dict(timestamp_granularities=["word"]), "timestamp_granularities")):
+        with pytest.raises(openai.BadRequestError) as exc:
+            client.audio.transcriptions.create(file=open(ARCTIC, "rb"), model="whisper-1", **bad)
+        assert exc.value.param == param
+    with pytest.raises(openai.AuthenticationError):
+        server.client(key="wrong").audio.transcriptions.create(file=open(ARCTIC, "rb"), model="whisper-1")
+    with pytest.raises(openai.AuthenticationError):
+        server.client(key="wrong").models.list()
+    big = tmp_path / "big.wav"
+    big.write_bytes(ARCTIC.read_bytes() * 12)  # 1.2 MB > the 1 MB limit
+    with pytest.raises(openai.APIStatusError) as exc:
+        client.audio.transcriptions.create(file=open(big, "rb"), model="whisper-1")
+    assert exc.value.status_code == 413 and exc.value.code == "file_too_large"
+    # and the server still serves
+    assert "gregson" in client.audio.transcriptions.create(file=open(ARCTIC, "rb"), model="whisper-1").text.lower()
+
+
+def test_metrics_in_prometheus_text(server):
+    status, text = server.get("/metrics")
+    assert status == 200
+    assert 'whisper_lora_requests_total{endpoint="/v1/audio/transcriptions",status="200"}' in text
+    assert 'whisper_lora_request_duration_seconds_bucket{endpoint="/v1/audio/transcriptions",le="+Inf"}' in text
+    assert "whisper_lora_queue_depth " in text
+    seconds = [ln for ln in text.splitlines() if ln.startswith('whisper_lora_audio_seconds_total{model="whisper-1"}')]
+    assert seconds and float(seconds[0].split()[-1]) > 20
+
+
+def long_noise(tmp_path: Path, seconds: float) -> Path:
+    import numpy as np
+    import soundfile as sf
+
+    path = tmp_path / "noise.flac"
+    sf.write(path, (np.random.default_rng(0).standard_normal(int(16000 * seconds)) * 0.1).astype("float32"), 16000)
+    return path
+
+
+def test_a_full_queue_answers_429_and_sigterm_finishes_the_request_in_flight(tiny_model_dir, tmp_path):
+    """--max-queue 1: a second request while one is in flight gets 429 with Retry-After. SIGTERM then lets
+    the request in flight finish with its answer before the process exits."""
+    server = start_server(tmp_path, "--model", str(tiny_model_dir), "--max-queue", "1")
+    try:
+        client = server.client()
+        # the random tiny model decodes each window to its token limit: seconds of work per window
+        noise = long_noise(tmp_path, 45)
+        answers = []
+        worker = threading.Thread(target=lambda: answers.append(client.audio.transcriptions.create(
+            file=open(noise, "rb"), model="whisper-1", language="en", temperature=0.5)))  # one temperature
+        worker.start()
+        deadline = time.time() + 60
+        while server.metric("whisper_lora_requests_in_flight") < 1 and time.time() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(openai.RateLimitError) as exc:
+            client.audio.transcriptions.create(file=open(ARCTIC, "rb"), model="whisper-1")
+        assert int(exc.value.response.headers["retry-after"]) >= 1
+        server.process.send_signal(signal.SIGTERM)
+        worker.join(timeout=120)
+        assert len(answers) == 1 and isinstance(answers[0].text, str)  # answered, not cut off
+        # uvicorn exits by the signal it caught, once it has shut down in order
+        assert server.process.wait(timeout=60) in (0, -signal.SIGTERM)
+        log = server.log.read_text()
+        assert log.index("Shutting down") < log.index('"POST /v1/audio/transcriptions HTTP/1.1" 200')
+        assert "Application shutdown complete" in log
+    finally:
+        server.stop()
+    assert "Traceback" not in server.log.read_text()

@@ -1,0 +1,114 @@
+"""The streaming policy on scripted decoder output and a scripted voice-activity schedule (no model)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from whisper_lora.decode import Segment, Word
+from whisper_lora.streaming import (Confirmed, LocalAgreement, Partial, SpeechStarted, SpeechStopped, StreamOptions,
+                                    StreamingTranscriber, agree)
+
+SR = 16000
+
+
+def words(*items: tuple[float, float, str]) -> list[Word]:
+    return [Word(start, end, text, 0.9) for start, end, text in items]
+
+
+def test_local_agreement_confirms_what_two_hypotheses_share():
+    agreement = LocalAgreement()
+    confirmed, partial = agreement.update(words((0, 0.4, " The"), (0.4, 0.9, " cat")))
+    assert confirmed == [] and [w.word for w in partial] == [" The", " cat"]
+    confirmed, partial = agreement.update(words((0, 0.4, " the"), (0.4, 0.9, " cap,"), (0.9, 1.3, " sat")))
+    assert [w.word for w in confirmed] == [" the"]  # case aside, "The" = "the"; "cat" != "cap"
+    assert [w.word for w in partial] == [" cap,", " sat"]
+    confirmed, partial = agreement.update(words((0.4, 0.9, " cap"), (0.9, 1.3, " sat"), (1.3, 1.6, " down")))
+    assert [w.word for w in confirmed] == [" cap", " sat"]  # punctuation aside
+    assert agree(words((0, 1, " a")), words((0, 1, " b"))) == 0
+
+
+class Schedule:
+    """A voice-activity detector that hears speech exactly inside the given spans (seconds)."""
+
+    def __init__(self, spans):
+        self.spans, self.samples, self.pending = spans, 0, 0
+
+    def __call__(self, audio):
+        total = self.pending + len(audio)
+        frames, self.pending = divmod(total, 512)
+        first = self.samples
+        self.samples += frames * 512
+        times = [(first + (i + 0.5) * 512) / SR for i in range(frames)]
+        return np.array([1.0 if any(a <= t < b for a, b in self.spans) else 0.0 for t in times], np.float32)
+
+
+class ScriptedDecoder:
+    """Hears the script's words once 0.3 s of audio follow them, and spells a word wrong while less than
+    0.55 s follow it: Whisper is unsure of the words at a buffer's edge."""
+
+    SCRIPT = words((1.2, 1.6, " Hello"), (1.6, 2.1, " there,"), (2.1, 2.6, " how"), (2.6, 3.0, " are"),
+                   (3.0, 3.5, " you?"), (6.2, 6.7, " Fine,"), (6.7, 7.2, " thanks."), (7.3, 7.8, " Bye."))
+
+    def __init__(self):
+        self.streamer, self.calls = None, []
+
+    def __call__(self, audio, options):
+        start = self.streamer.buffer_start
+        end = start + len(audio) / SR
+        self.calls.append((round(start, 2), round(end, 2), options.prefix))
+        heard = [w for w in self.SCRIPT if start - 0.05 <= w.start and w.end <= end - 0.3]
+        out = [Word(w.start - start, w.end - start, w.word.upper() if w.end > end - 0.55 else w.word, 0.9)
+               for w in heard]
+        if options.prefix:  # the forced prefix comes back as given
+            assert "".join(w.word for w in out).strip().startswith(options.prefix)
+        return [Segment(0, 0.0, len(audio) / SR, "".join(w.word for w in out).strip(), words=out)] if out else []
+
+
+def run_stream(spans, seconds, chunk=0.25, options=StreamOptions(min_chunk=0.5)):
+    decoder = ScriptedDecoder()
+    streamer = StreamingTranscriber(decoder, options=options, detector=Schedule(spans))
+    decoder.streamer = streamer
+    events = []
+    audio = (np.random.default_rng(0).standard_normal(int(seconds * SR)) * 0.05).astype(np.float32)
+    for i in range(0, len(audio), int(chunk * SR)):
+        events += streamer.feed(audio[i:i + int(chunk * SR)])
+    events += streamer.commit()
+    return events, decoder, streamer
+
+
+def test_utterances_confirm_words_once_and_their_deltas_add_up_to_the_transcript():
+    events, decoder, _ = run_stream([(1.0, 3.6), (6.0, 7.9)], 10.0)
+    kinds = [type(e).__name__ for e in events if not isinstance(e, Partial)]
+    assert kinds[0] == "SpeechStarted" and kinds.count("SpeechStarted") == kinds.count("SpeechStopped") == 2
+    stops = [e for e in events if isinstance(e, SpeechStopped)]
+    assert [s.text for s in stops] == ["Hello there, how are you?", "Fine, thanks. Bye."]
+    for stop in stops:  # the deltas of an utterance, in order, make its transcript
+        deltas = [e.delta for e in events if isinstance(e, Confirmed) and e.utterance == stop.utterance]
+        assert "".join(deltas) == stop.text
+    confirmed = [w for e in events if isinstance(e, Confirmed) for w in e.segment.words]
+    assert [w.word.strip() for w in confirmed] == [w.word.strip() for w in ScriptedDecoder.SCRIPT]  # none misheard
+    assert all(w.start == s.start and w.end == s.end for w, s in zip(confirmed, ScriptedDecoder.SCRIPT))
+    # the misheard newest word shows up as partial text before it is confirmed right
+    assert any(isinstance(e, Partial) and "HOW" in e.text for e in events)
+    started = [e for e in events if isinstance(e, SpeechStarted)]
+    assert [s.at for s in started] == [pytest.approx(1.0, abs=0.04), pytest.approx(6.0, abs=0.04)]
+    assert [s.at for s in stops] == [pytest.approx(4.1, abs=0.05), pytest.approx(8.4, abs=0.05)]
+
+
+def test_silence_is_never_decoded():
+    events, decoder, streamer = run_stream([], 60.0, chunk=0.5)
+    assert events == [] and decoder.calls == []
+    events, decoder, _ = run_stream([(1.0, 3.6)], 30.0)
+    assert all(start >= 0.65 and end <= 4.2 for start, end, _ in decoder.calls)  # only the utterance's audio
+
+
+def test_confirmed_words_are_forced_and_the_buffer_is_cut_at_a_sentence_end():
+    options = StreamOptions(min_chunk=0.5, trim_after=2.0)
+    events, decoder, streamer = run_stream([(1.0, 7.9)], 9.0, options=options)  # one long utterance
+    prefixes = [p for _, _, p in decoder.calls if p]
+    assert prefixes and prefixes[0].startswith("Hello")  # later decodes only search past the confirmed words
+    starts = [start for start, _, _ in decoder.calls]
+    assert max(starts) >= 3.4  # cut after "you?" once the buffer was long: the window moved on
+    (stop,) = [e for e in events if isinstance(e, SpeechStopped)]
+    assert stop.text == "Hello there, how are you? Fine, thanks. Bye."
+    assert "you?" in streamer.context  # what was cut off became the prompt

@@ -1,0 +1,291 @@
+"""Streaming transcription: audio in pieces -> partial text and confirmed segments while the speech goes on.
+
+The policy is whisper_streaming's (Macháček et al., "Turning Whisper into Real-Time Transcription
+System", with its VAD-gated mode), on any model or adapter the service serves:
+
+* Silero VAD runs on every piece. Silence is never decoded (so no "Thank you." out of nothing); an
+  utterance starts with speech (plus `prefix_padding` of what came before) and ends after `silence` s
+  without it, when its last words are confirmed by a final decode.
+* While an utterance goes on, its audio buffer is decoded again whenever `min_chunk` s of it are new
+  (at once if the last decode took longer: the chunk adapts to the machine). LocalAgreement-2: words
+  on which two consecutive decodes agree are confirmed and never change; the rest is partial text.
+* Confirmed words inside the buffer are forced as the decoder's prefix, so each decode only searches
+  the unconfirmed tail; confirmed text before the buffer is the prompt. The buffer is cut at the end
+  of a confirmed sentence once it holds `trim_after` s, so it stays well under Whisper's 30 s window
+  however long the speech runs, and memory and time per decode stay flat for hours.
+"""
+from __future__ import annotations
+
+import string
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .constants import SAMPLE_RATE
+from .decode import DecodeOptions, Segment, Word
+from .vad import FRAME_SAMPLES as FRAME
+
+SENTENCE_ENDS = tuple(".?!。？！")
+PUNCTUATION = string.punctuation + "。，、？！：；「」『』“”"
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    threshold: float = 0.5  # Silero speech probability that counts as speech (OpenAI's server_vad default)
+    silence: float = 0.5  # s without speech that end an utterance (OpenAI's silence_duration_ms 500)
+    prefix_padding: float = 0.3  # s of audio before the detected onset kept in the utterance (prefix_padding_ms)
+    min_chunk: float = 1.0  # s of new speech before the buffer is decoded again
+    trim_after: float = 12.0  # s of buffer after which it is cut at a confirmed sentence end
+    max_buffer: float = 25.0  # s: past this, cut at the last confirmed word; Whisper's window is 30 s
+    prompt_chars: int = 200  # confirmed text before the buffer given as the prompt
+    temperature: tuple[float, ...] = (0.0, 0.4, 0.8)  # a short ladder: a live decode cannot wait for six
+
+
+# ---- events ------------------------------------------------------------------------------------------
+
+@dataclass
+class SpeechStarted:
+    utterance: int
+    at: float  # s in the stream
+
+
+@dataclass
+class Partial:
+    utterance: int
+    text: str  # what follows the confirmed text for now; may change
+
+
+@dataclass
+class Confirmed:
+    utterance: int
+    segment: Segment  # times in the stream; never changes
+    delta: str  # the text to append to the utterance's confirmed text (leading space included)
+
+
+@dataclass
+class SpeechStopped:
+    utterance: int
+    at: float
+    text: str  # the utterance's whole transcript: its deltas, joined
+    segments: list[Segment] = field(default_factory=list)
+
+
+Event = SpeechStarted | Partial | Confirmed | SpeechStopped
+
+
+# ---- LocalAgreement ----------------------------------------------------------------------------------
+
+def _key(word: Word) -> str:
+    return word.word.strip().lower().strip(PUNCTUATION)
+
+
+def agree(previous: list[Word], current: list[Word]) -> int:
+    """How many leading words two consecutive hypotheses share (case and punctuation aside)."""
+    count = 0
+    for a, b in zip(previous, current):
+        if _key(a) != _key(b):
+            break
+        count += 1
+    return count
+
+
+class LocalAgreement:
+    """LocalAgreement-2 over the unconfirmed tail: confirm what the last two hypotheses agree on."""
+
+    def __init__(self):
+        self.previous: list[Word] = []
+
+    def update(self, hypothesis: list[Word]) -> tuple[list[Word], list[Word]]:
+        """(newly confirmed words, still partial words) for the latest hypothesis of the unconfirmed tail."""
+        count = agree(self.previous, hypothesis)
+        confirmed, self.previous = hypothesis[:count], hypothesis[count:]
+        return confirmed, self.previous
+
+    def reset(self) -> None:
+        self.previous = []
+
+
+# ---- the stream --------------------------------------------------------------------------------------
+
+Decoder = Callable[[np.ndarray, DecodeOptions], list[Segment]]
+
+
+class StreamingTranscriber:
+    """`feed(pcm)` -> events. `decode(audio, options)` transcribes one buffer (at most 30 s) and returns its
+    segments with words, times in the buffer: the service's `transcribe` for a model or adapter."""
+
+    def __init__(self, decode: Decoder, language: str | None = None, prompt: str | None = None,
+                 options: StreamOptions = StreamOptions(), detector=None):
+        from .vad import SpeechDetector
+
+        self.decode_fn, self.language, self.options = decode, language, options
+        self.detector = detector or SpeechDetector()
+        self.context = (prompt or "").strip()  # confirmed text before the buffer (and the session's prompt)
+        self.samples = 0  # fed so far: stream time = samples / SAMPLE_RATE
+        self.utterance = 0
+        self.in_speech = False
+        self.silence_run = 0.0
+        self.tail = np.zeros(0, np.float32)  # the last `prefix_padding` s heard outside speech
+        self._reset_buffer()
+        self.decode_seconds = 0.0  # compute spent decoding, for real-time factors
+        self.decodes = 0
+
+    def _reset_buffer(self) -> None:
+        self.buffer = np.zeros(0, np.float32)
+        self.buffer_start = 0.0  # stream time of buffer[0]
+        self.decoded_until = 0.0  # buffer seconds covered by the last decode
+        self.kept: list[Word] = []  # confirmed words inside the buffer (stream times)
+        self.utterance_words: list[Word] = []  # every confirmed word of the utterance
+        self.utterance_segments: list[Segment] = []
+        self.agreement = LocalAgreement()
+
+    @property
+    def now(self) -> float:
+        return self.samples / SAMPLE_RATE
+
+    # ---- input ----------------------------------------------------------------------------------------
+
+    def feed(self, pcm: np.ndarray) -> list[Event]:
+        """16 kHz mono float32 audio, any length; returns what it caused. Runs at most one decode while the
+        speech goes on (plus the final decode of each utterance that ended in it)."""
+        pcm = np.asarray(pcm, np.float32).reshape(-1)
+        events: list[Event] = []
+        probabilities = self.detector(pcm)
+        first = self.samples  # stream sample of pcm[0]
+        self.samples += len(pcm)
+        # the frames just completed end where the detector's leftover begins
+        frames_begin = self.samples - self.detector.pending - len(probabilities) * FRAME
+        consumed = 0  # pcm before this index is in the buffer or the tail already
+        for i, probability in enumerate(probabilities):
+            frame_start = frames_begin + i * FRAME
+            speech = probability >= self.options.threshold
+            if not self.in_speech:
+                if speech:
+                    onset = max(0, frame_start - first)
+                    events.append(self._start(pcm[consumed:onset], first + onset, frame_start))
+                    consumed = onset
+            else:
+                self.silence_run = 0.0 if speech else self.silence_run + FRAME / SAMPLE_RATE
+                if self.silence_run >= self.options.silence:
+                    end = max(consumed, frame_start + FRAME - first)
+                    self.buffer = np.concatenate([self.buffer, pcm[consumed:end]])
+                    consumed = end
+                    events += self._finish((frame_start + FRAME) / SAMPLE_RATE)
+        if self.in_speech:
+            self.buffer = np.concatenate([self.buffer, pcm[consumed:]])
+            if len(self.buffer) / SAMPLE_RATE - self.decoded_until >= self.options.min_chunk:
+                events += self._update()
+        else:
+            keep = int(self.options.prefix_padding * SAMPLE_RATE)
+            self.tail = np.concatenate([self.tail, pcm[consumed:]])[-keep:] if keep else self.tail[:0]
+        return events
+
+    def commit(self) -> list[Event]:
+        """End the current utterance now (the client committed, or the stream ended)."""
+        if not self.in_speech:
+            return []
+        return self._finish(self.now)
+
+    def clear(self) -> None:
+        """Drop the audio of the utterance under way, unconfirmed."""
+        self.in_speech, self.silence_run = False, 0.0
+        self._reset_buffer()
+
+    # ---- utterances -----------------------------------------------------------------------------------
+
+    def _start(self, before: np.ndarray, padding_end: int, onset: int) -> SpeechStarted:
+        """Speech from stream sample `onset`: the buffer opens with up to `prefix_padding` s of what came
+        before (`before`, the audio heard since the tail, ends at sample `padding_end`)."""
+        self.in_speech, self.silence_run = True, 0.0
+        self.utterance += 1
+        self._reset_buffer()
+        keep = int(self.options.prefix_padding * SAMPLE_RATE)
+        self.buffer = np.concatenate([self.tail, before])[-keep:] if keep else np.zeros(0, np.float32)
+        self.buffer_start = (padding_end - len(self.buffer)) / SAMPLE_RATE
+        self.tail = np.zeros(0, np.float32)
+        return SpeechStarted(self.utterance, round(onset / SAMPLE_RATE, 3))
+
+    def _finish(self, at: float) -> list[Event]:
+        """The utterance ended: one last decode, whose words are all confirmed."""
+        events = self._update(final=True)
+        text = "".join(w.word for w in self.utterance_words).strip()
+        events.append(SpeechStopped(self.utterance, round(at, 3), text, list(self.utterance_segments)))
+        self.in_speech, self.silence_run = False, 0.0
+        self.context = (self.context + " " + text).strip()[-self.options.prompt_chars:] if text else self.context
+        self._reset_buffer()
+        return events
+
+    def _decode(self) -> list[Word]:
+        """The buffer's words (stream times) after the confirmed ones, from one decode."""
+        forced = "".join(w.word for w in self.kept).strip()
+        options = DecodeOptions(temperature=self.options.temperature, without_timestamps=True, word_timestamps=True,
+                                initial_prompt=self.context[-self.options.prompt_chars:] or None,
+                                prefix=forced or None)
+        started = time.perf_counter()
+        segments = self.decode_fn(self.buffer, options)
+        self.decode_seconds += time.perf_counter() - started
+        self.decodes += 1
+        self.decoded_until = len(self.buffer) / SAMPLE_RATE
+        words = [w for s in segments for w in (s.words or [])]
+        offset = self.buffer_start
+        shifted = [Word(round(w.start + offset, 3), round(w.end + offset, 3), w.word, w.probability) for w in words]
+        return shifted[len(self.kept):] if len(shifted) >= len(self.kept) else []
+
+    def _update(self, final: bool = False) -> list[Event]:
+        if len(self.buffer) == 0:
+            return []
+        hypothesis = self._decode()
+        confirmed, partial = (hypothesis, []) if final else self.agreement.update(hypothesis)
+        if final:
+            self.agreement.reset()
+        events: list[Event] = []
+        if confirmed:
+            events.append(self._confirm(confirmed))
+        if not final:
+            events.append(Partial(self.utterance, "".join(w.word for w in partial).strip()))
+            events += self._trim()
+        return events
+
+    def _confirm(self, words: list[Word]) -> Confirmed:
+        delta = "".join(w.word for w in words)
+        if not self.utterance_words:
+            delta = delta.lstrip()
+        self.kept += words
+        self.utterance_words += words
+        segment = Segment(len(self.utterance_segments), words[0].start, words[-1].end, delta.strip(), words=words)
+        self.utterance_segments.append(segment)
+        return Confirmed(self.utterance, segment, delta)
+
+    def _trim(self) -> list[Event]:
+        """Cut the buffer after confirmed words, so it stays short: at a sentence end once it is long, at any
+        confirmed word once it nears Whisper's window; past that, what no decode could agree on is confirmed
+        as last heard (the window must move on)."""
+        seconds = len(self.buffer) / SAMPLE_RATE
+        if seconds < self.options.trim_after:
+            return []
+        events: list[Event] = []
+        cut = next((i for i in range(len(self.kept) - 1, -1, -1) if self.kept[i].word.strip().endswith(SENTENCE_ENDS)),
+                   None)
+        if cut is None and seconds >= self.options.max_buffer:
+            if self.agreement.previous:
+                events += [self._confirm(self.agreement.previous), Partial(self.utterance, "")]
+                self.agreement.reset()
+            if not self.kept:  # nothing recognisable in 25 s of "speech" (music, noise): keep the last seconds
+                self._drop(len(self.buffer) - int(self.options.trim_after * SAMPLE_RATE))
+                return events
+            cut = len(self.kept) - 1
+        if cut is None:
+            return events
+        spoken = "".join(w.word for w in self.kept[:cut + 1]).strip()
+        self.context = (self.context + " " + spoken).strip()[-self.options.prompt_chars:]
+        self._drop(int(round((self.kept[cut].end - self.buffer_start) * SAMPLE_RATE)))
+        self.kept = self.kept[cut + 1:]
+        return events
+
+    def _drop(self, samples: int) -> None:
+        samples = max(0, min(samples, len(self.buffer)))
+        self.buffer = self.buffer[samples:]
+        self.buffer_start += samples / SAMPLE_RATE
+        self.decoded_until = max(0.0, self.decoded_until - samples / SAMPLE_RATE)
