@@ -11,84 +11,15 @@ import threading
 import time
 import urllib.request
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SHARED_EN, free_port
+from conftest import SHARED_EN, start_server
 
 openai = pytest.importorskip("openai")
 
-KEY = "test-key"
 ARCTIC = SHARED_EN / "arctic_a0009.wav"
-
-
-@dataclass
-class Server:
-    url: str
-    process: subprocess.Popen
-    log: Path
-
-    def get(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(self.url + path, timeout=10) as response:
-                return response.status, response.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
-
-    def metric(self, name: str) -> float:
-        lines = [ln for ln in self.get("/metrics")[1].splitlines() if ln.startswith(name + " ")]
-        return float(lines[0].split()[-1]) if lines else 0.0
-
-    def client(self, key: str = KEY, **kwargs):
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, **kwargs)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-
-
-def start_server(tmp: Path, *args: str, timeout: float = 180) -> Server:
-    port = free_port()
-    log = tmp / f"serve-{port}.log"
-    process = subprocess.Popen([sys.executable, "-m", "whisper_lora", "serve", "--port", str(port), *args],
-                               cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    server = Server(f"http://127.0.0.1:{port}", process, log)
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"the server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if server.get("/health")[0] == 200:
-                return server
-        except OSError:
-            pass
-        time.sleep(0.5)
-    server.stop()
-    pytest.fail(f"the server was not healthy within {timeout} s:\n{log.read_text()[-3000:]}")
-
-
-@pytest.fixture(scope="module")
-def adapters_dir(mandarin_adapter, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("adapters")
-    shutil.copytree(mandarin_adapter[0], folder / "mandarin")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def server(adapters_dir, tmp_path_factory):
-    """The embedded whisper-base with the trained Mandarin adapter, a key, and a 1 MB upload limit."""
-    server = start_server(tmp_path_factory.mktemp("logs"), "--adapters", str(adapters_dir), "--api-key", KEY,
-                          "--max-upload-mb", "1")
-    yield server
-    server.stop()
-    assert "Traceback" not in server.log.read_text()  # no request made the server print one
 
 
 def test_models_lists_the_base_and_every_adapter(server):

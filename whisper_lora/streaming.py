@@ -148,8 +148,18 @@ class StreamingTranscriber:
     # ---- input ----------------------------------------------------------------------------------------
 
     def feed(self, pcm: np.ndarray) -> list[Event]:
-        """16 kHz mono float32 audio, any length; returns what it caused. Runs at most one decode while the
-        speech goes on (plus the final decode of each utterance that ended in it)."""
+        """16 kHz mono float32 audio, any length; returns what it caused: `hear` then `update`."""
+        return self.hear(pcm) + self.update()
+
+    def update(self) -> list[Event]:
+        """Decode the utterance under way if `min_chunk` s of it are new (at most one decode)."""
+        if self.in_speech and len(self.buffer) / SAMPLE_RATE - self.decoded_until >= self.options.min_chunk:
+            return self._update()
+        return []
+
+    def hear(self, pcm: np.ndarray) -> list[Event]:
+        """Voice activity and buffering only (plus the final decode of an utterance that ends here), so a
+        front end can announce speech before the next decode runs."""
         pcm = np.asarray(pcm, np.float32).reshape(-1)
         events: list[Event] = []
         probabilities = self.detector(pcm)
@@ -175,8 +185,6 @@ class StreamingTranscriber:
                     events += self._finish((frame_start + FRAME) / SAMPLE_RATE)
         if self.in_speech:
             self.buffer = np.concatenate([self.buffer, pcm[consumed:]])
-            if len(self.buffer) / SAMPLE_RATE - self.decoded_until >= self.options.min_chunk:
-                events += self._update()
         else:
             keep = int(self.options.prefix_padding * SAMPLE_RATE)
             self.tail = np.concatenate([self.tail, pcm[consumed:]])[-keep:] if keep else self.tail[:0]

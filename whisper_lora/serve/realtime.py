@@ -232,7 +232,8 @@ class Connection:
                         pieces.append(self.pending.popleft()[1])
                     if self.stream is None:
                         self.stream = await run_in_threadpool(self._new_stream)
-                    events = await run_in_threadpool(self.stream.feed, np.concatenate(pieces))
+                    await self.translate(await run_in_threadpool(self.stream.hear, np.concatenate(pieces)))
+                    events = await run_in_threadpool(self.stream.update)
                 elif kind == "commit":
                     if self.stream is None or not self.stream.in_speech:
                         await self.error("no speech in the audio buffer to commit", "input_audio_buffer_commit_empty",
