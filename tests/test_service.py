@@ -36,7 +36,7 @@ def adapters(tiny_model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def clips():
     rng = np.random.default_rng(0)
-    return [(rng.standard_normal(16000 * 2) * 0.1).astype(np.float32) for _ in range(4)]
+    return [(rng.standard_normal(16000 * 2) * 0.1).astype(np.float32) for _ in range(2)]
 
 
 def alone(tiny_model_dir, adapter_folder, clip) -> str:

@@ -25,13 +25,15 @@ def test_real_model_transcribes_files_and_folders(base_model_dir):
     assert "clubs" in lines[0].lower()
 
 
-def test_jsonl_output_has_segments_and_language_detection(base_model_dir, tmp_path):
+def test_jsonl_output_has_segments_language_detection_and_sentiment(base_model_dir, tmp_path):
     out = tmp_path / "o.jsonl"
-    result = run_cli("transcribe", str(SHARED_EN / "arctic_a0009.wav"), "--output-format", "jsonl", "--output", str(out))
+    result = run_cli("transcribe", str(SHARED_EN / "arctic_a0009.wav"), "--output-format", "jsonl", "--output", str(out),
+                     "--sentiment")
     assert result.returncode == 0, result.stderr[-2000:]
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert row["language"] == "en" and row["language_probability"] > 0.5
     assert "gregson" in row["text"].lower()
+    assert row["sentiment"]["label"] == "neutral" and row["segments"][0]["sentiment"]["label"] == "neutral"
     (segment,) = row["segments"]
     assert 0 <= segment["start"] < segment["end"] <= row["duration"]
     assert segment["temperature"] == 0.0 and segment["compression_ratio"] > 0

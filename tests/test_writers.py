@@ -46,3 +46,17 @@ def test_tsv_and_json():
     assert lines[0] == "start\tend\ttext" and lines[2].split("\t")[:2] == ["2500", "3661257"]
     data = json.loads(render("json"))
     assert data["language"] == "en" and len(data["segments"]) == 2 and data["text"].startswith("First")
+
+
+def test_tsv_gets_sentiment_columns_only_when_there_is_sentiment():
+    from dataclasses import replace
+
+    from whisper_lora.decode.types import Sentiment
+
+    scored = [replace(SEGMENTS[0], sentiment=Sentiment("positive", 0.91)), SEGMENTS[1]]
+    out = io.StringIO()
+    WRITERS["tsv"](scored, INFO, "text", out)
+    header, first, second = out.getvalue().splitlines()
+    assert header.split("\t") == ["start", "end", "text", "sentiment", "sentiment_score"]
+    assert first.split("\t")[3:] == ["positive", "0.91"] and second.split("\t")[3:] == ["", ""]
+    assert render("tsv").splitlines()[0] == "start\tend\ttext"  # unchanged without it

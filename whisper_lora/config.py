@@ -282,6 +282,11 @@ class TranscribeConfig:
     word_timestamps: bool = option(False, "word-level timestamps (cross-attention alignment heads + DTW, as "
                                           "openai/whisper), written to json/jsonl as each segment's words")
     compile: bool = option(False, "torch.compile the transformers model's encoder (slow start, faster long runs)")
+    sentiment: bool = option(False, "add the sentiment (positive, negative, neutral, with a score) of every segment "
+                                    "and of the whole text to json/jsonl (a column in tsv); offline defaults for "
+                                    "English (VADER) and Chinese (SnowNLP)")
+    sentiment_model: str | None = option(None, "Hugging Face text-classification model (hub id or folder) for "
+                                               "--sentiment, in place of the defaults, for every language")
     output_format: str = option("txt", "txt (to stdout: 'path<TAB>text' per file), jsonl (one JSON object per "
                                        "file), or per-file json/srt/vtt/tsv, or all of these with --output-dir",
                                 choices=OUTPUT_FORMATS)
@@ -304,6 +309,8 @@ class TranscribeConfig:
             raise UserError("--compile applies to --backend transformers only")
         if self.batch_size <= 0 or self.num_beams <= 0:
             raise UserError("--batch-size and --num-beams must be positive")
+        if self.sentiment_model and not self.sentiment:
+            raise UserError("--sentiment-model needs --sentiment")
 
 
 BACKENDS = ("transformers", "ct2")
@@ -331,6 +338,9 @@ class ServeConfig:
     max_batch: int = option(8, "windows decoded together at most (1 = one request at a time, no batching)")
     mixed_adapters: bool = option(True, "decode windows of different LoRA adapters in one batch (peft's mixed "
                                         "batches); --no-mixed-adapters batches each adapter apart")
+    sentiment_model: str | None = option(None, "Hugging Face text-classification model for sentiment=true requests "
+                                               "(default: the offline analysers for English and Chinese)")
+    ui: bool = option(True, "serve the web UI at /ui (with --api-key it asks for the key)")
     log_level: str = option("info", "uvicorn's log level", choices=("critical", "error", "warning", "info", "debug"))
 
     def validate(self) -> None:

@@ -33,8 +33,20 @@ def write_txt(segments: list[Segment], info: TranscriptionInfo, text: str, out: 
     out.write(text + "\n")
 
 
+_ASKED_FOR = ("sentiment", "sentiment_note")  # fields that appear only when they were asked for
+
+
+def _dict(item) -> dict:
+    return {k: v for k, v in asdict(item).items() if not (k in _ASKED_FOR and v is None)}
+
+
+def transcript_dict(segments: list[Segment], info: TranscriptionInfo, text: str) -> dict:
+    """The JSON form of a transcript: text, info (language, duration, sentiment), segments."""
+    return {"text": text, **_dict(info), "segments": [_dict(s) for s in segments]}
+
+
 def write_json(segments: list[Segment], info: TranscriptionInfo, text: str, out: TextIO) -> None:
-    json.dump({"text": text, **asdict(info), "segments": [asdict(s) for s in segments]}, out, ensure_ascii=False, indent=2)
+    json.dump(transcript_dict(segments, info, text), out, ensure_ascii=False, indent=2)
     out.write("\n")
 
 
@@ -51,9 +63,13 @@ def write_vtt(segments: list[Segment], info: TranscriptionInfo, text: str, out: 
 
 
 def write_tsv(segments: list[Segment], info: TranscriptionInfo, text: str, out: TextIO) -> None:
-    out.write("start\tend\ttext\n")  # integer milliseconds, as openai/whisper writes them
-    for segment in segments:
-        out.write(f"{round(segment.start * 1000)}\t{round(segment.end * 1000)}\t{_cue_text(segment.text)}\n")
+    scored = any(s.sentiment is not None for s in segments)
+    out.write("start\tend\ttext" + ("\tsentiment\tsentiment_score" if scored else "") + "\n")
+    for segment in segments:  # times in integer milliseconds, as openai/whisper writes them
+        row = f"{round(segment.start * 1000)}\t{round(segment.end * 1000)}\t{_cue_text(segment.text)}"
+        if scored:
+            row += f"\t{segment.sentiment.label}\t{segment.sentiment.score}" if segment.sentiment else "\t\t"
+        out.write(row + "\n")
 
 
 WRITERS: dict[str, Callable[[list[Segment], TranscriptionInfo, str, TextIO], None]] = {

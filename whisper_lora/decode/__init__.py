@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from .ct2_backend import CT2Backend
 from .transformers_backend import TransformersBackend, default_device
-from .types import GREEDY, Backend, DecodeOptions, Segment, TranscriptionInfo, Word, join_text
+from .types import GREEDY, Backend, DecodeOptions, Segment, Sentiment, TranscriptionInfo, Word, join_text
 
 
 def load_backend(model: str | None = None, backend: str = "transformers", compute_type: str = "default",
@@ -30,5 +30,5 @@ def load_backend(model: str | None = None, backend: str = "transformers", comput
     return TransformersBackend(loaded, processor, device=device, compile=compile)
 
 
-__all__ = ["Backend", "CT2Backend", "DecodeOptions", "GREEDY", "Segment", "TranscriptionInfo", "TransformersBackend",
+__all__ = ["Backend", "CT2Backend", "DecodeOptions", "GREEDY", "Segment", "Sentiment", "TranscriptionInfo", "TransformersBackend",
            "Word", "default_device", "join_text", "load_backend"]

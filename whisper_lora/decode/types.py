@@ -19,6 +19,12 @@ class Word:
 
 
 @dataclass
+class Sentiment:
+    label: str  # positive, negative or neutral
+    score: float  # the analyser's confidence in the label, 0-1
+
+
+@dataclass
 class Segment:
     id: int
     start: float  # seconds from the start of the input audio
@@ -31,6 +37,7 @@ class Segment:
     seek: int = 0  # log-mel frame (10 ms) where the segment's window starts, as openai/whisper
     temperature: float | None = None  # of the attempt that was kept
     compression_ratio: float | None = None  # gzip ratio of the window's text
+    sentiment: Sentiment | None = None  # set by sentiment.annotate when asked for
 
 
 @dataclass
@@ -38,6 +45,8 @@ class TranscriptionInfo:
     language: str | None
     language_probability: float | None
     duration: float  # seconds of input audio
+    sentiment: Sentiment | None = None  # of the whole transcript, when asked for
+    sentiment_note: str | None = None  # why there is no sentiment (a language without an analyser)
 
 
 def join_text(segments: list[Segment], language: str | None) -> str:

@@ -53,7 +53,7 @@ class TranscriptionRequest:
     segments: bool
     stream: bool
     vad: bool
-    extras: dict  # fields later front ends add (sentiment), parsed by them
+    sentiment: bool
 
 
 def _field(form, name: str) -> str | None:
@@ -116,13 +116,11 @@ def parse_request(form, task: str, languages: set[str]) -> TranscriptionRequest:
                             # segment times are only needed for the formats that show them, and to stream a
                             # clip segment by segment
                             without_timestamps=response_format in ("json", "text") and not words and not stream)
-    extras = {key: form.get(key) for key in form.keys() if key not in KNOWN_FIELDS}
+    sentiment = _flag(form, "sentiment")
+    if sentiment and response_format not in ("json", "verbose_json"):
+        raise APIError(400, "sentiment needs response_format json or verbose_json", param="sentiment")
     return TranscriptionRequest(task, model, language, options, response_format, words,
-                                "segment" in granularities or not granularities, stream, chunking is not None, extras)
-
-
-KNOWN_FIELDS = {"file", "model", "language", "prompt", "response_format", "temperature", "timestamp_granularities[]",
-                "timestamp_granularities", "include[]", "chunking_strategy", "stream"}
+                                "segment" in granularities or not granularities, stream, chunking is not None, sentiment)
 
 
 def language_name(code: str | None) -> str:
@@ -132,30 +130,35 @@ def language_name(code: str | None) -> str:
     return LANGUAGES.get(code or "", code or "")
 
 
+def sentiment_json(sentiment) -> dict | None:
+    return None if sentiment is None else {"label": sentiment.label, "score": sentiment.score}
+
+
 def segment_json(segment: Segment) -> dict:
-    return {"id": segment.id, "seek": segment.seek, "start": segment.start, "end": segment.end, "text": segment.text,
+    extra = {"sentiment": sentiment_json(segment.sentiment)} if segment.sentiment is not None else {}
+    return {**extra, "id": segment.id, "seek": segment.seek, "start": segment.start, "end": segment.end, "text": segment.text,
             "tokens": segment.tokens, "temperature": segment.temperature or 0.0,
             "avg_logprob": segment.avg_logprob if segment.avg_logprob is not None else 0.0,
             "compression_ratio": segment.compression_ratio or 0.0,
             "no_speech_prob": segment.no_speech_prob if segment.no_speech_prob is not None else 0.0}
 
 
-# Hooks later front ends install (sentiment): (request, segments, info, body) -> None, called for verbose_json.
-VerboseHook = Callable[[TranscriptionRequest, list[Segment], TranscriptionInfo, dict], None]
-
-
-def render(request: TranscriptionRequest, segments: list[Segment], info: TranscriptionInfo,
-           hooks: list[VerboseHook]) -> Response:
+def render(request: TranscriptionRequest, segments: list[Segment], info: TranscriptionInfo) -> Response:
     text = join_text(segments, info.language)
     usage = {"type": "duration", "seconds": round(info.duration, 3)}
+    scored = {}
+    if request.sentiment:
+        scored = {"sentiment": sentiment_json(info.sentiment)}
+        if info.sentiment_note:
+            scored["sentiment_note"] = info.sentiment_note
     if request.response_format == "json":
-        body = {"text": text}
+        body = {"text": text, **scored}
         if request.task == "transcribe":
             body["usage"] = usage
         return JSONResponse(body)
     if request.response_format == "verbose_json":
         body = {"task": request.task, "language": language_name("en" if request.task == "translate" else info.language),
-                "duration": round(info.duration, 3), "text": text}
+                "duration": round(info.duration, 3), "text": text, **scored}
         if request.segments:
             body["segments"] = [segment_json(s) for s in segments]
         if request.words:
@@ -163,8 +166,6 @@ def render(request: TranscriptionRequest, segments: list[Segment], info: Transcr
                              for s in segments for w in (s.words or [])]
         if request.task == "transcribe":
             body["usage"] = usage
-        for hook in hooks:
-            hook(request, segments, info, body)
         return JSONResponse(body)
     if request.response_format == "text":
         return PlainTextResponse(text + "\n")
@@ -248,11 +249,11 @@ class Gate:
 
 
 def create_app(load_service: Callable[[], TranscriptionService], api_key: str | None = None,
-               max_upload_mb: float = 25.0, max_queue: int = 64) -> FastAPI:
+               max_upload_mb: float = 25.0, max_queue: int = 64, sentiment_model: str | None = None,
+               ui: bool = True) -> FastAPI:
     """The ASGI app. `load_service` runs in a thread at start-up; /health answers 503 until it returns,
     so an orchestrator can tell a loading server from a dead one."""
     state: dict = {"service": None, "metrics": None, "error": None}
-    verbose_hooks: list[VerboseHook] = []
 
     def load() -> None:
         try:
@@ -279,7 +280,6 @@ def create_app(load_service: Callable[[], TranscriptionService], api_key: str | 
 
     app = FastAPI(title="whisper-lora", version="0.1.0", lifespan=lifespan)
     app.state.whisper = state
-    app.state.verbose_hooks = verbose_hooks
     errors.install(app)
 
     @app.exception_handler(UploadTooLarge)
@@ -344,12 +344,22 @@ def create_app(load_service: Callable[[], TranscriptionService], api_key: str | 
             return StreamingResponse(_events(svc, parsed, segments, info, stored), media_type="text/event-stream")
         try:
             collected = await run_in_threadpool(list, segments)
+            if parsed.sentiment:
+                collected, info = await run_in_threadpool(_sentiment, collected, info)
         except BaseException as exc:
             raise errors.as_api_error(exc, stored.name) from None
         finally:
             stored.remove()
         _count_audio(parsed, info)
-        return render(parsed, collected, info, verbose_hooks)
+        return render(parsed, collected, info)
+
+    def _sentiment(segments: list[Segment], info: TranscriptionInfo):
+        from dataclasses import replace
+
+        from ..sentiment import annotate
+
+        scored, overall, note = annotate(segments, join_text(segments, info.language), info.language, sentiment_model)
+        return scored, replace(info, sentiment=overall, sentiment_note=note)
 
     def _count_audio(parsed: TranscriptionRequest, info: TranscriptionInfo) -> None:
         if state["metrics"] is not None:
@@ -390,4 +400,14 @@ def create_app(load_service: Callable[[], TranscriptionService], api_key: str | 
     from .realtime import install as install_realtime
 
     install_realtime(app, state, api_key)
+    if ui:
+        from fastapi.responses import RedirectResponse
+
+        from .ui import mount
+
+        @app.get("/", include_in_schema=False)
+        async def home():
+            return RedirectResponse("/ui/")
+
+        app = mount(app, service, api_key=api_key, sentiment_model=sentiment_model)
     return app

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
@@ -15,7 +15,7 @@ from ..constants import AUDIO_SUFFIXES, CHUNK_SECONDS
 from ..decode import Backend, DecodeOptions, Segment, TranscriptionInfo, join_text, load_backend
 from ..errors import AudioError, UserError
 from ..manifest import language_code
-from ..writers import FORMATS, WRITERS
+from ..writers import FORMATS, WRITERS, transcript_dict
 
 LIST_SUFFIXES = {".txt", ".lst", ".list"}
 
@@ -122,8 +122,16 @@ def run(config: TranscribeConfig) -> int:
         Path(config.output).parent.mkdir(parents=True, exist_ok=True)
     sink = open(config.output, "w", encoding="utf-8") if config.output else sys.stdout
 
+    if config.sentiment:
+        from ..sentiment import annotate
+
+        if config.sentiment_model:
+            from ..sentiment import analyser_for
+
+            analyser_for(None, config.sentiment_model)  # a bad model is reported before any audio is decoded
+
     # ---- loop
-    failures = 0
+    failures, notes = 0, set()
     try:
         for path, segments, info in tqdm(transcribe_all(backend, paths, config, language), total=len(paths),
                                          desc="transcribe", unit="file", disable=len(paths) < 2, file=sys.stderr):
@@ -132,12 +140,18 @@ def run(config: TranscribeConfig) -> int:
                 print(f"whisper-lora: error: {info}", file=sys.stderr)
                 continue
             text = join_text(segments, info.language)
+            if config.sentiment:
+                segments, overall, note = annotate(segments, text, info.language, config.sentiment_model)
+                info = replace(info, sentiment=overall, sentiment_note=note)
+                if note and note not in notes:
+                    notes.add(note)
+                    print(f"whisper-lora: note: {path}: {note}", file=sys.stderr)
             if out_dir:
                 for fmt in per_file_formats:
                     with open(out_dir / f"{stems[path]}.{fmt}", "w", encoding="utf-8") as f:
                         WRITERS[fmt](segments, info, text, f)
             elif config.output_format == "jsonl":
-                row = {"path": str(path), "text": text, **asdict(info), "segments": [asdict(s) for s in segments]}
+                row = {"path": str(path), **transcript_dict(segments, info, text)}
                 sink.write(json.dumps(row, ensure_ascii=False) + "\n")
             elif config.output_format == "txt":
                 sink.write(text + "\n" if len(paths) == 1 else f"{path}\t{text}\n")
