@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import assert_one_line_error, run_cli, write_tone
+from conftest import REPO, assert_one_line_error, run_cli, write_tone
 from whisper_lora.cli import STAGES
 
 
@@ -133,3 +133,29 @@ def test_output_folder_with_a_different_run(tiny_model_dir, tiny_corpus, tmp_pat
     result = run_cli(*common, "--lora-r", "4")
     assert_one_line_error(result, "run", "holds a different run", "lora_r", "--overwrite")
     assert run_cli(*common, "--lora-r", "4", "--overwrite").returncode == 0
+
+
+def test_help_and_bad_inputs_answer_without_loading_torch(tmp_path):
+    """`import whisper_lora`, `--help` and a missing input are answered before any heavy import."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, contextlib, io\n"
+             "import whisper_lora\n"
+             "from whisper_lora.cli import main\n"
+             "with contextlib.redirect_stdout(io.StringIO()):\n"
+             "    try:\n"
+             "        main(['--help'])\n"
+             "    except SystemExit:\n"
+             "        pass\n"
+             "codes = [main(['transcribe', sys.argv[1]]), main(['train', '--train-manifest', sys.argv[1]]),\n"
+             "         main(['transcribe', sys.argv[2], '--model', './no/such/model'])]\n"
+             "print(codes, sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))\n")
+    (tmp_path / "a.wav").write_bytes(b"RIFF")
+    result = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "missing.wav"), str(tmp_path / "a.wav")],
+                            capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert result.stdout.strip() == "[2, 2, 2] []", result.stdout + result.stderr[-2000:]
+    errors = result.stderr.strip().splitlines()
+    assert errors[0] == f"whisper-lora: error: {tmp_path / 'missing.wav'}: audio file not found"
+    assert errors[1] == f"whisper-lora: error: {tmp_path / 'missing.wav'}: --train-manifest not found"
+    assert "./no/such/model: model folder not found" in errors[2]

@@ -3,13 +3,14 @@ import dataclasses
 import pytest
 import yaml
 
-from whisper_lora.config import (EvaluateConfig, TrainConfig, build_config, prepare_run_dir, save_config)
+from whisper_lora.config import EvaluateConfig, TrainConfig, build_config
+from whisper_lora.rundir import prepare_run_dir, save_config
 from whisper_lora.errors import UserError
 
 
 def test_defaults_yaml_then_flags(tmp_path):
     (tmp_path / "c.yaml").write_text("train_manifest: t.jsonl\nlora-r: 8\nlearning_rate: 0.0005\n")
-    config = build_config(TrainConfig, str(tmp_path / "c.yaml"), {"lora_r": 16})
+    config = build_config(TrainConfig, str(tmp_path / "c.yaml"), {"lora_r": 16}, check_inputs=False)
     assert config.lora_r == 16  # flag beats YAML
     assert config.learning_rate == 0.0005  # YAML beats default
     assert config.lora_alpha == TrainConfig.lora_alpha  # default kept
@@ -18,45 +19,45 @@ def test_defaults_yaml_then_flags(tmp_path):
 def test_unknown_yaml_key(tmp_path):
     (tmp_path / "c.yaml").write_text("train_manifest: t.jsonl\nlora_rank: 8\n")
     with pytest.raises(UserError, match="c.yaml: unknown option 'lora_rank'"):
-        build_config(TrainConfig, str(tmp_path / "c.yaml"))
+        build_config(TrainConfig, str(tmp_path / "c.yaml"), check_inputs=False)
 
 
 def test_invalid_yaml_names_line(tmp_path):
     (tmp_path / "c.yaml").write_text("train_manifest: t.jsonl\nlora_r: [8\n")
     with pytest.raises(UserError, match=r"c.yaml: invalid YAML at line"):
-        build_config(TrainConfig, str(tmp_path / "c.yaml"))
+        build_config(TrainConfig, str(tmp_path / "c.yaml"), check_inputs=False)
 
 
 def test_types_and_choices_are_checked():
     with pytest.raises(UserError, match="--lora-r: cannot read 'eight' as int"):
-        build_config(TrainConfig, overrides={"train_manifest": "t", "lora_r": "eight"})
+        build_config(TrainConfig, overrides={"train_manifest": "t", "lora_r": "eight"}, check_inputs=False)
     with pytest.raises(UserError, match="--precision must be one of"):
-        build_config(TrainConfig, overrides={"train_manifest": "t", "precision": "fp8"})
+        build_config(TrainConfig, overrides={"train_manifest": "t", "precision": "fp8"}, check_inputs=False)
 
 
 def test_conflicting_options_name_both():
     with pytest.raises(UserError, match="--resume and --overwrite conflict"):
-        build_config(TrainConfig, overrides={"train_manifest": "t", "resume": True, "overwrite": True})
+        build_config(TrainConfig, overrides={"train_manifest": "t", "resume": True, "overwrite": True}, check_inputs=False)
 
 
 def test_required_option():
     with pytest.raises(UserError, match="--train-manifest is required"):
-        build_config(TrainConfig)
+        build_config(TrainConfig, check_inputs=False)
 
 
 def test_list_option_from_yaml_and_string(tmp_path):
-    config = build_config(EvaluateConfig, overrides={"manifest": "m", "models": "a,b"})
+    config = build_config(EvaluateConfig, overrides={"manifest": "m", "models": "a,b"}, check_inputs=False)
     assert config.models == ["a", "b"]
 
 
 def test_configs_are_frozen():
-    config = build_config(TrainConfig, overrides={"train_manifest": "t"})
+    config = build_config(TrainConfig, overrides={"train_manifest": "t"}, check_inputs=False)
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.lora_r = 4
 
 
 def test_run_dir_refuses_a_different_run(tmp_path):
-    first = build_config(TrainConfig, overrides={"train_manifest": "t", "lora_r": 8})
+    first = build_config(TrainConfig, overrides={"train_manifest": "t", "lora_r": 8}, check_inputs=False)
     prepare_run_dir(first, tmp_path / "run")
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["lora_r"] == 8
     second = dataclasses.replace(first, lora_r=16)
@@ -73,24 +74,24 @@ def test_run_dir_refuses_foreign_folder(tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "thesis.tex").write_text("precious")
     with pytest.raises(UserError, match="holds no whisper-lora run"):
-        prepare_run_dir(build_config(TrainConfig, overrides={"train_manifest": "t"}), tmp_path / "x")
+        prepare_run_dir(build_config(TrainConfig, overrides={"train_manifest": "t"}, check_inputs=False), tmp_path / "x")
     assert (tmp_path / "x" / "thesis.tex").exists()
 
 
 def test_save_config_roundtrip(tmp_path):
-    config = build_config(TrainConfig, overrides={"train_manifest": "t", "target_modules": ["q_proj", "k_proj"]})
+    config = build_config(TrainConfig, overrides={"train_manifest": "t", "target_modules": ["q_proj", "k_proj"]}, check_inputs=False)
     save_config(config, tmp_path / "c.yaml")
-    assert build_config(TrainConfig, str(tmp_path / "c.yaml")) == config
+    assert build_config(TrainConfig, str(tmp_path / "c.yaml"), check_inputs=False) == config
 
 
 def test_yaml_key_without_value_and_non_finite_numbers(tmp_path):
     (tmp_path / "c.yaml").write_text("train_manifest: t.jsonl\nbatch_size:\n")
     with pytest.raises(UserError, match="option batch-size needs a value"):
-        build_config(TrainConfig, str(tmp_path / "c.yaml"))
+        build_config(TrainConfig, str(tmp_path / "c.yaml"), check_inputs=False)
     with pytest.raises(UserError, match="finite and positive"):
-        build_config(TrainConfig, overrides={"train_manifest": "t", "epochs": "nan"})
+        build_config(TrainConfig, overrides={"train_manifest": "t", "epochs": "nan"}, check_inputs=False)
     with pytest.raises(UserError, match="--max-new-tokens must be at most 444"):
-        build_config(EvaluateConfig, overrides={"manifest": "m", "max_new_tokens": 500})
+        build_config(EvaluateConfig, overrides={"manifest": "m", "max_new_tokens": 500}, check_inputs=False)
 
 
 def test_deepspeed_configs_shipped_parse_and_bad_ones_are_refused_up_front(tmp_path):
@@ -98,15 +99,15 @@ def test_deepspeed_configs_shipped_parse_and_bad_ones_are_refused_up_front(tmp_p
 
     for name in ("zero2", "zero3"):
         path = REPO / "configs" / "deepspeed" / f"{name}.json"
-        config = build_config(TrainConfig, overrides={"train_manifest": "t", "deepspeed": str(path)})
+        config = build_config(TrainConfig, overrides={"train_manifest": "t", "deepspeed": str(path)}, check_inputs=False)
         assert config.deepspeed == str(path)
     broken = tmp_path / "ds.json"
     broken.write_text('{"zero_optimization": {"stage": 2,}}')
     with pytest.raises(UserError, match=r"ds.json: --deepspeed config is not valid JSON \(line 1"):
-        build_config(TrainConfig, overrides={"train_manifest": "t", "deepspeed": str(broken)})
+        build_config(TrainConfig, overrides={"train_manifest": "t", "deepspeed": str(broken)}, check_inputs=False)
     broken.write_text('{"zero_optimization": {"stage": 5}}')
     with pytest.raises(UserError, match="zero_optimization.stage 0-3"):
-        build_config(TrainConfig, overrides={"train_manifest": "t", "deepspeed": str(broken)})
+        build_config(TrainConfig, overrides={"train_manifest": "t", "deepspeed": str(broken)}, check_inputs=False)
     with pytest.raises(UserError, match="--deepspeed and --load-in-8bit conflict"):
         build_config(TrainConfig, overrides={"train_manifest": "t", "load_in_8bit": True,
                                              "deepspeed": str(REPO / "configs" / "deepspeed" / "zero2.json")})

@@ -26,9 +26,12 @@ def test_ct2_folder_is_converted_and_cached(tmp_path):
     ct2 = tmp_path / "faster-whisper-tiny.en"
     shutil.copytree(_package_dir(em.package, em.pip) / em.subdir, ct2)
     first = resolve_model(str(ct2))
-    assert (tmp_path / "faster-whisper-tiny.en").is_dir()
-    assert json.loads((__import__("pathlib").Path(first.location) / "config.json").read_text())["vocab_size"] == 51864
+    converted = __import__("pathlib").Path(first.location)
+    assert converted != ct2 and json.loads((converted / "config.json").read_text())["vocab_size"] == 51864
+    marker = converted / ".whisper-lora-converted"
+    written = marker.stat().st_mtime_ns
     assert resolve_model(str(ct2)).location == first.location
+    assert marker.stat().st_mtime_ns == written  # reused from the cache, not converted again
 
 
 def test_missing_folder():
@@ -65,3 +68,22 @@ def test_not_whisper(tmp_path):
 def test_unknown_embedded_name():
     with pytest.raises(UserError, match="unknown embedded model"):
         resolve_model("embedded:large-v9")
+
+
+def test_an_adapter_of_the_embedded_model_names_a_base_anyone_can_load(mandarin_adapter, base_model_dir):
+    """The adapter records openai/whisper-base: peft loads it onto that model anywhere, and whisper-lora
+    loads it here with no Hub, the embedded copy standing in for the hub id."""
+    import torch
+    from peft import PeftModel
+    from transformers import WhisperForConditionalGeneration
+
+    adapter, _ = mandarin_adapter
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == "openai/whisper-base"
+    assert resolve_model("openai/whisper-base").location == str(base_model_dir)  # HF_HUB_OFFLINE in the tests
+    ours, _ = load_model(str(adapter))
+    theirs = PeftModel.from_pretrained(WhisperForConditionalGeneration.from_pretrained(base_model_dir), adapter).eval()
+    features = torch.randn(1, 80, 3000)
+    ids = torch.tensor([[50258, 50260, 50359, 50363]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_features=features, decoder_input_ids=ids).logits,
+                                   theirs(input_features=features, decoder_input_ids=ids).logits)

@@ -196,3 +196,48 @@ def test_a_wrong_key_is_refused(server):
     url = server.url.replace("http://", "ws://") + "/v1/realtime?intent=transcription"
     with pytest.raises(websockets.exceptions.InvalidStatus):
         websockets.sync.client.connect(url, additional_headers={"Authorization": "Bearer wrong"}, open_timeout=10)
+
+
+def two_utterances(folder) -> tuple:
+    import soundfile as sf
+
+    from whisper_lora.audio import load_audio
+
+    gap = np.zeros(16000 * 2, np.float32)
+    audio = np.concatenate([load_audio(SHARED_EN / "arctic_a0009.wav"), gap, load_audio(SHARED_EN / "cards" / "001.wav"), gap])
+    sf.write(folder / "two.wav", audio, 16000)
+    return folder / "two.wav"
+
+
+def test_realtime_cli_streams_a_file_here_and_to_a_server(server, tmp_path):
+    import srt
+
+    from conftest import run_cli
+
+    clip = two_utterances(tmp_path)
+    local = run_cli("realtime", "--file", str(clip), "--speed", "4", "--language", "en", "--output",
+                    str(tmp_path / "local.srt"))
+    assert local.returncode == 0, local.stderr[-2000:]
+    lines = [ln for ln in local.stdout.splitlines() if ln.strip()]
+    assert len(lines) == 2 and "gregson" in lines[0].lower() and "clubs" in lines[1].lower()  # an utterance a line
+    cues = list(srt.parse((tmp_path / "local.srt").read_text()))
+    assert [c.content for c in cues] == lines
+    assert cues[0].start.total_seconds() < 0.6 and 5.0 < cues[1].start.total_seconds() < 6.0  # stream times
+    remote = run_cli("realtime", "--file", str(clip), "--speed", "4", "--language", "en", "--server", server.url,
+                     "--api-key", KEY, "--output", str(tmp_path / "remote.json"))
+    assert remote.returncode == 0, remote.stderr[-2000:]
+    assert [ln for ln in remote.stdout.splitlines() if ln.strip()] == lines  # the same policy, over the wire
+    segments = json.loads((tmp_path / "remote.json").read_text())["segments"]
+    assert [s["text"] for s in segments] == lines and 5.0 < segments[1]["start"] < 6.0
+
+
+def test_realtime_cli_errors_are_one_line(server, tmp_path):
+    from conftest import assert_one_line_error, run_cli
+
+    assert_one_line_error(run_cli("realtime", "--file", str(tmp_path / "missing.wav")), "missing.wav",
+                          "audio file not found")
+    assert_one_line_error(run_cli("realtime", "--speed", "2"), "--speed needs --file")
+    assert_one_line_error(run_cli("realtime", "--input-device", "no-such-microphone"), "microphone")
+    clip = two_utterances(tmp_path)
+    assert_one_line_error(run_cli("realtime", "--file", str(clip), "--server", server.url, "--api-key", "wrong"),
+                          "cannot reach the realtime endpoint")

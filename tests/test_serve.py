@@ -128,7 +128,7 @@ def test_concurrent_requests_for_base_and_adapter_are_batched_and_each_gets_its_
     assert together == alone
     merged_rows = server.metric("whisper_lora_batched_rows") - rows
     merged_batches = server.metric("whisper_lora_batches") - batches
-    assert merged_rows / merged_batches > 2, (merged_rows, merged_batches)  # windows of several requests per batch
+    assert merged_rows / merged_batches >= 2, (merged_rows, merged_batches)  # windows of several requests per batch
 
 
 def test_an_adapter_folder_added_later_is_served_without_a_restart(server, adapters_dir):
@@ -191,7 +191,7 @@ def test_a_full_queue_answers_429_and_sigterm_finishes_the_request_in_flight(tin
     try:
         client = server.client()
         # the random tiny model decodes each window to its token limit: seconds of work per window
-        noise = long_noise(tmp_path, 35)
+        noise = long_noise(tmp_path, 25)
         answers = []
         worker = threading.Thread(target=lambda: answers.append(client.audio.transcriptions.create(
             file=open(noise, "rb"), model="whisper-1", language="en", temperature=0.5)))  # one temperature

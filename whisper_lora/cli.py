@@ -14,7 +14,8 @@ import warnings
 
 from . import __version__
 from .config import (CheckConfig, DemoConfig, EvaluateConfig, ExportConfig, MergeConfig, PrepareConfig,
-                     RealtimeConfig, SageMakerConfig, ServeConfig, TrainConfig, TranscribeConfig, build_config)
+                     RealtimeConfig, SageMakerConfig, ServeConfig, TrainConfig, TranscribeConfig, UIConfig,
+                     build_config)
 from .errors import UserError
 
 STAGES = {
@@ -25,6 +26,7 @@ STAGES = {
     "evaluate": (EvaluateConfig, "CER/WER of one or more models on a manifest, side by side"),
     "transcribe": (TranscribeConfig, "transcribe audio files, folders or list files"),
     "serve": (ServeConfig, "serve models and LoRA adapters over OpenAI's audio API (dynamic batching)"),
+    "ui": (UIConfig, "the web UI alone: try, compare and talk to the embedded model (and --adapters)"),
     "realtime": (RealtimeConfig, "live transcription from the microphone or a file, locally or on a server"),
     "export": (ExportConfig, "export to CTranslate2 (faster-whisper), gated on CER/WER parity"),
     "sagemaker": (SageMakerConfig, "launch `whisper-lora train` as an Amazon SageMaker training job (multi-node, spot)"),
@@ -62,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (cls, help_text) in STAGES.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--config", dest="_config", metavar="YAML", help="YAML file of options for this command")
+        p.add_argument("--verbose", dest="_verbose", action="store_true",
+                       help="let libraries (transformers, CTranslate2, peft) print their own warnings")
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             _add_field(p, f, hints[f.name])
@@ -69,23 +73,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quiet_libraries() -> None:
-    """Library chatter that users cannot act on stays out of the terminal; real errors still show."""
+    """Library chatter that users cannot act on stays out of the terminal (`--verbose` lets it through);
+    real errors still show. Only environment and warning filters here: each library reads its setting
+    when it is first imported, by the command that needs it."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("CT2_VERBOSE", "-1")  # CTranslate2: errors only (not its float16 notice on every CPU run)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # generation-config deprecations and the like
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # per-file "Loading weights" bars; ours remain
     warnings.filterwarnings("ignore", category=UserWarning, module="peft")
     warnings.filterwarnings("ignore", category=FutureWarning)
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()  # per-file "Loading weights" bars; ours remain
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
-    command, yaml_path = args.pop("command"), args.pop("_config", None)
+    command, yaml_path, verbose = args.pop("command"), args.pop("_config", None), args.pop("_verbose", False)
     cls = STAGES[command][0]
     try:
         config = build_config(cls, yaml_path, args)
-        _quiet_libraries()
+        if not verbose:
+            _quiet_libraries()
         result = importlib.import_module(f"whisper_lora.stages.{command}").run(config)
     except UserError as exc:
         print(f"whisper-lora: error: {exc}", file=sys.stderr)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -30,6 +31,18 @@ def option(default: Any = None, help: str = "", *, choices: tuple | None = None,
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def require_path(path: str | None, what: str) -> None:
+    """A named input must exist: said at once, before any model loads."""
+    if path and not Path(path).expanduser().exists():
+        raise UserError(f"{what} not found", path)
+
+
+def check_model(spec: str | None) -> None:
+    from .models import check_model_spec  # stdlib only: no torch behind it
+
+    check_model_spec(spec)
 
 
 def check_max_new_tokens(value: int) -> None:
@@ -89,10 +102,10 @@ class TrainConfig:
     adalora_tinit: int | None = option(None, "adalora: steps before pruning starts (default: 10%% of training)")
     adalora_tfinal: int | None = option(None, "adalora: final steps at the target budget (default: 20%% of training)")
     adalora_interval: int = option(10, "adalora: steps between two rank reallocations")
-    load_in_8bit: bool = option(False, "load the frozen base weights in 8 bits (bitsandbytes, CUDA only: "
+    load_in_8bit: bool = option(False, "load the frozen base weights in 8 bits (bitsandbytes, GPU or CPU: "
                                        "pip install 'whisper-lora[quant]')")
-    load_in_4bit: bool = option(False, "load the frozen base weights in 4-bit NF4, QLoRA-style (bitsandbytes, CUDA "
-                                       "only: pip install 'whisper-lora[quant]')")
+    load_in_4bit: bool = option(False, "load the frozen base weights in 4-bit NF4, QLoRA-style (bitsandbytes, GPU or "
+                                       "CPU: pip install 'whisper-lora[quant]')")
     freeze_encoder: bool = option(False, "adapt (with --method full: train) the decoder only; encoder outputs "
                                          "are then computed once per clip and cached on disk, making steps several "
                                          "times cheaper (not with --augment or shards, whose inputs change every pass)")
@@ -211,6 +224,23 @@ class TrainConfig:
             raise UserError("--feature-cache and a shard folder as --train-manifest conflict: shards are read "
                             "sequentially, the feature cache by sample; use one or the other")
 
+    def check_inputs(self) -> None:
+        from .manifest import check_audio_exists, language_code, read_manifest
+
+        for path, what in ((self.train_manifest, "--train-manifest"), (self.dev_manifest, "--dev-manifest"),
+                           (self.retain_manifest, "--retain-manifest"), (self.feature_cache, "--feature-cache")):
+            require_path(path, what)
+        if self.language:
+            language_code(self.language, "--language")
+        for manifest, empty_text in ((self.train_manifest, True), (self.dev_manifest, False)):
+            if manifest and not (Path(manifest) / "shards.json").is_file():  # a shard folder is read as it streams
+                check_audio_exists(read_manifest(manifest, self.audio_dir, allow_empty_text=empty_text), manifest)
+        check_model(self.model)
+        if os.environ.get("RANK", "0") == "0":  # rank 0 creates the folder: the others must not race its check
+            from .rundir import check_run_dir
+
+            check_run_dir(self, self.output_dir, self.resume, self.overwrite)
+
 
 @dataclass(frozen=True)
 class MergeConfig:
@@ -222,6 +252,9 @@ class MergeConfig:
     def validate(self) -> None:
         if not self.adapter:
             raise UserError("merge needs an ADAPTER folder")
+
+    def check_inputs(self) -> None:
+        require_path(self.adapter, "adapter folder")
         if not self.output_dir:
             raise UserError("--output-dir is required for merge")
 
@@ -248,6 +281,16 @@ class EvaluateConfig:
         if self.batch_size <= 0 or self.num_beams <= 0 or self.max_new_tokens <= 0:
             raise UserError("--batch-size, --num-beams and --max-new-tokens must be positive")
         check_max_new_tokens(self.max_new_tokens)
+
+    def check_inputs(self) -> None:
+        from .manifest import check_audio_exists, language_code, read_manifest
+
+        require_path(self.manifest, "manifest")
+        if self.language:
+            language_code(self.language, "--language")
+        check_audio_exists(read_manifest(self.manifest, self.audio_dir), self.manifest)
+        for model in self.models:
+            check_model(model)
 
 
 OUTPUT_FORMATS = ("txt", "jsonl", "json", "srt", "vtt", "tsv", "all")
@@ -312,6 +355,16 @@ class TranscribeConfig:
         if self.sentiment_model and not self.sentiment:
             raise UserError("--sentiment-model needs --sentiment")
 
+    def check_inputs(self) -> None:
+        from .manifest import language_code
+
+        for item in self.inputs:
+            require_path(item, "audio file")
+        if self.language:
+            language_code(self.language, "--language")
+        if self.backend == "transformers":
+            check_model(self.model)
+
 
 BACKENDS = ("transformers", "ct2")
 
@@ -352,6 +405,25 @@ class ServeConfig:
         if self.adapters and self.backend == "ct2":
             raise UserError("--adapters and --backend ct2 conflict: CTranslate2 models cannot load LoRA adapters; "
                             "merge and export each one, or serve them with --backend transformers")
+
+    def check_inputs(self) -> None:
+        if self.adapters and not Path(self.adapters).is_dir():
+            raise UserError("--adapters folder not found", self.adapters)
+        if self.backend == "transformers":
+            check_model(self.model)
+
+
+@dataclass(frozen=True)
+class UIConfig:
+    host: str = option("127.0.0.1", "address to listen on")
+    port: int = option(7860, "port to listen on")
+    model: str | None = option(None, "base model (empty = the embedded whisper-base)")
+    adapters: str | None = option(None, "folder of LoRA adapters to offer beside the base model")
+    browser: bool = option(True, "open the page in the default browser once the model is loaded")
+
+    def validate(self) -> None:
+        if not 0 < self.port < 65536:
+            raise UserError(f"--port must lie in 1-65535, got {self.port}")
         if self.adapters and not Path(self.adapters).is_dir():
             raise UserError("--adapters folder not found", self.adapters)
 
@@ -375,6 +447,11 @@ class RealtimeConfig:
             raise UserError(f"--speed must be positive, got {self.speed}")
         if self.speed != 1.0 and not self.file:
             raise UserError("--speed needs --file: a microphone speaks in real time")
+
+    def check_inputs(self) -> None:
+        require_path(self.file, "audio file")
+        if not self.server:
+            check_model(self.model)
 
 
 CT2_QUANTIZATIONS = ("int8", "int8_float16", "int8_float32", "int8_bfloat16", "float16", "bfloat16", "float32")
@@ -468,6 +545,10 @@ class CheckConfig:
     def validate(self) -> None:
         if not self.manifest:
             raise UserError("check needs a MANIFEST")
+
+    def check_inputs(self) -> None:
+        require_path(self.manifest, "manifest")
+        require_path(self.dev, "--dev manifest")
         if self.workers < 0:
             raise UserError(f"--workers must be >= 0, got {self.workers}")
         if not 0 <= self.min_duration < self.max_duration:
@@ -515,7 +596,7 @@ class SageMakerConfig:
                                   "no credentials needed")
 
     def validate(self) -> None:
-        from .stages.sagemaker import validate_options
+        from .sagemaker_rules import validate_options
 
         validate_options(self)
 
@@ -566,8 +647,10 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
         raise UserError(f"option {name}: cannot read {value!r} as {getattr(annotation, '__name__', annotation)}") from None
 
 
-def build_config(cls, yaml_path: str | None = None, overrides: dict[str, Any] | None = None):
-    """Defaults < YAML file < command-line overrides, type-checked, then `validate()`d."""
+def build_config(cls, yaml_path: str | None = None, overrides: dict[str, Any] | None = None,
+                 check_inputs: bool = True):
+    """Defaults < YAML file < command-line overrides, type-checked, then `validate()`d; then the named
+    inputs checked for existence (`check_inputs`), unless they name places elsewhere (a SageMaker job's)."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
@@ -599,57 +682,6 @@ def build_config(cls, yaml_path: str | None = None, overrides: dict[str, Any] | 
                 raise UserError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, got {values[name]!r}")
     config = cls(**values)
     config.validate()
+    if check_inputs and hasattr(config, "check_inputs"):
+        config.check_inputs()  # after the options' own rules: a wrong combination is the message to read first
     return config
-
-
-def save_config(config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False, allow_unicode=True))
-
-
-def load_saved_config(cls, path: str | Path):
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    known = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in data.items() if k in known})
-
-
-RESOLVED_CONFIG = "config.yaml"  # every run's fully resolved config, next to its outputs
-_RUN_CONTROL_FIELDS = {"resume", "overwrite"}  # may differ between the first run and its resumption
-
-
-def clear_output_dir(out: Path, overwrite: bool, what: str) -> None:
-    """Refuse a non-empty OUTPUT_DIR (or a file in its place) unless --overwrite, which removes it."""
-    import shutil
-
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not overwrite:
-            raise UserError(f"{what}; pass --overwrite to replace it", out)
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-
-
-def prepare_run_dir(config, output_dir: str | Path, resume: bool = False, overwrite: bool = False) -> Path:
-    """Create OUTPUT_DIR, refusing to mix two different runs in one folder."""
-    import shutil
-
-    out = Path(output_dir)
-    saved = out / RESOLVED_CONFIG
-    if out.exists() and not out.is_dir():
-        raise UserError("output path exists and is not a folder", out)
-    if out.is_dir() and any(out.iterdir()):
-        if overwrite:
-            shutil.rmtree(out)
-        elif not saved.is_file():
-            raise UserError("output folder is not empty and holds no whisper-lora run; "
-                            "choose another --output-dir or pass --overwrite", out)
-        else:
-            previous = yaml.safe_load(saved.read_text()) or {}
-            current = dataclasses.asdict(config)
-            changed = sorted(k for k in current if k not in _RUN_CONTROL_FIELDS and previous.get(k) != current[k])
-            if changed:
-                raise UserError(f"output folder holds a different run (changed: {', '.join(changed)}); "
-                                "pass --overwrite to replace it or choose another --output-dir", out)
-            if not resume:
-                raise UserError("output folder already holds this run; pass --resume to continue it "
-                                "or --overwrite to start again", out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, saved)
-    return out

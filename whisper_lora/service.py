@@ -35,7 +35,7 @@ from .decode.longform import WindowModel
 from .decode.search import WindowResult
 from .decode.timing import WordTiming
 from .errors import UserError
-from .models import DEFAULT_MODEL, EMBEDDED_MODELS, ct2_model_dir, load_model, resolve_model
+from .models import ct2_model_dir, load_model, public_name, resolve_model
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 OPENAI_MODEL = "whisper-1"  # what clients of OpenAI's API send; always the base model here
@@ -65,13 +65,8 @@ class ServedModel:
 def base_model_name(spec: str | None) -> str:
     """The public name of the base model: the embedded whisper-base is OpenAI's `openai/whisper-base`; a
     folder goes by its name; a hub id by itself."""
-    spec = spec or DEFAULT_MODEL
-    if spec == DEFAULT_MODEL or spec == "embedded:base":
-        return "openai/whisper-base"
-    if spec.startswith("embedded:") and spec.removeprefix("embedded:") in EMBEDDED_MODELS:
-        return f"openai/{EMBEDDED_MODELS[spec.removeprefix('embedded:')].name}"
-    path = Path(spec).expanduser()
-    return path.resolve().name if path.is_dir() else spec
+    name = public_name(spec)
+    return Path(name).name if Path(name).is_absolute() else name
 
 
 @dataclass
@@ -88,6 +83,7 @@ class ModelPool:
     def __init__(self, model: str | None = None, adapters_dir: str | None = None, max_adapters: int = 8,
                  backend: str = "transformers", compute_type: str = "default", device: str | None = None):
         self.base_name = base_model_name(model)
+        self.public_base = public_name(model)
         self.adapters_dir = Path(adapters_dir).expanduser().resolve() if adapters_dir else None
         if self.adapters_dir is not None and not self.adapters_dir.is_dir():
             raise UserError("--adapters is not a folder", adapters_dir)
@@ -192,7 +188,7 @@ class ModelPool:
 
     def _check_base(self, name: str, path: Path, recorded: str | None) -> None:
         """An adapter trained on another base would load (same shapes) and transcribe badly: refuse it."""
-        if not recorded:
+        if not recorded or public_name(recorded) == self.public_base:
             return
         try:
             location = resolve_model(recorded).location

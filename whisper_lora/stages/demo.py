@@ -10,7 +10,8 @@ import json
 import time
 from pathlib import Path
 
-from ..config import DemoConfig, TrainConfig, build_config, prepare_run_dir
+from ..config import DemoConfig, TrainConfig, build_config
+from ..rundir import ADAPTER_DIR, prepare_run_dir
 from ..errors import UserError
 from ..decode import TransformersBackend
 from ..manifest import read_manifest
@@ -68,7 +69,7 @@ def run(config: DemoConfig) -> dict:
         eval_steps=None))
     training = train.run(train_config)
     print("scoring the fine-tuned model …")
-    tuned = score(str(out / "train" / train.ADAPTER_DIR), zh_clips, en_clips, new_word_paths)
+    tuned = score(str(out / "train" / ADAPTER_DIR), zh_clips, en_clips, new_word_paths)
 
     # ---- save
     report = {
@@ -77,7 +78,7 @@ def run(config: DemoConfig) -> dict:
         "english_wer_base": base["english_wer"], "english_wer_finetuned": tuned["english_wer"],
         "train_steps": training["steps"], "train_runtime_s": training["train_runtime_s"],
         "demo_runtime_s": round(time.time() - started, 1),
-        "adapter": str(out / "train" / train.ADAPTER_DIR),
+        "adapter": str(out / "train" / ADAPTER_DIR),
     }
     rows = [["Mandarin test CER", base["cer"], tuned["cer"]],
             ["Mandarin new-words CER", base["cer_new_words"], tuned["cer_new_words"]]]

@@ -14,7 +14,8 @@ from dataclasses import replace
 import tempfile
 from pathlib import Path
 
-from ..config import ExportConfig, clear_output_dir, save_config
+from ..config import ExportConfig
+from ..rundir import clear_output_dir, save_config
 from ..errors import UserError
 from ..constants import MAX_NEW_TOKENS
 from ..decode import GREEDY, CT2Backend, TransformersBackend

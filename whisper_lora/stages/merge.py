@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..config import MergeConfig, clear_output_dir, save_config
+from ..config import MergeConfig
+from ..rundir import clear_output_dir, save_config
 from ..errors import UserError
 from ..lora import merge_into_base
 from ..models import ResolvedModel, load_model, resolve_model, save_processor

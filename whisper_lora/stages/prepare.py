@@ -13,7 +13,8 @@ import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from ..config import RESOLVED_CONFIG, PrepareConfig, clear_output_dir, save_config
+from ..config import PrepareConfig
+from ..rundir import RESOLVED_CONFIG, clear_output_dir, save_config
 from ..errors import UserError
 from ..manifest import language_code
 from ..report import format_table

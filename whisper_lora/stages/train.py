@@ -20,24 +20,21 @@ import torch
 
 from ..allocator import return_freed_blocks_to_os
 from ..checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
-from ..config import TrainConfig, prepare_run_dir
+from ..config import TrainConfig
+from ..rundir import ADAPTER_DIR, LAST_ADAPTER_DIR, METRICS_FILE, SKIPPED_FILE, prepare_run_dir
 from ..data import (LABEL_PAD, CachedEncoderDataset, EncoderCache, LabelBuilder, SkippedSample, SpeechDataset,
                     build_labels, collate, shard_item_maker)
 from ..features import FeatureCache
 from ..shards import ShardStream, is_shard_dir
 from ..errors import UserError
-from ..lora import adapter_step_hook, apply_adapter, check_quantisation, save_adapter
+from ..lora import AdapterSpec, adapter_step_hook, apply_adapter, check_quantisation, save_adapter
 from ..manifest import check_audio_exists, language_code, read_manifest
-from ..models import load_model, resolve_model
+from ..models import load_model, public_name, resolve_model
 from ..decode import GREEDY, TransformersBackend
 from ..text import default_metric
 from ..scoring import ModelScore, load_clips, score_model, score_rows
 
 STREAMING_EVAL_STEPS = 1000  # default evaluation interval when an epoch's length is unknown
-ADAPTER_DIR = "adapter"  # best adapter by dev metric (or the last one without a dev set)
-LAST_ADAPTER_DIR = "last"
-METRICS_FILE = "metrics.json"
-SKIPPED_FILE = "skipped_samples.jsonl"
 
 
 class EpochShuffleSampler(torch.utils.data.Sampler):
@@ -207,7 +204,7 @@ def run(config: TrainConfig) -> dict:
 
         augmenter = Augmenter(load_augment_config(config.augment), config.seed)
     feature_cache = FeatureCache(config.feature_cache) if config.feature_cache else None
-    quantization = check_quantisation(config)  # fails fast: no CUDA / no bitsandbytes
+    quantization = check_quantisation(AdapterSpec.of(config))  # fails fast: no bitsandbytes, or too old
     if feature_cache is not None and augmenter is not None and augmenter.changes_audio:
         raise UserError("--augment changes the waveform (speed/volume/noise/shift) but --feature-cache skips "
                         "decoding it; keep only spec_augment in the YAML, or drop --feature-cache", config.augment)
@@ -256,7 +253,7 @@ def run(config: TrainConfig) -> dict:
         model, processor = load_model(resolved, device=accelerator.device if quantization else "cpu",
                                       quantization=quantization)
     # Adapters record the base so that they load from anywhere: local folders as absolute paths.
-    base_spec = str(Path(resolved.spec).resolve()) if Path(resolved.spec).expanduser().is_dir() else resolved.spec
+    base_spec = public_name(resolved.spec)
     generation_config = model.generation_config
     builder = LabelBuilder(processor.tokenizer, generation_config, language, config.task, config.timestamps,
                            config.timestamp_fraction, config.seed)
@@ -302,7 +299,7 @@ def run(config: TrainConfig) -> dict:
         total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
         eval_steps = config.eval_steps or steps_per_epoch
     model.train()
-    model = apply_adapter(model, config, total_steps)  # LoRA / DoRA / AdaLoRA, or every weight for `full`
+    model = apply_adapter(model, AdapterSpec.of(config), total_steps)  # LoRA/DoRA/AdaLoRA, or all weights for `full`
     if config.method == "full" and config.learning_rate > 1e-4:
         accelerator.print(f"warning: --learning-rate {config.learning_rate:g} suits LoRA; full fine-tuning of "
                           "Whisper usually uses about 1e-5 (5e-6 to 4e-5), and rates this high wreck the "
