@@ -7,8 +7,8 @@ Each configuration is a real `whisper-lora serve` process on 127.0.0.1 with the 
 and four LoRA adapters (r=32 on q/v of encoder and decoder, as `train` makes them; small random weights,
 so every adapter transcribes like the base and the systems decode the same number of tokens). A load
 generator sends `--requests` concurrent requests (the official `openai` client, one thread each) of
-real speech: the CMU ARCTIC and card recordings of ../shared/data/speech-en, joined with natural pauses
-into 20-28 s clips (API traffic is recordings, not 3 s words). Every request must succeed. Reported:
+real speech: the CMU ARCTIC and card recordings of ../shared/data/speech-en, each file all seven in a
+random order with natural pauses, ~24 s (API traffic is recordings, not 3 s words). Every request must succeed. Reported:
 audio seconds transcribed per wall second, p50/p95 latency, and the server's peak resident memory.
 
   one at a time     --max-batch 1: each window decoded alone, as a server without batching does
@@ -46,7 +46,8 @@ ADAPTERS = ("alpha", "beta", "gamma", "delta")
 
 
 def make_clips(folder: Path, count: int) -> list[Path]:
-    """`count` files of 20-28 s: the real recordings in random order with 0.4-1.2 s pauses."""
+    """`count` files of ~24 s: every real recording once, in a random order, with 0.4-1.2 s pauses. (No
+    recording twice in a file: repeated sentences read as a repetition loop to the temperature fallback.)"""
     import soundfile as sf
 
     from whisper_lora.audio import load_audio
@@ -55,14 +56,9 @@ def make_clips(folder: Path, count: int) -> list[Path]:
     rng = np.random.default_rng(0)
     paths = []
     for n in range(count):
-        target, pieces, length = rng.uniform(20, 28), [], 0.0
-        while True:
-            clip = recordings[rng.integers(len(recordings))]
-            pause = np.zeros(int(16000 * rng.uniform(0.4, 1.2)), np.float32)
-            if length + (len(clip) + len(pause)) / 16000 > target:
-                break
-            pieces += [clip, pause]
-            length += (len(clip) + len(pause)) / 16000
+        pieces = []
+        for index in rng.permutation(len(recordings)):
+            pieces += [recordings[index], np.zeros(int(16000 * rng.uniform(0.4, 1.2)), np.float32)]
         paths.append(folder / f"clip_{n:02d}.wav")
         sf.write(paths[-1], np.concatenate(pieces), 16000)
     return paths

@@ -31,13 +31,13 @@ import numpy as np
 
 from .decode import CT2Backend, DecodeOptions, Segment, TranscriptionInfo, TransformersBackend
 from .decode.ct2_backend import ADAPTERS_REFUSED
-from .decode.longform import WindowModel
 from .decode.search import WindowResult
 from .decode.timing import WordTiming
 from .errors import UserError
 from .models import ct2_model_dir, load_model, public_name, resolve_model
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
+MAX_WAIT_SECONDS = 0.05  # how long a small batch waits for the work of calls under way: a log-mel spectrogram
 OPENAI_MODEL = "whisper-1"  # what clients of OpenAI's API send; always the base model here
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -98,6 +98,8 @@ class ModelPool:
             self.backend = CT2Backend(ct2_model_dir(model), compute_type, device or "auto", workers=2)
             self.base_location = None
             return
+        if self.adapters_dir is not None:
+            import peft  # noqa: F401  (now, not at the first adapter request: it takes seconds to import)
         resolved = resolve_model(model)
         if resolved.adapter is not None:
             raise UserError("--model is an adapter: serve its base with --model and put the adapter's folder "
@@ -226,7 +228,8 @@ class _Work:
 class Batcher:
     """One worker thread; the model work of concurrent calls merged into batches."""
 
-    def __init__(self, pool: ModelPool, max_batch: int = 8, max_wait: float = 0.01, mixed_adapters: bool = True):
+    def __init__(self, pool: ModelPool, max_batch: int = 8, max_wait: float = MAX_WAIT_SECONDS,
+                 mixed_adapters: bool = True):
         self.pool, self.max_batch, self.max_wait, self.mixed_adapters = pool, max_batch, max_wait, mixed_adapters
         self._pending: list[_Work] = []
         self._cond = threading.Condition()
@@ -276,19 +279,33 @@ class Batcher:
         both_mixable = self.pool.is_mixable(first.adapter) and self.pool.is_mixable(other.adapter)
         return self.mixed_adapters and both_mixable
 
+    def _group(self, first: _Work) -> tuple[list[_Work], int]:
+        group, rows = [], 0
+        for work in self._pending:
+            if self._compatible(first, work) and rows + work.rows <= max(self.max_batch, first.rows):
+                group.append(work)
+                rows += work.rows
+        return group, rows
+
+    def _next(self) -> _Work:
+        """The work to batch next: a full batch of anything first (oldest first); else encoding, whose
+        output is more decoding to batch; else the oldest. Encoding costs the same per window batched or
+        not on a CPU; a decoding step costs little more for eight windows than for one, so decoding is
+        what is worth gathering into full batches."""
+        for work in self._pending:
+            if self._group(work)[1] >= self.max_batch:
+                return work
+        return next((w for w in self._pending if w.op == "encode"), self._pending[0])
+
     def _take(self) -> list[_Work] | None:
         with self._cond:
             while not self._pending and not self._closed:
                 self._cond.wait()
             if not self._pending:
                 return None
-            first = self._pending[0]
+            first = self._next()
             while True:  # a short wait for the rest of a batch, only while other calls are under way
-                group, rows = [], 0
-                for work in self._pending:
-                    if self._compatible(first, work) and rows + work.rows <= max(self.max_batch, first.rows):
-                        group.append(work)
-                        rows += work.rows
+                group, rows = self._group(first)
                 waited = time.monotonic() - first.queued
                 others = self.active_calls - len(self._pending)
                 if rows >= self.max_batch or others <= 0 or waited >= self.max_wait or self._closed:
