@@ -70,7 +70,6 @@ def test_temperature_fallback_breaks_a_repetition_loop(base_transcriber):
     """whisper-base loops on this robotic Mandarin clip when greedy; the fallback retries hotter."""
     import gzip
 
-    import torch
 
     from conftest import DEMO
 

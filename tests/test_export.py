@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from conftest import SHARED_EN, run_cli
+from conftest import SHARED_EN, cli_here, run_cli
 from whisper_lora.scoring import score_rows
 from whisper_lora.stages.export import parity_verdict
 
@@ -23,12 +23,12 @@ def test_parity_verdict_fails_when_the_export_is_worse():
     assert parity_verdict(worse, reference, "wer", 0.5)["passed"]  # being better is never a failure
 
 
-def test_export_real_model_to_faster_whisper_with_parity_gate(base_model_dir, tmp_path):
+def test_export_real_model_to_faster_whisper_with_parity_gate(base_model_dir, tmp_path, capsys):
     from faster_whisper import WhisperModel
 
     out = tmp_path / "ct2"
-    result = run_cli("export", "default", "--output-dir", str(out), "--quantization", "float32", "--dev-manifest",
-                     str(SHARED_EN / "cards" / "transcripts.json"), "--language", "en", "--max-gap", "10")
+    result = cli_here(capsys, "export", "default", "--output-dir", str(out), "--quantization", "float32",
+                      "--dev-manifest", str(SHARED_EN / "cards" / "transcripts.json"), "--language", "en", "--max-gap", "10")
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((out / "export_report.json").read_text())
     assert report["passed"] and report["clips"] == 5 and "transformers_wer" in report and "ct2_wer" in report

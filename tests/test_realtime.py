@@ -219,7 +219,8 @@ def test_realtime_cli_streams_a_file_here_and_to_a_server(server, tmp_path):
                     str(tmp_path / "local.srt"))
     assert local.returncode == 0, local.stderr[-2000:]
     lines = [ln for ln in local.stdout.splitlines() if ln.strip()]
-    assert len(lines) == 2 and "gregson" in lines[0].lower() and "clubs" in lines[1].lower()  # an utterance a line
+    # an utterance a line ("ten of clubs" is heard as "ten of close" on some CPUs: the words are the model's)
+    assert len(lines) == 2 and "gregson" in lines[0].lower() and lines[1].lower().startswith("ten of")
     cues = list(srt.parse((tmp_path / "local.srt").read_text()))
     assert [c.content for c in cues] == lines
     assert cues[0].start.total_seconds() < 0.6 and 5.0 < cues[1].start.total_seconds() < 6.0  # stream times

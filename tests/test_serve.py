@@ -1,15 +1,10 @@
 """`whisper-lora serve` as users meet it: a real server process on 127.0.0.1, the official `openai` client."""
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 import warnings
 from pathlib import Path
 

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from conftest import SHARED_EN, run_cli, write_tone
+from conftest import SHARED_EN, cli_here, run_cli, write_tone
 from whisper_lora.stages.transcribe import expand_inputs
 
 
@@ -15,9 +15,9 @@ def test_inputs_from_files_folders_and_list_files(tmp_path):
     assert expand_inputs([str(a), str(tmp_path / "dir"), str(tmp_path / "list.txt")]) == [a, b]
 
 
-def test_real_model_transcribes_files_and_folders(base_model_dir):
+def test_real_model_transcribes_files_and_folders(base_model_dir, capsys):
     """The embedded whisper-base through the CLI, batching several clips, default model."""
-    result = run_cli("transcribe", str(SHARED_EN / "cards"), "--batch-size", "3", "--language", "en")
+    result = cli_here(capsys, "transcribe", str(SHARED_EN / "cards"), "--batch-size", "3", "--language", "en")
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 5
@@ -25,9 +25,9 @@ def test_real_model_transcribes_files_and_folders(base_model_dir):
     assert "clubs" in lines[0].lower()
 
 
-def test_jsonl_output_has_segments_language_detection_and_sentiment(base_model_dir, tmp_path):
+def test_jsonl_output_has_segments_language_detection_and_sentiment(base_model_dir, tmp_path, capsys):
     out = tmp_path / "o.jsonl"
-    result = run_cli("transcribe", str(SHARED_EN / "arctic_a0009.wav"), "--output-format", "jsonl", "--output", str(out),
+    result = cli_here(capsys, "transcribe", str(SHARED_EN / "arctic_a0009.wav"), "--output-format", "jsonl", "--output", str(out),
                      "--sentiment")
     assert result.returncode == 0, result.stderr[-2000:]
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
@@ -40,7 +40,7 @@ def test_jsonl_output_has_segments_language_detection_and_sentiment(base_model_d
 
 
 @pytest.mark.parametrize("backend", ["transformers", "ct2"])
-def test_a_clip_under_30_s_gets_one_cue_per_utterance_and_words(base_model_dir, tmp_path, backend):
+def test_a_clip_under_30_s_gets_one_cue_per_utterance_and_words(base_model_dir, tmp_path, backend, capsys):
     """Subtitles of a short recording come from Whisper's timestamp tokens, not one cue over the clip;
     word timestamps come inside their segments, on both backends."""
     import srt
@@ -48,7 +48,7 @@ def test_a_clip_under_30_s_gets_one_cue_per_utterance_and_words(base_model_dir, 
     from conftest import conversation_clip
 
     clip, onsets = conversation_clip(tmp_path)
-    result = run_cli("transcribe", str(clip), "--language", "en", "--backend", backend, "--word-timestamps",
+    result = cli_here(capsys, "transcribe", str(clip), "--language", "en", "--backend", backend, "--word-timestamps",
                      "--output-format", "all", "--output-dir", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr[-2000:]
     cues = list(srt.parse((tmp_path / "out" / "conversation.srt").read_text()))
@@ -64,7 +64,7 @@ def test_a_clip_under_30_s_gets_one_cue_per_utterance_and_words(base_model_dir, 
         assert "".join(w["word"] for w in words).strip() == segment["text"]
 
 
-def test_long_audio_to_every_format_with_valid_timestamps(base_model_dir, tmp_path):
+def test_long_audio_to_every_format_with_valid_timestamps(base_model_dir, tmp_path, capsys):
     import numpy as np
     import soundfile as sf
     import srt
@@ -76,7 +76,7 @@ def test_long_audio_to_every_format_with_valid_timestamps(base_model_dir, tmp_pa
     audio = np.concatenate([speech, np.zeros(16000 * 8, np.float32)] * 3 + [speech])  # ~36 s
     sf.write(tmp_path / "long.flac", audio, 16000)
     duration = len(audio) / 16000
-    result = run_cli("transcribe", str(tmp_path / "long.flac"), "--language", "en", "--output-format", "all",
+    result = cli_here(capsys, "transcribe", str(tmp_path / "long.flac"), "--language", "en", "--output-format", "all",
                      "--output-dir", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr[-2000:]
     produced = sorted(p.name for p in (tmp_path / "out").iterdir())
@@ -105,7 +105,7 @@ def test_ct2_backend_needs_a_ct2_model(tiny_model_dir, tmp_path):
     assert result.returncode == 2 and "is not a CTranslate2 model" in result.stderr and "whisper-lora export" in result.stderr
 
 
-def test_vad_skips_silence_and_keeps_original_times(base_model_dir, tmp_path):
+def test_vad_skips_silence_and_keeps_original_times(base_model_dir, tmp_path, capsys):
     import numpy as np
     import soundfile as sf
 
@@ -126,7 +126,7 @@ def test_vad_skips_silence_and_keeps_original_times(base_model_dir, tmp_path):
     sf.write(tmp_path / "gappy.wav", audio, 16000)
     sf.write(tmp_path / "silence.wav", silence, 16000)
     out = tmp_path / "out"
-    result = run_cli("transcribe", str(tmp_path / "gappy.wav"), str(tmp_path / "silence.wav"), "--vad",
+    result = cli_here(capsys, "transcribe", str(tmp_path / "gappy.wav"), str(tmp_path / "silence.wav"), "--vad",
                      "--language", "en", "--output-format", "json", "--output-dir", str(out))
     assert result.returncode == 0, result.stderr[-2000:]
     gappy = json.loads((out / "gappy.json").read_text())
@@ -171,16 +171,17 @@ def test_three_hour_file_is_transcribed_in_bounded_memory(base_model_dir, tmp_pa
     assert long_mb < short_mb + 150, (short_mb, long_mb)
 
 
-def test_language_the_model_lacks(tmp_path):
+def test_language_the_model_lacks(tmp_path, capsys):
     write_tone(tmp_path / "a.wav")
-    result = run_cli("transcribe", str(tmp_path / "a.wav"), "--model", "embedded:tiny.en", "--language", "zh")
+    result = cli_here(capsys, "transcribe", str(tmp_path / "a.wav"), "--model", "embedded:tiny.en", "--language", "zh")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "embedded:tiny.en: the model has no language 'zh' (it is English-only)" in result.stderr
 
 
-def test_compile_option_gives_the_same_text():
+def test_compile_option_gives_the_same_text(capsys):
     clip = str(SHARED_EN / "cards" / "001.wav")
-    plain = run_cli("transcribe", clip, "--model", "embedded:tiny.en")
+    plain = cli_here(capsys, "transcribe", clip, "--model", "embedded:tiny.en")
+    # in a process of its own: compiled graphs would stay in this one
     compiled = run_cli("transcribe", clip, "--model", "embedded:tiny.en", "--compile")
     assert plain.returncode == 0 and compiled.returncode == 0, compiled.stderr[-2000:]
     assert compiled.stdout == plain.stdout and "clubs" in plain.stdout.lower()

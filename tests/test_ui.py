@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from conftest import KEY, REPO, SHARED_EN
+from conftest import KEY, REPO
 
 playwright = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

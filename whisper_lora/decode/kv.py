@@ -95,19 +95,22 @@ class Network:
         """A peft LoRA layer, computed as peft computes it (base output + B(A(x)) * scaling per adapter, rows
         of other adapters untouched) but with the base layer on the fast path above: for the few rows of a
         decoding step peft's forward costs more in Python than in arithmetic, and it is called ~100 times a
-        step. Variants (DoRA), merged or disabled layers go through peft itself."""
+        step. Variants (DoRA, AdaLoRA), merged or disabled layers go through peft itself."""
         names = module.active_adapters if adapters is None else adapters
         wanted = {name for name in names if name != BASE_ROWS and name in module.lora_A}
-        if module.merged or module.disable_adapters or any(name in module.lora_variant for name in wanted):
+        variants = getattr(module, "lora_variant", {})
+        plain = all(isinstance(module.lora_A[name], torch.nn.Linear) and name not in variants for name in wanted)
+        if module.merged or module.disable_adapters or not plain:  # AdaLoRA keeps bare parameters, DoRA a variant
             return module(x) if adapters is None else module(x, adapter_names=adapters)
         out = Network.linear(module.base_layer, x, None)
         for name in wanted:
             lora_a, lora_b, scale = module.lora_A[name], module.lora_B[name], module.scaling[name]
+            dropout = module.lora_dropout[name]
             if adapters is None:
-                out = out + lora_b(lora_a(x)) * scale
+                out = out + lora_b(lora_a(dropout(x))) * scale
             else:
                 rows = torch.tensor([i for i, n in enumerate(adapters) if n == name], device=x.device)
-                out[rows] += lora_b(lora_a(x[rows])) * scale
+                out[rows] += lora_b(lora_a(dropout(x[rows]))) * scale
         return out
 
     def _split_heads(self, x: torch.Tensor, heads: int | None = None) -> torch.Tensor:
