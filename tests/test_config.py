@@ -50,6 +50,19 @@ def test_list_option_from_yaml_and_string(tmp_path):
     assert config.models == ["a", "b"]
 
 
+def test_yaml_reads_numbers_the_way_people_write_them(tmp_path):
+    """PyYAML reads `1e-4` as text and people quote numbers and write lists on one line; YAML's `yes` is
+    still never a number."""
+    (tmp_path / "c.yaml").write_text("train_manifest: t.jsonl\nlearning_rate: 1e-4\nlora_r: '8'\n"
+                                     "target_modules: q_proj, v_proj\npack: yes\n")
+    config = build_config(TrainConfig, str(tmp_path / "c.yaml"), check_inputs=False)
+    assert (config.learning_rate, config.lora_r, config.target_modules, config.pack) == \
+        (1e-4, 8, ["q_proj", "v_proj"], True)
+    (tmp_path / "c.yaml").write_text("train_manifest: t.jsonl\nlora_r: yes\n")
+    with pytest.raises(UserError, match="c.yaml: lora_r: cannot read True as int"):
+        build_config(TrainConfig, str(tmp_path / "c.yaml"), check_inputs=False)
+
+
 def test_configs_are_frozen():
     config = build_config(TrainConfig, overrides={"train_manifest": "t"}, check_inputs=False)
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -88,7 +101,7 @@ def test_yaml_key_without_value_and_non_finite_numbers(tmp_path):
     (tmp_path / "c.yaml").write_text("train_manifest: t.jsonl\nbatch_size:\n")
     with pytest.raises(UserError, match="option batch-size needs a value"):
         build_config(TrainConfig, str(tmp_path / "c.yaml"), check_inputs=False)
-    with pytest.raises(UserError, match="finite and positive"):
+    with pytest.raises(UserError, match="--epochs: must be finite"):
         build_config(TrainConfig, overrides={"train_manifest": "t", "epochs": "nan"}, check_inputs=False)
     with pytest.raises(UserError, match="--max-new-tokens must be at most 444"):
         build_config(EvaluateConfig, overrides={"manifest": "m", "max_new_tokens": 500}, check_inputs=False)

@@ -48,7 +48,7 @@ def alone(tiny_model_dir, adapter_folder, clip) -> str:
 
 def test_concurrent_calls_for_different_adapters_each_get_their_own_text(tiny_model_dir, adapters, clips):
     pool = ModelPool(str(tiny_model_dir), str(adapters), max_adapters=4)
-    service = TranscriptionService(pool, max_queue=16)
+    service = TranscriptionService(pool, max_queue=16, mixed_adapters=True)  # the harder path
     try:
         names = [None, "one", "two", "three"]
         expected = {name: [alone(tiny_model_dir, adapters / name if name else None, c) for c in clips] for name in names}

@@ -22,11 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from .audio import load_audio
 from .constants import AUDIO_SUFFIXES, CHUNK_SECONDS, N_SAMPLES, SAMPLE_RATE
-from .config import option
+from .settings import option, read_value, read_yaml_mapping
 from .errors import AudioError, UserError
 
 # Suffixes picked up from a noise folder; the same formats `load_audio` decodes.
@@ -170,31 +169,6 @@ def _check_p(section: str, p: float) -> None:
         raise UserError(f"{section}.p: must lie in [0, 1], got {p}")
 
 
-def _read_value(value: Any, annotation: Any, where: str) -> Any:
-    """A YAML scalar/list as the field's type; bools are refused as numbers (YAML's `yes` is not 1)."""
-    def number(v: Any, kind: type) -> float | int:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise UserError(f"{where}: expected a number, got {v!r}")
-        if not math.isfinite(v):
-            raise UserError(f"{where}: must be finite, got {v!r}")
-        if kind is int:
-            if not float(v).is_integer():
-                raise UserError(f"{where}: expected a whole number, got {v!r}")
-            return int(v)
-        return float(v)
-
-    if annotation is float or annotation is int:
-        return number(value, annotation)
-    if annotation is str:
-        if not isinstance(value, str):
-            raise UserError(f"{where}: expected a path, got {value!r}")
-        return value
-    if typing.get_origin(annotation) is tuple:
-        items = value if isinstance(value, list) else [value]
-        return tuple(number(v, float) for v in items)
-    raise TypeError(f"unsupported field type {annotation!r}")  # a bug in this module, not user input
-
-
 def _read_section(name: str, raw: dict, base: Path) -> Any:
     cls = SECTIONS[name]
     hints = typing.get_type_hints(cls)
@@ -204,7 +178,7 @@ def _read_section(name: str, raw: dict, base: Path) -> Any:
         field_name = str(key).replace("-", "_")
         if field_name not in known:
             raise UserError(f"{name}.{key}: unknown key; {name} takes {', '.join(sorted(known))}")
-        values[field_name] = _read_value(value, hints[field_name], f"{name}.{key}")
+        values[field_name] = read_value(value, hints[field_name], f"{name}.{key}")
     if name == "noise" and values.get("dir"):
         # Relative to the YAML file, not the working directory, so a config works from anywhere.
         values["dir"] = str(base / Path(values["dir"]).expanduser())
@@ -214,19 +188,7 @@ def _read_section(name: str, raw: dict, base: Path) -> Any:
 def load_augment_config(path: str | Path) -> AugmentConfig:
     """Read and check an augmentation YAML; any problem is a one-line UserError naming the file and key."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError("augmentation config file not found", path)
-    try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise UserError(f"invalid YAML{f' at line {mark.line + 1}' if mark else ''}", path) from None
-    except UnicodeDecodeError:
-        raise UserError("augmentation config is not UTF-8 text", path) from None
-    if loaded is None:
-        loaded = {}
-    if not isinstance(loaded, dict):
-        raise UserError(f"must be a mapping of section: settings ({', '.join(SECTIONS)})", path)
+    loaded = read_yaml_mapping(path, "augmentation config file")
     sections: dict[str, Any] = {}
     try:
         for key, raw in loaded.items():

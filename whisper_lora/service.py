@@ -229,7 +229,7 @@ class Batcher:
     """One worker thread; the model work of concurrent calls merged into batches."""
 
     def __init__(self, pool: ModelPool, max_batch: int = 8, max_wait: float = MAX_WAIT_SECONDS,
-                 mixed_adapters: bool = True):
+                 mixed_adapters: bool = False):
         self.pool, self.max_batch, self.max_wait, self.mixed_adapters = pool, max_batch, max_wait, mixed_adapters
         self._pending: list[_Work] = []
         self._cond = threading.Condition()
@@ -398,7 +398,7 @@ class BatchedWindowModel:
 class TranscriptionService:
     """What the server, the web UI and realtime streams call: many threads at once, one model."""
 
-    def __init__(self, pool: ModelPool, max_queue: int = 64, max_batch: int = 8, mixed_adapters: bool = True):
+    def __init__(self, pool: ModelPool, max_queue: int = 64, max_batch: int = 8, mixed_adapters: bool = False):
         self.pool, self.max_queue = pool, max_queue
         self.batcher = None
         self.backend = pool.backend
