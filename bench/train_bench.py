@@ -12,7 +12,9 @@ Two cases: LoRA on encoder + decoder, and decoder-only (frozen encoder; whisper-
 outputs once per clip, the reference recomputes them every step, as Trainer does). Each system runs
 in its own process; samples/s excludes the first (warm-up) step; peak memory is the process's peak
 RSS on CPU (peak allocated on CUDA). Encoder + decoder also runs whisper-lora with --low-cpu-memory
-(freed activations returned to the OS: lower peak RSS, slower steps).
+(freed activations returned to the OS: lower peak RSS, slower steps), with --pack (utterances packed
+into 30 s windows: samples/s counts utterances), and with its base weights in 8 bits (LLM.int8) and 4 bits
+(NF4), through bitsandbytes' CPU backend on a machine without a GPU.
 """
 from __future__ import annotations
 
@@ -97,21 +99,26 @@ def run_ours(args) -> dict:
     from whisper_lora.config import TrainConfig, build_config
     from whisper_lora.stages import train
 
+    # packed: every demo sentence, so that each step's windows are full ones (~7 utterances each)
+    rows = demo_rows(320 if args.pack else BATCH * (args.steps + 1))
     with tempfile.TemporaryDirectory() as tmp:
         manifest = Path(tmp) / "train.jsonl"
         manifest.write_text("".join(json.dumps({"audio": {"path": p}, "sentence": t, "language": "zh"},
-                                               ensure_ascii=False) + "\n" for p, t in demo_rows(BATCH * (args.steps + 1))))
+                                               ensure_ascii=False) + "\n" for p, t in rows))
         started = time.perf_counter()
         config = build_config(TrainConfig, overrides=dict(
             train_manifest=str(manifest), model=args.model, output_dir=str(Path(tmp) / "run"), batch_size=BATCH,
             max_steps=args.steps + 1, lora_r=32, lora_alpha=64, lora_dropout=0.05, lora_targets="qv",
             freeze_encoder=args.decoder_only, logging_steps=1, tensorboard=False, warmup_steps=0,
-            precision=args.precision, timestamp_fraction=0.0, save_steps=10_000, low_cpu_memory=args.low_cpu_memory))
+            precision=args.precision, timestamp_fraction=0.0, save_steps=10_000, low_cpu_memory=args.low_cpu_memory,
+            pack=args.pack, load_in_8bit=args.load_in_8bit, load_in_4bit=args.load_in_4bit))
         summary = train.run(config)
         total = time.perf_counter() - started
     history = [h for h in summary["history"] if "elapsed_s" in h]
     first, last = history[0], history[-1]
-    return {"samples_per_s": BATCH * (last["step"] - first["step"]) / (last["elapsed_s"] - first["elapsed_s"]),
+    # utterances (samples_seen counts them, packed or not) between the first and the last logged step
+    seen = last["samples_per_second"] * last["elapsed_s"] - first["samples_per_second"] * first["elapsed_s"]
+    return {"samples_per_s": seen / (last["elapsed_s"] - first["elapsed_s"]),
             "peak_memory_mb": peak_memory_mb(), "setup_and_cache_s": round(total - last["elapsed_s"], 1)}
 
 
@@ -123,6 +130,11 @@ def main() -> None:
     parser.add_argument("--system", choices=("reference", "ours"), help=argparse.SUPPRESS)
     parser.add_argument("--decoder-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--low-cpu-memory", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--pack", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--load-in-8bit", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--load-in-4bit", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--only", choices=("packed-and-quantised",), help="run only the --pack, 8-bit and 4-bit "
+                        "rows beside the seed recipe")
     args = parser.parse_args()
     if args.system:  # child process: one measurement, printed as JSON
         print("RESULT " + json.dumps(run_reference(args) if args.system == "reference" else run_ours(args)))
@@ -130,7 +142,11 @@ def main() -> None:
 
     results = []
     runs = [(False, "reference", []), (False, "ours", []), (False, "ours", ["--low-cpu-memory"]),
+            (False, "ours", ["--pack"]), (False, "ours", ["--load-in-8bit"]), (False, "ours", ["--load-in-4bit"]),
             (True, "reference", []), (True, "ours", [])]
+    if args.only:
+        runs = [r for r in runs if not r[0] and (r[1] == "reference" or set(r[2]) & {"--pack", "--load-in-8bit",
+                                                                                    "--load-in-4bit"})]
     for decoder_only, system, flags in runs:
         case = "decoder-only (frozen encoder)" if decoder_only else "encoder + decoder LoRA"
         label = "seed recipe (Seq2SeqTrainer)" if system == "reference" else " ".join(["whisper-lora"] + flags)
@@ -150,7 +166,7 @@ def main() -> None:
     print(f"\nmodel {args.model or 'embedded whisper-base'}, batch {BATCH}, {args.precision}, LoRA r=32 q/v, "
           f"{args.steps} timed steps; {platform.machine()}, {torch.get_num_threads()} threads, "
           f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}")
-    print(f"{'case':<32}{'system':<36}{'samples/s':>10}{'peak MB':>10}{'speed-up':>10}")
+    print(f"{'case':<32}{'system':<36}{'utter./s':>10}{'peak MB':>10}{'speed-up':>10}")
     for r in results:
         if not r["system"].startswith("seed"):
             reference = next(x for x in results if x["case"] == r["case"] and x["system"].startswith("seed"))
@@ -158,7 +174,7 @@ def main() -> None:
     for r in results:
         speedup = f"{r['speedup']:.2f}x" if "speedup" in r else ""
         print(f"{r['case']:<32}{r['system']:<36}{r['samples_per_s']:>10.2f}{r['peak_memory_mb']:>10.0f}{speedup:>10}")
-    out = REPO / "bench" / "results" / f"train_{platform.node() or 'host'}.json"
+    out = REPO / "bench" / "results" / f"train_{platform.node() or 'host'}{'_' + args.only if args.only else ''}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"results": results, "steps": args.steps, "precision": args.precision,
                                "model": args.model or "embedded whisper-base"}, indent=2))

@@ -130,3 +130,52 @@ def test_augmented_speed_and_shift_move_timestamp_labels_with_the_speech(tmp_pat
     assert item["seconds"] == pytest.approx(2.0, abs=0.01)
     stamps = [t for t in tokens(processor, item["labels"]) if t.startswith("<|") and t[2].isdigit()]
     assert stamps == ["<|0.50|>", "<|1.00|>", "<|1.24|>", "<|2.00|>"]  # every time halved (1.25 -> 1.24: half to even)
+
+
+# ---- packing ------------------------------------------------------------------------------------------
+
+def test_packing_fills_windows_of_one_language_under_both_limits():
+    from whisper_lora.data import pack
+
+    seconds = [4.0, 9.0, 12.0, 3.0, 8.0, 7.0, 2.0, 6.0]
+    tokens = [20, 40, 50, 10, 300, 30, 10, 25]
+    languages = ["zh", "zh", "en", "zh", "zh", "en", "zh", "zh"]
+    order = [3, 0, 7, 1, 2, 4, 5, 6]
+    windows = pack(order, seconds, tokens, languages, seed=1, epoch=0, max_seconds=30.0, max_tokens=448)
+    assert sorted(i for w in windows for i in w.members) == list(range(8))  # every utterance, once
+    for window in windows:
+        assert len({languages[i] for i in window.members}) == 1
+        assert sum(window.pauses) + sum(seconds[i] for i in window.members) <= 30.0
+        assert 5 + sum(tokens[i] for i in window.members) <= 448
+        assert [order.index(i) for i in window.members] == sorted(order.index(i) for i in window.members)
+    assert len(windows) < len(order) / 2  # windows hold several utterances
+    assert pack(order, seconds, tokens, languages, 1, 0) == windows  # the same plan for every rank and resume
+    assert pack(order, seconds, tokens, languages, 1, 1) != windows  # new pauses next epoch
+
+
+def test_a_packed_item_is_the_utterances_in_a_row_labelled_with_their_times(tmp_path, processor_and_generation):
+    from whisper_lora.data import PackedDataset, sample_seconds
+
+    processor, generation = processor_and_generation
+    clips = [write_tone(tmp_path / f"{n}.wav", seconds=s, freq=300 + 100 * n) for n, s in enumerate((1.0, 2.0, 1.5))]
+    samples = [Sample(clips[0], "hello", "en"), Sample(clips[1], "good morning", "en"),
+               Sample(clips[2], "bye", "en", sentences=(TimedText(0.2, 1.0, "bye"),))]
+    (tmp_path / "bad.wav").write_bytes(b"RIFF....WAVEjunk")
+    samples.insert(1, Sample(tmp_path / "bad.wav", "lost", "en", duration=1.0, source="m.jsonl:2"))
+    builder = LabelBuilder(processor.tokenizer, generation, "en", timestamps=False)
+    base = SpeechDataset(samples, processor, builder)
+    dataset = PackedDataset(base, lambda epoch: list(range(len(samples))), [sample_seconds(s) for s in samples],
+                            [builder.packed_tokens(s) for s in samples], seed=0)
+    (item,) = [dataset[i] for i in range(len(dataset))]
+    assert item["count"] == 3 and [s["source"] for s in item["also_skipped"]] == ["m.jsonl:2"]
+    pauses = dataset.windows[0].pauses
+    assert item["seconds"] == pytest.approx(4.5 + pauses[0] + pauses[2] + pauses[3], abs=0.01)
+    tokens = processor.tokenizer.convert_ids_to_tokens(item["labels"])
+    stamps = [float(t[2:-2]) for t in tokens if t.startswith("<|") and t[2:-2].replace(".", "").isdigit()]
+    first = pauses[0]
+    second = first + 1.0 + pauses[2]
+    third = second + 2.0 + pauses[3]
+    expected = [first, first + 1.0, second, second + 2.0, third + 0.2, third + 1.0]  # bye keeps its inner times
+    assert stamps == pytest.approx(expected, abs=0.021)
+    text = processor.tokenizer.decode(item["labels"], skip_special_tokens=True)
+    assert text.split() == ["hello", "good", "morning", "bye"]

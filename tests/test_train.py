@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -233,18 +234,19 @@ def test_replay_mixes_the_retain_share_and_the_retain_set_is_scored(tiny_model_d
     assert sum(s in replayed for s in epoch) == 2
 
 
-def tiny_lora(tiny_model_dir):
+def tiny_lora(tiny_model_dir, tiny_corpus):
     from transformers import WhisperForConditionalGeneration
 
     from whisper_lora.lora import apply_adapter
 
     model = WhisperForConditionalGeneration.from_pretrained(tiny_model_dir)
-    return apply_adapter(model, build_config(TrainConfig, overrides={"train_manifest": "x", "lora_r": 4}), 10)
+    config = build_config(TrainConfig, overrides={"train_manifest": str(tiny_corpus / "train.jsonl"), "lora_r": 4})
+    return apply_adapter(model, config, 10)
 
 
-def test_distilled_rows_are_pulled_towards_the_base_model_and_the_others_train_on_labels(tiny_model_dir):
+def test_distilled_rows_are_pulled_towards_the_base_model_and_the_others_train_on_labels(tiny_model_dir, tiny_corpus):
     torch.manual_seed(0)
-    model = tiny_lora(tiny_model_dir).train()
+    model = tiny_lora(tiny_model_dir, tiny_corpus).train()
     inputs = {"input_features": torch.randn(3, 80, 3000)}
     labels = torch.tensor([[50258, 50260, 400, 401, 50257], [50258, 50259, 402, 50257, -100],
                            [50258, 50259, 403, 404, 50257]])
@@ -357,3 +359,24 @@ def test_end_training_frees_the_ddp_wrapper_before_destroying_its_process_group(
     train.end_training(accelerator)
     assert seen == [False]  # the group was destroyed once, after the wrapper was gone
     assert not dist.is_initialized()
+
+
+def test_packed_training_counts_utterances_and_resumes_exactly(tiny_model_dir, tiny_corpus, tmp_path):
+    """--pack: windows of several utterances; samples_seen counts utterances; a run resumed from its step-2
+    checkpoint ends with the weights of the uninterrupted run."""
+    config = tiny_train_config(tiny_model_dir, tiny_corpus, tmp_path / "run", pack=True, max_steps=4, batch_size=1,
+                               save_steps=2, dev_manifest=None, lora_dropout=0.0, tensorboard=False)
+    summary = train.run(config)
+    # 6 clips of ~3 s fill one window: a window a step, so 4 steps = 4 epochs = 24 utterances
+    assert summary["samples_seen"] == 24
+    weights = load_file(tmp_path / "run" / "last" / "adapter_model.safetensors")
+    checkpoints = sorted((tmp_path / "run" / "checkpoints").iterdir())
+    for later in checkpoints[1:]:
+        import shutil
+
+        shutil.rmtree(later)
+    resumed = train.run(replace(config, resume=True))
+    assert resumed["steps"] == 4 and resumed["samples_seen"] == 24
+    again = load_file(tmp_path / "run" / "last" / "adapter_model.safetensors")
+    for name, tensor in weights.items():
+        torch.testing.assert_close(again[name], tensor, atol=1e-6, rtol=1e-5)

@@ -49,27 +49,42 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def checkpoint_partial(run_dir: Path, step: int) -> Path:
+    """Where the checkpoint of `step` is written before it is complete."""
+    return run_dir / CHECKPOINT_DIR / f"step-{step:07d}.partial"
+
+
+def begin_checkpoint(run_dir: Path, step: int) -> Path:
+    """An empty `.partial` folder for the checkpoint of `step`."""
+    partial = checkpoint_partial(run_dir, step)
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    return partial
+
+
+def finish_checkpoint(run_dir: Path, partial: Path, state: TrainState, keep: int) -> Path:
+    """Write the loop's state and make the checkpoint final; keep the last `keep`."""
+    (partial / "state.json").write_text(json.dumps(asdict(state), ensure_ascii=False))
+    final = partial.with_name(partial.name.removesuffix(".partial"))
+    shutil.rmtree(final, ignore_errors=True)
+    partial.rename(final)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
 def save_checkpoint(run_dir: Path, peft_model, optimizer, scheduler, state: TrainState, keep: int,
                     scaler=None) -> Path:
     from safetensors.torch import save_file
 
     from .lora import trainable_state
 
-    root = run_dir / CHECKPOINT_DIR
-    final = root / f"step-{state.step:07d}"
-    partial = final.with_name(final.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    partial = begin_checkpoint(run_dir, state.step)
     weights = {k: v.detach().cpu().contiguous() for k, v in trainable_state(peft_model).items()}
     save_file(weights, partial / "adapter.safetensors")
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(),
                 "scaler": scaler.state_dict() if scaler is not None else None}, partial / "trainer.pt")
-    (partial / "state.json").write_text(json.dumps(asdict(state), ensure_ascii=False))
-    shutil.rmtree(final, ignore_errors=True)
-    partial.rename(final)
-    for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    return finish_checkpoint(run_dir, partial, state, keep)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -92,4 +107,8 @@ def load_checkpoint(path: Path, peft_model, optimizer, scheduler, scaler=None) -
     _set_rng_state(trainer["rng"])
     if scaler is not None and trainer.get("scaler"):
         scaler.load_state_dict(trainer["scaler"])
+    return read_state(path)
+
+
+def read_state(path: Path) -> TrainState:
     return TrainState(**json.loads((path / "state.json").read_text()))

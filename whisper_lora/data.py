@@ -16,9 +16,9 @@ import torch
 
 from .audio import check_window, load_window
 from .constants import CHUNK_SECONDS, MAX_TARGET_TOKENS, SAMPLE_RATE
-from .errors import AudioError, UserError
+from .errors import AudioError
 from .manifest import Sample, TimedText
-from .tokens import SpecialTokens
+from .tokens import SpecialTokens, segment_text
 
 LABEL_PAD = -100  # ignored by the cross-entropy loss
 
@@ -92,8 +92,19 @@ class LabelBuilder:
         segments = sample.sentences or (TimedText(0.0, clip_seconds or sample.duration or CHUNK_SECONDS, sample.text),)
         ids = list(self.prompt(language, True))
         for segment in segments:
-            ids += [self.time_token(segment.start)] + self.text_ids(segment.text) + [self.time_token(segment.end)]
+            text = self.segment_ids(segment.text, language)
+            ids += [self.time_token(segment.start)] + text + [self.time_token(segment.end)]
         return ids + [self.eot]
+
+    def segment_ids(self, text: str, language: str | None) -> list[int]:
+        return self.text_ids(segment_text(text, language))
+
+    def packed_tokens(self, sample: Sample) -> int:
+        """Label tokens this sample adds to a packed window: its text and a timestamp pair per segment."""
+        language = sample.language or self.default_language
+        if sample.sentences:
+            return sum(len(self.segment_ids(t.text, language)) + 2 for t in sample.sentences)
+        return len(self.segment_ids(sample.text, language)) + 2 if sample.text.strip() else 0
 
     @property
     def ever_timestamps(self) -> bool:
@@ -303,9 +314,11 @@ class CachedEncoderDataset(torch.utils.data.Dataset):
 def collate(items: list[dict]) -> dict:
     """Stack features, pad labels to the longest in the batch, and carry skipped samples along."""
     good = [it for it in items if "error" not in it]
-    batch: dict = {"skipped": [SkippedSample(it["index"], it["source"], it["error"]) for it in items if "error" in it],
+    failed = [it for it in items if "error" in it] + [s for it in items for s in it.get("also_skipped", ())]
+    batch: dict = {"skipped": [SkippedSample(it["index"], it["source"], it["error"]) for it in failed],
                    "index": [it["index"] for it in good],
-                   "ids": [it.get("id") for it in items],  # every sample consumed, good or bad, in order
+                   "count": sum(it.get("count", 1) for it in good),  # utterances trained on (packed: several)
+                   "ids": [m for it in items for m in it.get("members", [it.get("id")])],  # every sample, in order
                    "workers": [it.get("worker", 0) for it in items]}
     if not good:
         return batch
@@ -317,3 +330,142 @@ def collate(items: list[dict]) -> dict:
         labels[row, : len(it["labels"])] = torch.tensor(it["labels"])
     batch["labels"] = labels
     return batch
+
+
+# ---- packing: short utterances into full 30 s windows ---------------------------------------------------
+
+def sample_seconds(sample: Sample) -> float:
+    """A sample's length: declared by the manifest, or its span, or the file's header."""
+    if sample.duration:
+        return float(sample.duration)
+    if sample.start is not None and sample.end is not None:
+        return sample.end - sample.start
+    from .audio import audio_duration
+
+    try:
+        return audio_duration(sample.audio_path) - (sample.start or 0.0)
+    except AudioError:
+        return 0.0  # planned as nothing; reading it in its window fails again, and reports it skipped
+
+
+PACK_PAUSE_SECONDS = (0.2, 0.8)  # silence before each utterance of a packed window, drawn per (seed, epoch, place)
+
+
+@dataclass(frozen=True)
+class PackedWindow:
+    members: tuple[int, ...]  # dataset indices, in the order they are heard
+    pauses: tuple[float, ...]  # seconds of silence before each member
+
+
+def pack(order: list[int], seconds: list[float], tokens: list[int], languages: list[str | None], seed: int,
+         epoch: int, max_seconds: float = CHUNK_SECONDS, max_tokens: int = MAX_TARGET_TOKENS,
+         prompt_tokens: int = 4) -> list[PackedWindow]:
+    """Utterances, in the epoch's order, filled into windows of one language each: an utterance joins its
+    language's open window if its pause, its audio and its label tokens (text + two timestamps) still fit;
+    otherwise that window is closed (it takes its place in the output where it was opened) and a new one
+    begins. Depends only on its arguments, so every rank and every resumed run packs alike."""
+    import random
+
+    rng = random.Random(f"pack:{seed}:{epoch}")
+    windows: list[list] = []  # [members, pauses, seconds, tokens]
+    open_by_language: dict = {}
+    low, high = PACK_PAUSE_SECONDS
+    for index in order:
+        pause = round(rng.uniform(low, high), 2)
+        window = open_by_language.get(languages[index])
+        fits = window is not None and window[2] + pause + seconds[index] <= max_seconds \
+            and window[3] + tokens[index] <= max_tokens
+        if not fits:
+            window = [[], [], 0.0, prompt_tokens + 1]  # the prompt and <|endoftext|>
+            windows.append(window)
+            open_by_language[languages[index]] = window
+            # a short lead-in (Whisper's windows rarely start on speech), if a clip this long leaves room
+            pause = min(round(rng.uniform(0.0, low), 2), max(0.0, max_seconds - seconds[index]))
+        window[0].append(index)
+        window[1].append(pause)
+        window[2] += pause + seconds[index]
+        window[3] += tokens[index]
+    return [PackedWindow(tuple(m), tuple(p)) for m, p, _, _ in windows]
+
+
+class PackedDataset(torch.utils.data.Dataset):
+    """A dataset whose items are packed windows: several utterances of one language, with short pauses,
+    labelled in Whisper's multi-segment format (a timestamp pair around each utterance, its own inner
+    times kept). The plan changes per epoch (`set_epoch`), from the epoch's sample order.
+
+    Each item reports how many utterances it trained on (`count`); an utterance whose audio cannot be
+    read is left out of its window and reported, never replaced.
+    """
+
+    def __init__(self, base: SpeechDataset, order_for_epoch, seconds: list[float], tokens: list[int], seed: int,
+                 max_seconds: float = CHUNK_SECONDS):
+        self.base, self.order_for_epoch = base, order_for_epoch
+        self.seconds, self.tokens, self.seed, self.max_seconds = seconds, tokens, seed, max_seconds
+        self.languages = [s.language or base.make_item.builder.default_language for s in base.samples]
+        self.set_epoch(0)
+
+    @property
+    def samples(self) -> list[Sample]:
+        return self.base.samples
+
+    @property
+    def epoch(self) -> int:
+        return self.base.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.base.set_epoch(epoch)
+        self.windows = pack(self.order_for_epoch(epoch), self.seconds, self.tokens, self.languages, self.seed, epoch,
+                            self.max_seconds)
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, i: int) -> dict:
+        maker = self.base.make_item
+        window = self.windows[i]
+        pieces, sentences, skipped, position, counted = [], [], [], 0.0, 0
+        for index, pause in zip(window.members, window.pauses):
+            sample = self.base.samples[index]
+            try:
+                audio = load_window(sample.audio_path, sample.start, sample.end)
+            except AudioError as exc:
+                skipped.append(maker.error(index, sample, str(exc)))
+                continue
+            scale, offset = 1.0, 0.0
+            if maker.augmenter is not None:
+                audio, scale, offset = maker.augmenter.audio_with_timing(audio, sample.id, self.epoch)
+            seconds = len(audio) / SAMPLE_RATE
+            # Augmentation (a time shift, a slower speed) or a rounded-down manifest duration can make the
+            # window longer than planned: the pause gives way first, and only then the utterance.
+            pause = min(pause, max(0.0, CHUNK_SECONDS - position - seconds))
+            if position + pause + seconds > CHUNK_SECONDS:
+                skipped.append(maker.error(index, sample, f"{sample.source}: left out of a packed window this "
+                                                         f"epoch: {seconds:.1f} s after augmentation, "
+                                                         f"{CHUNK_SECONDS - position:.1f} s left in the window"))
+                continue
+            pieces += [np.zeros(int(pause * SAMPLE_RATE), np.float32), audio]
+            start = position + pause
+            if sample.sentences:  # its own times, moved to where it is heard (and with the augmentation)
+                sentences += [TimedText(start + t.start * scale + offset, start + t.end * scale + offset, t.text)
+                              for t in sample.sentences]
+            elif sample.text.strip():
+                sentences.append(TimedText(start, start + seconds, sample.text))
+            # a no-speech row is heard between the segments, with no segment of its own
+            position = start + seconds
+            counted += 1
+        if not counted:
+            members = [self.base.samples[m].id for m in window.members]
+            return {**skipped[0], "also_skipped": skipped[1:], "members": members} if skipped else \
+                {"index": -1, "id": f"window {i}", "error": "empty packed window", "source": f"window {i}",
+                 "members": members}
+        first = self.base.samples[window.members[0]]
+        packed = Sample(first.audio_path, " ".join(s.text for s in sentences), self.languages[window.members[0]],
+                        sentences=tuple(sentences), source=f"packed window {i} of epoch {self.epoch}")
+        audio = np.concatenate(pieces)
+        features = log_mel(maker.processor, audio)
+        if maker.augmenter is not None:
+            features = maker.augmenter.features(features, packed.id + f"#{i}", self.epoch)
+        label = maker.builder.ids(packed, timestamps=True, clip_seconds=len(audio) / SAMPLE_RATE)[1:]
+        return {"index": window.members[0], "id": f"window {i}", "input_features": features, "labels": label,
+                "seconds": len(audio) / SAMPLE_RATE, "count": counted, "also_skipped": skipped,
+                "members": [self.base.samples[m].id for m in window.members]}

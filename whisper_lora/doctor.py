@@ -40,6 +40,7 @@ from .audio import MAX_SAMPLE_RATE, load_audio
 from .constants import MAX_TARGET_TOKENS, RAW_PCM_SUFFIXES, SAMPLE_RATE
 from .errors import AudioError, UserError
 from .manifest import ManifestRow, Sample, TimedText
+from .tokens import segment_text
 
 ERROR, WARNING, INFO = "error", "warning", "info"
 SEVERITY_ORDER = {ERROR: 0, WARNING: 1, INFO: 2}
@@ -290,8 +291,10 @@ def label_lengths(builder, samples: list[Sample]) -> list[int | UserError]:
     for sample in samples:
         if not sample.text.strip() and not sample.sentences:
             pieces.append(None)  # no-speech label: <|sot|><|nospeech|><|eot|>
-        elif timestamps and sample.sentences:
-            pieces.append([segment.text for segment in sample.sentences])
+        elif timestamps:
+            language = sample.language or builder.default_language
+            segments = sample.sentences or (sample,)
+            pieces.append([segment_text(segment.text, language) for segment in segments])
         else:
             pieces.append([sample.text])
     unique = list(dict.fromkeys(text for texts in pieces if texts for text in texts))

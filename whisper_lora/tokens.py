@@ -5,8 +5,14 @@ format; `SpecialTokens` builds it for a model (multilingual or English-only) fro
 """
 from __future__ import annotations
 
-from .constants import CHUNK_SECONDS, MAX_TARGET_TOKENS, TIME_PRECISION
+from .constants import CHUNK_SECONDS, MAX_TARGET_TOKENS, NO_SPACE_LANGUAGES, TIME_PRECISION
 from .errors import UserError
+
+
+def segment_text(text: str, language: str | None) -> str:
+    """A timestamped segment's text as Whisper writes it: after a space where words are spaced, so that
+    segments decode apart ("hello good" rather than "hellogood")."""
+    return " " + text if language not in NO_SPACE_LANGUAGES and not text.startswith(" ") else text
 
 
 class SpecialTokens:

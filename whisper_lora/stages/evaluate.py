@@ -12,7 +12,7 @@ from ..errors import UserError
 from ..manifest import check_audio_exists, language_code, read_manifest
 from ..models import load_model
 from ..report import format_table
-from ..scoring import load_clips, score_model
+from ..scoring import ModelScore, load_clips, score_model
 from ..text import default_metric
 
 

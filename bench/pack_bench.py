@@ -1,0 +1,81 @@
+"""Packed against unpacked training on the demo corpus: one epoch each, then CER on the test clips.
+
+    python bench/pack_bench.py                    # prints the table, writes bench/results/pack_<host>.json
+
+Both runs train encoder + decoder LoRA (r=32 on q/v, the demo's learning rate) on the embedded
+whisper-base over the 320 Mandarin training sentences of demo/data, for one epoch, without a dev set:
+unpacked with the demo's batch of 8 clips; packed (`--pack`) with batches of 2 windows of ~7
+utterances each, so that one epoch still takes ~20 optimizer steps, and a warm-up scaled to match.
+The encoder path is the one packing is for: with a frozen encoder the encoder outputs of single clips
+are cached once and packing has nothing left to save.
+
+Reported per run: training wall time (the run's own clock, model loading excluded), utterances/s, and
+CER on demo/data/test.jsonl (40 single clips) and on test_new_words.jsonl, scored by `whisper-lora
+evaluate` with greedy decoding; then the long-form check of the inference bench is left to
+`bench/infer_bench.py --model <packed adapter>`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "demo" / "data"
+COMMON = ["--train-manifest", str(DEMO / "train.jsonl"), "--language", "zh", "--lora-r", "32", "--lora-alpha", "64",
+          "--lora-targets", "qv", "--learning-rate", "0.001", "--epochs", "1", "--no-tensorboard", "--save-steps",
+          "100000", "--timestamp-fraction", "0"]
+RUNS = {"unpacked": ["--batch-size", "8", "--warmup-steps", "10"],
+        "packed": ["--pack", "--batch-size", "2", "--warmup-steps", "3"]}
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "whisper_lora", *args], capture_output=True, text=True, cwd=REPO)
+    if result.returncode:
+        sys.exit(f"whisper-lora {args[0]} failed:\n{result.stderr[-3000:]}")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--keep", type=Path, help="folder to keep the two runs in (default: a temporary one)")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / f"pack_{platform.node()}.json")
+    args = parser.parse_args()
+    work = args.keep or Path(tempfile.mkdtemp(prefix="pack-bench-"))
+    results = {}
+    for name, flags in RUNS.items():
+        print(f"training {name} ...", flush=True)
+        cli("train", *COMMON, *flags, "--output-dir", str(work / name), "--overwrite")
+        metrics = json.loads((work / name / "metrics.json").read_text())
+        logged = [h for h in metrics["history"] if "elapsed_s" in h]
+        seconds = logged[-1]["elapsed_s"]
+        row = {"steps": metrics["steps"], "utterances": metrics["samples_seen"], "train_s": round(seconds, 1),
+               "utterances_per_s": round(metrics["samples_seen"] / seconds, 3)}
+        for test in ("test", "test_new_words"):
+            report = work / f"{name}-{test}.json"
+            cli("evaluate", str(DEMO / f"{test}.jsonl"), "--models", str(work / name / "adapter"), "--language", "zh",
+                "--output", str(report))
+            row[f"{test}_cer"] = round(json.loads(report.read_text())["models"][0]["cer"] * 100, 2)
+        results[name] = row
+        print(name, row, flush=True)
+
+    unpacked, packed = results["unpacked"], results["packed"]
+    print(f"\none epoch on demo/data/train.jsonl (320 clips), encoder + decoder LoRA r=32 q/v; "
+          f"{platform.machine()}, CPU\n")
+    print("| run | steps | train wall time | utterances/s | test CER | new-word CER |")
+    print("|---|---|---|---|---|---|")
+    for name, r in results.items():
+        print(f"| {name} | {r['steps']} | {r['train_s']:.0f} s | {r['utterances_per_s']:.2f} | {r['test_cer']:.2f}% "
+              f"| {r['test_new_words_cer']:.2f}% |")
+    print(f"\npacked/unpacked wall time: 1/{unpacked['train_s'] / packed['train_s']:.2f}; "
+          f"test CER difference: {packed['test_cer'] - unpacked['test_cer']:+.2f} points")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"machine": platform.node(), "runs": results, "work": str(work)}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
