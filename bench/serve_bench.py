@@ -14,8 +14,8 @@ audio seconds transcribed per wall second, p50/p95 latency, and the server's pea
   one at a time     --max-batch 1: each window decoded alone, as a server without batching does
   batched           --max-batch 8: windows of concurrent requests decoded together
   batched, 1 adapter      every request for the same adapter
-  batched, 4 adapters     requests spread over four adapters, mixed in batches (peft adapter_names)
-  batched, 4 grouped      the same load with --no-mixed-adapters (a batch holds one adapter)
+  batched, 4 adapters     requests spread over four adapters, mixed in batches (--mixed-adapters: peft adapter_names)
+  batched, 4 grouped      the same load batched per adapter (the default: a batch holds one adapter)
 
 Memory: the server's resident set after a warm-up request with the base only, then after all four
 adapters were used, against base + 4 x adapter file size (+10%).
@@ -162,8 +162,8 @@ def main() -> None:
     runs = [("one at a time", ["--max-batch", "1"], ["whisper-1"] * args.requests),
             ("batched", ["--max-batch", "8"], ["whisper-1"] * args.requests),
             ("batched, 1 adapter", ["--max-batch", "8"], ["alpha"] * args.requests),
-            ("batched, 4 adapters mixed", ["--max-batch", "8"], spread),
-            ("batched, 4 adapters grouped", ["--max-batch", "8", "--no-mixed-adapters"], spread)]
+            ("batched, 4 adapters mixed", ["--max-batch", "8", "--mixed-adapters"], spread),
+            ("batched, 4 adapters grouped", ["--max-batch", "8"], spread)]
     results, memory = {}, {}
     for name, flags, models in runs:
         server = Server(work / "adapters", *flags)
