@@ -112,3 +112,31 @@ def test_confirmed_words_are_forced_and_the_buffer_is_cut_at_a_sentence_end():
     (stop,) = [e for e in events if isinstance(e, SpeechStopped)]
     assert stop.text == "Hello there, how are you? Fine, thanks. Bye."
     assert "you?" in streamer.context  # what was cut off became the prompt
+
+
+def test_a_decoder_slower_than_min_chunk_decodes_less_often_instead_of_falling_behind(monkeypatch):
+    """Each decode costs 0.4 s here (a fake clock) against a min_chunk of 0.1 s: back to back, decoding
+    would take 4x the stream's time; with max_busy 0.8 a decode waits for 0.5 s of new speech."""
+    import whisper_lora.streaming as streaming
+
+    clock = [0.0]
+    monkeypatch.setattr(streaming.time, "perf_counter", lambda: clock[0])
+
+    class SlowDecoder(ScriptedDecoder):
+        def __call__(self, audio, options):
+            clock[0] += 0.4
+            return super().__call__(audio, options)
+
+    decoder = SlowDecoder()
+    streamer = StreamingTranscriber(decoder, options=StreamOptions(min_chunk=0.1), detector=Schedule([(1.0, 3.6)]))
+    decoder.streamer = streamer
+    audio = (np.random.default_rng(0).standard_normal(5 * SR) * 0.05).astype(np.float32)
+    events = []
+    for i in range(0, len(audio), 800):  # 50 ms pieces
+        events += streamer.feed(audio[i:i + 800])
+    ends = [end for _, end, _ in decoder.calls]
+    gaps = np.diff(ends[:-1])  # the last decode closes the utterance whenever it ends
+    assert len(gaps) and gaps.min() >= 0.5 - 1e-6, ends
+    assert streamer.decode_seconds <= 0.8 * (3.6 - 1.0) + 0.4 + 0.4  # busy <= 80%, plus the first and last
+    (stop,) = [e for e in events if isinstance(e, SpeechStopped)]
+    assert stop.text == "Hello there, how are you?"  # less often, still every word

@@ -6,9 +6,10 @@ System", with its VAD-gated mode), on any model or adapter the service serves:
 * Silero VAD runs on every piece. Silence is never decoded (so no "Thank you." out of nothing); an
   utterance starts with speech (plus `prefix_padding` of what came before) and ends after `silence` s
   without it, when its last words are confirmed by a final decode.
-* While an utterance goes on, its audio buffer is decoded again whenever `min_chunk` s of it are new
-  (at once if the last decode took longer: the chunk adapts to the machine). LocalAgreement-2: words
-  on which two consecutive decodes agree are confirmed and never change; the rest is partial text.
+* While an utterance goes on, its audio buffer is decoded again whenever `min_chunk` s of it are new,
+  or more on a slow machine: decoding takes at most `max_busy` of the stream's time, so it keeps up.
+  LocalAgreement-2: words on which two consecutive decodes agree are confirmed and never change; the
+  rest is partial text.
 * Confirmed words inside the buffer are forced as the decoder's prefix, so each decode only searches
   the unconfirmed tail; confirmed text before the buffer is the prompt. The buffer is cut at the end
   of a confirmed sentence once it holds `trim_after` s, so it stays well under Whisper's 30 s window
@@ -37,6 +38,10 @@ class StreamOptions:
     silence: float = 0.5  # s without speech that end an utterance (OpenAI's silence_duration_ms 500)
     prefix_padding: float = 0.3  # s of audio before the detected onset kept in the utterance (prefix_padding_ms)
     min_chunk: float = 1.0  # s of new speech before the buffer is decoded again
+    # Share of the stream's time spent decoding at most: a decode waits for (last decode's time / max_busy)
+    # s of new speech, so a machine too slow for `min_chunk` decodes less often (a little later) instead
+    # of decoding back to back and falling further behind the longer the stream runs.
+    max_busy: float = 0.8
     trim_after: float = 12.0  # s of buffer after which it is cut at a confirmed sentence end
     max_buffer: float = 25.0  # s: past this, cut at the last confirmed word; Whisper's window is 30 s
     prompt_chars: int = 200  # confirmed text before the buffer given as the prompt
@@ -130,6 +135,7 @@ class StreamingTranscriber:
         self.tail = np.zeros(0, np.float32)  # the last `prefix_padding` s heard outside speech
         self._reset_buffer()
         self.decode_seconds = 0.0  # compute spent decoding, for real-time factors
+        self.last_decode_seconds = 0.0
         self.decodes = 0
 
     def _reset_buffer(self) -> None:
@@ -153,7 +159,8 @@ class StreamingTranscriber:
 
     def update(self) -> list[Event]:
         """Decode the utterance under way if `min_chunk` s of it are new (at most one decode)."""
-        if self.in_speech and len(self.buffer) / SAMPLE_RATE - self.decoded_until >= self.options.min_chunk:
+        wait = max(self.options.min_chunk, self.last_decode_seconds / self.options.max_busy)
+        if self.in_speech and len(self.buffer) / SAMPLE_RATE - self.decoded_until >= wait:
             return self._update()
         return []
 
@@ -233,7 +240,8 @@ class StreamingTranscriber:
                                 prefix=forced or None)
         started = time.perf_counter()
         segments = self.decode_fn(self.buffer, options)
-        self.decode_seconds += time.perf_counter() - started
+        self.last_decode_seconds = time.perf_counter() - started
+        self.decode_seconds += self.last_decode_seconds
         self.decodes += 1
         self.decoded_until = len(self.buffer) / SAMPLE_RATE
         words = [w for s in segments for w in (s.words or [])]
