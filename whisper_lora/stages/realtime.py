@@ -58,6 +58,8 @@ class Printer:
         self.line, self.partial = "", ""
 
 
+FINAL_WAIT = 10.0  # s of quiet from the server, once the source has ended, that mean it has said all
+
 def file_source(path: str, speed: float, chunks: queue.Queue, stop: threading.Event) -> None:
     """Push the file's audio in 100 ms pieces on the audio clock (times `speed`)."""
     from ..audio import load_audio
@@ -195,7 +197,8 @@ def run_remote(config: RealtimeConfig, chunks: queue.Queue, printer: Printer, la
     try:
         while True:
             try:
-                event = json.loads(ws.recv(timeout=2.0 if finished.is_set() else None))
+                # after the source ended, the server's last decodes may take seconds on a slow machine
+                event = json.loads(ws.recv(timeout=FINAL_WAIT if finished.is_set() else None))
             except TimeoutError:
                 break  # the source ended and the server has said all it will say
             kind = event.get("type")
@@ -217,6 +220,7 @@ def run_remote(config: RealtimeConfig, chunks: queue.Queue, printer: Printer, la
                 printer.end_utterance(event["transcript"])
                 segments.append(Segment(len(segments), starts.get(item, 0.0), starts.get((item, "end"), 0.0),
                                         event["transcript"]))
+
     except ConnectionClosed:
         pass
     finally:
