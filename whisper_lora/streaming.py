@@ -158,7 +158,8 @@ class StreamingTranscriber:
         return self.hear(pcm) + self.update()
 
     def update(self) -> list[Event]:
-        """Decode the utterance under way if `min_chunk` s of it are new (at most one decode)."""
+        """Decode the utterance under way once enough of it is new (`min_chunk`, or more when decodes are
+        slow: `max_busy`); at most one decode."""
         wait = max(self.options.min_chunk, self.last_decode_seconds / self.options.max_busy)
         if self.in_speech and len(self.buffer) / SAMPLE_RATE - self.decoded_until >= wait:
             return self._update()
