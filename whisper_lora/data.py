@@ -18,7 +18,7 @@ from .audio import check_window, load_window
 from .constants import CHUNK_SECONDS, MAX_TARGET_TOKENS, SAMPLE_RATE
 from .errors import AudioError
 from .manifest import Sample, TimedText
-from .tokens import SpecialTokens, segment_text
+from .tokens import SpecialTokens
 
 LABEL_PAD = -100  # ignored by the cross-entropy loss
 
@@ -74,9 +74,6 @@ class LabelBuilder:
     def time_token(self, seconds: float) -> int:
         return self.special.time_token(seconds)
 
-    def text_ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
     def build(self, sample: Sample, clip_seconds: float | None = None, epoch: int = 0) -> list[int]:
         """Full label ids (including <|startoftranscript|>). `clip_seconds` ends a timestamp segment
         for rows without `sentences`; without it the label has the right length but a guessed end."""
@@ -88,23 +85,20 @@ class LabelBuilder:
             return [self.special.sot, self.special.no_speech, self.eot]
         language = sample.language or self.default_language
         if not timestamps:
-            return self.prompt(language, False) + self.text_ids(sample.text) + [self.eot]
+            return self.prompt(language, False) + self.special.text_ids(sample.text) + [self.eot]
         segments = sample.sentences or (TimedText(0.0, clip_seconds or sample.duration or CHUNK_SECONDS, sample.text),)
         ids = list(self.prompt(language, True))
         for segment in segments:
-            text = self.segment_ids(segment.text, language)
+            text = self.special.segment_ids(segment.text, language)
             ids += [self.time_token(segment.start)] + text + [self.time_token(segment.end)]
         return ids + [self.eot]
-
-    def segment_ids(self, text: str, language: str | None) -> list[int]:
-        return self.text_ids(segment_text(text, language))
 
     def packed_tokens(self, sample: Sample) -> int:
         """Label tokens this sample adds to a packed window: its text and a timestamp pair per segment."""
         language = sample.language or self.default_language
         if sample.sentences:
-            return sum(len(self.segment_ids(t.text, language)) + 2 for t in sample.sentences)
-        return len(self.segment_ids(sample.text, language)) + 2 if sample.text.strip() else 0
+            return sum(len(self.special.segment_ids(t.text, language)) + 2 for t in sample.sentences)
+        return len(self.special.segment_ids(sample.text, language)) + 2 if sample.text.strip() else 0
 
     @property
     def ever_timestamps(self) -> bool:

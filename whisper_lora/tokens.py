@@ -63,7 +63,12 @@ class SpecialTokens:
         return head + self.prompt(language, task, timestamps)
 
     def text_ids(self, text: str) -> list[int]:
+        """Text as given, spaces included: a plain label's text, or a piece whose spacing is already decided."""
         return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def segment_ids(self, text: str, language: str | None) -> list[int]:
+        """A timestamped segment's text (`segment_text`'s spacing rule)."""
+        return self.text_ids(segment_text(text, language))
 
     def prompt_ids(self, text: str | None) -> list[int]:
         """An initial prompt's tokens, with the leading space a word has inside running text."""
