@@ -203,3 +203,17 @@ def test_word_timestamps_with_vad_refer_to_the_original_audio(base_transcriber, 
         shifted = [w.start - offset for w in segment.words]
         assert len(shifted) == len(alone.words)
         assert np.median(np.abs(np.array(shifted) - [w.start for w in alone.words])) < 0.1, shifted
+
+
+def test_ct2_backend_takes_a_prompt_and_a_forced_prefix_as_transformers_does(base_transcriber, ct2_transcriber):
+    """What a live stream sends every decode: the text so far as the prompt, its confirmed words as the
+    prefix, word timestamps. faster-whisper refused the prompt with the default token limit, and the
+    prefix was dropped, so the words after it were misnumbered."""
+    clip = load_audio(SHARED_EN / "arctic_a0009.wav")
+    options = DecodeOptions(temperature=(0.0,), without_timestamps=True, word_timestamps=True,
+                            initial_prompt="Inspector Gregson's notes.", prefix="He turned")
+    for backend in (base_transcriber, ct2_transcriber):
+        segments = list(backend.transcribe(clip, "en", options)[0])
+        text, words = " ".join(s.text for s in segments), [w.word.strip() for s in segments for w in s.words]
+        assert text.lower().startswith("he turned sharply"), (backend, [s.text for s in segments])
+        assert words[:3] == ["He", "turned", "sharply"], (backend, words)

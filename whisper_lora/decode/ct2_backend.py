@@ -10,7 +10,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..constants import CHUNK_SECONDS
+from ..constants import CHUNK_SECONDS, MAX_TARGET_TOKENS
 from ..errors import UserError
 from . import longform
 from .types import GREEDY, DecodeOptions, Segment, TranscriptionInfo, Word
@@ -44,7 +44,11 @@ class CT2Backend:
                     log_prob_threshold=options.log_prob_threshold, no_speech_threshold=options.no_speech_threshold,
                     initial_prompt=options.initial_prompt, condition_on_previous_text=options.condition_on_previous_text,
                     word_timestamps=options.word_timestamps, without_timestamps=options.without_timestamps,
-                    max_new_tokens=options.max_new_tokens)
+                    prefix=options.prefix if options.without_timestamps else None,
+                    # faster-whisper refuses prompt + max_new_tokens over the 448-token context instead of
+                    # capping, and the prompt (previous text) changes per window: None is its "up to the
+                    # context", which is what a limit of half the context or more amounts to.
+                    max_new_tokens=None if options.max_new_tokens >= MAX_TARGET_TOKENS // 2 else options.max_new_tokens)
 
     @staticmethod
     def _convert(s, offset: float, frames_offset: int) -> Segment:
