@@ -380,3 +380,36 @@ def test_packed_training_counts_utterances_and_resumes_exactly(tiny_model_dir, t
     again = load_file(tmp_path / "run" / "last" / "adapter_model.safetensors")
     for name, tensor in weights.items():
         torch.testing.assert_close(again[name], tensor, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bits", ["8", "4"])
+def test_quantised_base_trains_saves_merges_and_transcribes_with_real_weights(bits, mandarin_adapter, tmp_path, capsys):
+    """QLoRA-style on the CPU with the embedded whisper-base: the frozen base loaded in 8-bit (LLM.int8) or
+    4-bit NF4, decoder LoRA trained on the shared fixture's 8 robotic-Mandarin clips (the base reads them at
+    CER > 100%), the adapter merged into the full-precision base, and the merged model reads them back."""
+    from conftest import cli_here
+
+    rows = mandarin_adapter[1]
+    manifest = tmp_path / "train.jsonl"
+    manifest.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    out = tmp_path / "run"
+    summary = train.run(build_config(TrainConfig, overrides={
+        "train_manifest": str(manifest), "output_dir": str(out), f"load_in_{bits}bit": True, "freeze_encoder": True,
+        "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "batch_size": 4, "max_steps": 10,
+        "learning_rate": 3e-3, "warmup_steps": 2, "timestamp_fraction": 0.0, "tensorboard": False}))
+    assert summary["steps"] == 10
+    assert f"load_in_{bits}bit: true" in (out / "config.yaml").read_text()
+    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == "openai/whisper-base"  # merged and served over the full-precision base
+
+    merged = tmp_path / "merged"
+    assert cli_here(capsys, "merge", str(out / "adapter"), "--output-dir", str(merged)).returncode == 0
+    weights = load_file(merged / "model.safetensors")
+    assert all(t.dtype == torch.float32 for t in weights.values())  # no int8 / packed 4-bit left in the model
+    report, scored = tmp_path / "report.json", tmp_path / "scored.jsonl"
+    scored.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows[:4]), encoding="utf-8")
+    result = cli_here(capsys, "evaluate", str(scored), "--models", str(merged), "--language", "zh",
+                      "--output", str(report))
+    assert result.returncode == 0, result.stderr[-2000:]
+    cer = json.loads(report.read_text())["models"][0]["cer"]
+    assert cer < 0.25, cer

@@ -281,9 +281,13 @@ def bnb_config(quantization: str):
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     if quantization == "4bit":
-        # bf16 compute as in QLoRA (on CPUs too); GPUs before Ampere have no bf16 and compute in fp16 instead.
-        cuda = torch.cuda.is_available()
-        compute = torch.float16 if cuda and not torch.cuda.is_bf16_supported() else torch.bfloat16
+        # bf16 compute as in QLoRA on GPUs (fp16 before Ampere, which lacks bf16). On a CPU, fp32: without
+        # bf16 units (most CPUs, this project's too) bf16 matmuls run >10x slower than fp32, and the
+        # 4-bit weights are dequantised for every product whatever the compute type.
+        if not torch.cuda.is_available():
+            compute = torch.float32
+        else:
+            compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                   bnb_4bit_compute_dtype=compute)
     raise ValueError(f"unknown quantization {quantization!r}")
