@@ -2,6 +2,7 @@
 
     python bench/infer_bench.py                  # prints a table, writes bench/results/infer_<host>.json
     python bench/infer_bench.py --repeat 2       # each file timed twice, the faster kept (shared machines)
+    python bench/infer_bench.py --systems "whisper-lora transformers" --model runs/x/adapter   # an adapter
 
 Systems, all on the embedded whisper-base, greedy decoding (beam 1, no temperature fallback, no
 previous-text conditioning, no VAD), language given, on the same files:
@@ -62,7 +63,7 @@ def build_corpus(folder: Path) -> list[tuple[Path, str]]:
     return items
 
 
-def run_system(name: str, files: list[str], repeat: int = 1) -> dict:
+def run_system(name: str, files: list[str], repeat: int = 1, model: str | None = None) -> dict:
     from whisper_lora.constants import MAX_NEW_TOKENS
     from whisper_lora.decode import GREEDY, CT2Backend, TransformersBackend
     from whisper_lora.models import ct2_model_dir, load_model
@@ -70,7 +71,7 @@ def run_system(name: str, files: list[str], repeat: int = 1) -> dict:
     options = replace(GREEDY, max_new_tokens=MAX_NEW_TOKENS)
     compute = name.rsplit(" ", 1)[-1]
     if name.startswith("whisper-lora transformers"):
-        transcriber = TransformersBackend(*load_model(None), device="cpu")
+        transcriber = TransformersBackend(*load_model(model), device="cpu")
         vad = name.endswith("vad")  # speech regions packed into 30 s windows, decoded 8 at a time
         run = lambda f: " ".join(s.text for s in transcriber.transcribe(f, "en", options, vad=vad)[0])  # noqa: E731
     elif name.startswith("transformers pipeline"):
@@ -116,6 +117,8 @@ def main() -> None:
     parser.add_argument("--system", help=argparse.SUPPRESS)
     parser.add_argument("--files", nargs="*", help=argparse.SUPPRESS)
     parser.add_argument("--systems", nargs="*", default=SYSTEMS, help="subset of systems to run")
+    parser.add_argument("--model", help="a model or adapter for the whisper-lora transformers systems (default: the "
+                                            "embedded whisper-base; the other systems always run it)")
     parser.add_argument("--repeat", type=int, default=1, help="time each file this many times, keep the fastest")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / f"infer_{platform.node() or 'host'}.json"))
     args = parser.parse_args()
@@ -123,7 +126,7 @@ def main() -> None:
         import transformers
 
         transformers.logging.set_verbosity_error()
-        print("RESULT " + json.dumps(run_system(args.system, args.files, args.repeat)))
+        print("RESULT " + json.dumps(run_system(args.system, args.files, args.repeat, args.model)))
         return
 
     from whisper_lora.audio import audio_duration
@@ -141,7 +144,8 @@ def main() -> None:
         results = {}
         for name in args.systems:
             proc = subprocess.run(["/usr/bin/time", "-f", "PEAK_KB %M", sys.executable, __file__, "--system", name,
-                                   "--repeat", str(args.repeat), "--files", *files],
+                                   "--repeat", str(args.repeat), *(["--model", args.model] if args.model else []),
+                                   "--files", *files],
                                   capture_output=True, text=True, env=dict(os.environ))
             lines = proc.stdout.splitlines() + proc.stderr.splitlines()
             result_line = [ln for ln in lines if ln.startswith("RESULT ")]
@@ -183,7 +187,7 @@ def main() -> None:
     Path(args.out).write_text(json.dumps({"audio_seconds": seconds, "files": len(items), "cpu_count": os.cpu_count(),
                                           "machine": f"{os.cpu_count()} CPU cores "
                                                      f"({platform.processor() or platform.machine()}), systems on CPU",
-                                          "repeat": args.repeat, "results": results, "ratios": ratios}, indent=2))
+                                          "repeat": args.repeat, "model": args.model, "results": results, "ratios": ratios}, indent=2))
 
 
 if __name__ == "__main__":

@@ -134,7 +134,7 @@ def main() -> None:
     parser.add_argument("--load-in-8bit", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--load-in-4bit", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--only", choices=("packed-and-quantised",), help="run only the --pack, 8-bit and 4-bit "
-                        "rows beside the seed recipe")
+                        "rows beside the seed recipe and plain fp32")
     args = parser.parse_args()
     if args.system:  # child process: one measurement, printed as JSON
         print("RESULT " + json.dumps(run_reference(args) if args.system == "reference" else run_ours(args)))
@@ -145,8 +145,7 @@ def main() -> None:
             (False, "ours", ["--pack"]), (False, "ours", ["--load-in-8bit"]), (False, "ours", ["--load-in-4bit"]),
             (True, "reference", []), (True, "ours", [])]
     if args.only:
-        runs = [r for r in runs if not r[0] and (r[1] == "reference" or set(r[2]) & {"--pack", "--load-in-8bit",
-                                                                                    "--load-in-4bit"})]
+        runs = [r for r in runs if not r[0] and (not r[2] or set(r[2]) & {"--pack", "--load-in-8bit", "--load-in-4bit"})]
     for decoder_only, system, flags in runs:
         case = "decoder-only (frozen encoder)" if decoder_only else "encoder + decoder LoRA"
         label = "seed recipe (Seq2SeqTrainer)" if system == "reference" else " ".join(["whisper-lora"] + flags)
