@@ -2,6 +2,7 @@
 
     python bench/realtime_bench.py                 # prints the tables, writes bench/results/realtime_<host>.json
     python bench/realtime_bench.py --soak-minutes 5
+    python bench/realtime_bench.py --models base --soak-minutes 0    # the base model's streams only
 
 Streams long real speech through the streaming core (`StreamingTranscriber` over the service and its
 batcher, as `serve` runs it) at real-time speed, with computation counted: audio arrives in 100 ms
@@ -121,7 +122,8 @@ def latencies(confirmed, reference_words) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--soak-minutes", type=float, default=30.0)
+    parser.add_argument("--soak-minutes", type=float, default=30.0, help="0: no soak, no silence and noise runs")
+    parser.add_argument("--models", nargs="+", default=["base", "adapter"], choices=("base", "adapter"))
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / f"realtime_{platform.node()}.json")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -142,7 +144,7 @@ def main() -> None:
     make_adapters(work / "adapters")
     service = TranscriptionService(ModelPool(None, str(work / "adapters")))
     rows, results = [], {}
-    for model in (None, "alpha"):
+    for model in [{"base": None, "adapter": "alpha"}[m] for m in args.models]:
         for name in ("long_0", "long_1", "long_0+1"):
             offline, offline_text = offline_words(service, model, audio[name])
             run = stream_realtime(service, model, audio[name])
@@ -159,6 +161,12 @@ def main() -> None:
     results["streams"] = rows
 
     # ---- soak: speech and pauses for --soak-minutes, as fast as it is decoded; then silence and noise
+    if not args.soak_minutes:
+        service.close()
+        report(rows, None, None)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"machine": platform.node(), "cpus": os.cpu_count(), **results}, indent=2))
+        return
     rng = np.random.default_rng(0)
     pause = np.zeros(16000 * 10, np.float32)
     soak = []
@@ -200,21 +208,26 @@ def main() -> None:
     results["quiet"] = quiet
     service.close()
 
-    # ---- report
+    report(rows, results["soak"], quiet)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"machine": platform.node(), "cpus": os.cpu_count(), **results}, indent=2))
+
+
+def report(rows: list[dict], soak: dict | None, quiet: dict | None) -> None:
     print(f"\nstreaming at real-time speed; {platform.processor() or platform.machine()}, {os.cpu_count()} cores\n")
     print("| model | audio | p50 latency | p95 latency | WER stream | WER offline | RTF | done after audio end |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['file']} ({r['audio_s']:.0f} s) | {r['p50_latency_s']:.2f} s | {r['p95_latency_s']:.2f} s "
               f"| {r['wer_stream']:.2f}% | {r['wer_offline']:.2f}% | {r['rtf']:.2f} | {r['finished_after_audio_s']:.1f} s |")
-    s = results["soak"]
+    if soak is None:
+        return
+    s = soak
     print(f"\nsoak, {s['minutes']:.0f} min of speech and pauses: resident memory {s['rss_first_mb']} MB after 1 min, "
           f"{s['rss_last_mb']} MB at the end; time per decode {s['decode_s_first_tenth']:.2f} s in the first tenth, "
           f"{s['decode_s_last_tenth']:.2f} s in the last")
     print(f"60 s of silence: {quiet['silence']['confirmed_words']} words ({quiet['silence']['decodes']} decodes); "
           f"60 s of noise: {quiet['noise']['confirmed_words']} words ({quiet['noise']['decodes']} decodes)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": platform.node(), "cpus": os.cpu_count(), **results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -140,3 +140,26 @@ def test_a_decoder_slower_than_min_chunk_decodes_less_often_instead_of_falling_b
     assert streamer.decode_seconds <= 0.8 * (3.6 - 1.0) + 0.4 + 0.4  # busy <= 80%, plus the first and last
     (stop,) = [e for e in events if isinstance(e, SpeechStopped)]
     assert stop.text == "Hello there, how are you?"  # less often, still every word
+
+
+def test_a_live_decode_may_write_only_as_many_tokens_as_its_audio_could_hold():
+    """Whisper loops on some partial buffers; a loop of hundreds of tokens and its fallbacks took ~10 s where
+    a decode takes ~2 and put the stream behind. The limit grows with the buffer, far above speech."""
+    limits = []
+
+    class Recording(ScriptedDecoder):
+        def __call__(self, audio, options):
+            limits.append((len(audio) / SR, options.max_new_tokens))
+            return super().__call__(audio, options)
+
+    decoder = Recording()
+    streamer = StreamingTranscriber(decoder, options=StreamOptions(min_chunk=0.5), detector=Schedule([(1.0, 3.6)]))
+    decoder.streamer = streamer
+    audio = (np.random.default_rng(0).standard_normal(5 * SR) * 0.05).astype(np.float32)
+    events = [e for i in range(0, len(audio), 4000) for e in streamer.feed(audio[i:i + 4000])]
+    assert len(limits) >= 3
+    for seconds, limit in limits:
+        assert 16 + 12 * seconds - 1 <= limit <= 16 + 12 * seconds, (seconds, limit)  # 3.4 s of buffer: 56 tokens
+    assert limits[-1][1] > limits[0][1]
+    (stop,) = [e for e in events if isinstance(e, SpeechStopped)]
+    assert stop.text == "Hello there, how are you?"

@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from .constants import SAMPLE_RATE
+from .constants import MAX_NEW_TOKENS, SAMPLE_RATE
 from .decode import DecodeOptions, Segment, Word
 from .vad import FRAME_SAMPLES as FRAME
 
@@ -46,6 +46,11 @@ class StreamOptions:
     max_buffer: float = 25.0  # s: past this, cut at the last confirmed word; Whisper's window is 30 s
     prompt_chars: int = 200  # confirmed text before the buffer given as the prompt
     temperature: tuple[float, ...] = (0.0, 0.4, 0.8)  # a short ladder: a live decode cannot wait for six
+    # Tokens a decode may write per s of buffer (plus `tokens_floor`): far above speech (~3-8 tokens/s in
+    # English or Mandarin), far below a loop. Whisper loops on some partial buffers; uncapped, such a
+    # decode and its fallbacks wrote hundreds of tokens and took ~10 s where a decode takes ~2.
+    tokens_per_second: float = 12.0
+    tokens_floor: int = 16
 
 
 # ---- events ------------------------------------------------------------------------------------------
@@ -236,7 +241,9 @@ class StreamingTranscriber:
     def _decode(self) -> list[Word]:
         """The buffer's words (stream times) after the confirmed ones, from one decode."""
         forced = "".join(w.word for w in self.kept).strip()
+        limit = int(self.options.tokens_floor + self.options.tokens_per_second * len(self.buffer) / SAMPLE_RATE)
         options = DecodeOptions(temperature=self.options.temperature, without_timestamps=True, word_timestamps=True,
+                                max_new_tokens=min(MAX_NEW_TOKENS, limit),
                                 initial_prompt=self.context[-self.options.prompt_chars:] or None,
                                 prefix=forced or None)
         started = time.perf_counter()
