@@ -341,6 +341,11 @@ def test_quantised_model_trains_one_step_on_the_cpu(tiny_model_dir, flag):
     assert isinstance(layer, bnb.nn.Linear8bitLt if flag == "8bit" else bnb.nn.Linear4bit)
     if flag == "4bit":
         assert layer.weight.quant_state.quant_type == "nf4" and layer.weight.quant_state.nested  # double quantisation
+        # fp32 compute on a CPU (bf16 there is >10x slower without bf16 units), QLoRA's bf16 on GPUs
+        assert layer.compute_dtype == torch.float32
+        from whisper_lora.models import bnb_config
+
+        assert bnb_config("4bit", "cpu").bnb_4bit_compute_dtype == torch.float32
         assert layer.weight.numel() * 2 == layer.in_features * layer.out_features  # two weights a byte
     else:
         assert layer.weight.dtype == torch.int8

@@ -273,7 +273,7 @@ def load_processor(resolved: ResolvedModel):
     return WhisperProcessor.from_pretrained(source)
 
 
-def bnb_config(quantization: str):
+def bnb_config(quantization: str, device: str = "cpu"):
     """bitsandbytes settings for frozen base weights: LLM.int8, or QLoRA's NF4 with double quantisation."""
     import torch
     from transformers import BitsAndBytesConfig
@@ -284,7 +284,7 @@ def bnb_config(quantization: str):
         # bf16 compute as in QLoRA on GPUs (fp16 before Ampere, which lacks bf16). On a CPU, fp32: without
         # bf16 units (most CPUs, this project's too) bf16 matmuls run >10x slower than fp32, and the
         # 4-bit weights are dequantised for every product whatever the compute type.
-        if not torch.cuda.is_available():
+        if torch.device(device).type != "cuda":
             compute = torch.float32
         else:
             compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -311,7 +311,7 @@ def load_model(spec: str | ResolvedModel | None, device: str = "cpu", dtype=None
         target = torch.device(device)
         if target.type == "cuda" and target.index is None:
             target = torch.device("cuda", torch.cuda.current_device())
-        quantized = {"quantization_config": bnb_config(quantization), "device_map": {"": target}}
+        quantized = {"quantization_config": bnb_config(quantization, target), "device_map": {"": target}}
     try:
         model = WhisperForConditionalGeneration.from_pretrained(resolved.location, dtype=dtype or torch.float32,
                                                                 **quantized)

@@ -48,7 +48,9 @@ class StreamOptions:
     temperature: tuple[float, ...] = (0.0, 0.4, 0.8)  # a short ladder: a live decode cannot wait for six
     # Tokens a decode may write per s of buffer (plus `tokens_floor`): far above speech (~3-8 tokens/s in
     # English or Mandarin), far below a loop. Whisper loops on some partial buffers; uncapped, such a
-    # decode and its fallbacks wrote hundreds of tokens and took ~10 s where a decode takes ~2.
+    # decode and its fallbacks wrote hundreds of tokens and took ~10 s where a decode takes ~2. An
+    # utterance's final decode, whose words are all confirmed, may write twice as many: languages the
+    # tokenizer splits finely (Hindi, Tamil: ~2.7x English) must not lose their last words to it.
     tokens_per_second: float = 12.0
     tokens_floor: int = 16
 
@@ -238,10 +240,11 @@ class StreamingTranscriber:
         self._reset_buffer()
         return events
 
-    def _decode(self) -> list[Word]:
+    def _decode(self, final: bool = False) -> list[Word]:
         """The buffer's words (stream times) after the confirmed ones, from one decode."""
         forced = "".join(w.word for w in self.kept).strip()
-        limit = int(self.options.tokens_floor + self.options.tokens_per_second * len(self.buffer) / SAMPLE_RATE)
+        rate = self.options.tokens_per_second * (2 if final else 1)
+        limit = int(self.options.tokens_floor + rate * len(self.buffer) / SAMPLE_RATE)
         options = DecodeOptions(temperature=self.options.temperature, without_timestamps=True, word_timestamps=True,
                                 max_new_tokens=min(MAX_NEW_TOKENS, limit),
                                 initial_prompt=self.context[-self.options.prompt_chars:] or None,
@@ -260,7 +263,7 @@ class StreamingTranscriber:
     def _update(self, final: bool = False) -> list[Event]:
         if len(self.buffer) == 0:
             return []
-        hypothesis = self._decode()
+        hypothesis = self._decode(final)
         confirmed, partial = (hypothesis, []) if final else self.agreement.update(hypothesis)
         if final:
             self.agreement.reset()

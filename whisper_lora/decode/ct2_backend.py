@@ -10,7 +10,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..constants import CHUNK_SECONDS, MAX_TARGET_TOKENS
+from ..constants import CHUNK_SECONDS, MAX_NEW_TOKENS, MAX_TARGET_TOKENS, TASK_PROMPT_TOKENS
 from ..errors import UserError
 from . import longform
 from .types import GREEDY, DecodeOptions, Segment, TranscriptionInfo, Word
@@ -45,10 +45,26 @@ class CT2Backend:
                     initial_prompt=options.initial_prompt, condition_on_previous_text=options.condition_on_previous_text,
                     word_timestamps=options.word_timestamps, without_timestamps=options.without_timestamps,
                     prefix=options.prefix if options.without_timestamps else None,
-                    # faster-whisper refuses prompt + max_new_tokens over the 448-token context instead of
-                    # capping, and the prompt (previous text) changes per window: None is its "up to the
-                    # context", which is what a limit of half the context or more amounts to.
-                    max_new_tokens=None if options.max_new_tokens >= MAX_TARGET_TOKENS // 2 else options.max_new_tokens)
+                    max_new_tokens=self._max_new_tokens(options))
+
+    def _max_new_tokens(self, options: DecodeOptions) -> int | None:
+        """faster-whisper refuses prompt + max_new_tokens over the 448-token context instead of capping, so
+        the limit is cut to the room its longest possible prompt leaves: <|startofprev|>, up to 223 tokens
+        of earlier text (the initial prompt, or any previous window's text when conditioning on it), the
+        4-token task prompt, up to 223 tokens of forced prefix. The full default is None, its own
+        "up to the context"."""
+        if options.max_new_tokens >= MAX_NEW_TOKENS:
+            return None
+        half = MAX_TARGET_TOKENS // 2 - 1
+
+        def count(text: str | None) -> int:
+            return min(half, len(self.model.hf_tokenizer.encode(" " + text.strip(), add_special_tokens=False).ids)) \
+                if text and text.strip() else 0
+
+        history = half if options.condition_on_previous_text else count(options.initial_prompt)
+        prefix = count(options.prefix) if options.without_timestamps else 0
+        room = MAX_TARGET_TOKENS - (1 if history else 0) - history - TASK_PROMPT_TOKENS - prefix
+        return max(1, min(options.max_new_tokens, room))
 
     @staticmethod
     def _convert(s, offset: float, frames_offset: int) -> Segment:
