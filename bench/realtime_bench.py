@@ -164,8 +164,7 @@ def main() -> None:
     if not args.soak_minutes:
         service.close()
         report(rows, None, None)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"machine": platform.node(), "cpus": os.cpu_count(), **results}, indent=2))
+        save(args.out, results)
         return
     rng = np.random.default_rng(0)
     pause = np.zeros(16000 * 10, np.float32)
@@ -209,8 +208,12 @@ def main() -> None:
     service.close()
 
     report(rows, results["soak"], quiet)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": platform.node(), "cpus": os.cpu_count(), **results}, indent=2))
+    save(args.out, results)
+
+
+def save(out: Path, results: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": platform.node(), "cpus": os.cpu_count(), **results}, indent=2))
 
 
 def report(rows: list[dict], soak: dict | None, quiet: dict | None) -> None:

@@ -60,6 +60,7 @@ class Printer:
 
 FINAL_WAIT = 10.0  # s of quiet from the server, once the source has ended, that mean it has said all
 
+
 def file_source(path: str, speed: float, chunks: queue.Queue, stop: threading.Event) -> None:
     """Push the file's audio in 100 ms pieces on the audio clock (times `speed`)."""
     from ..audio import load_audio
@@ -220,7 +221,6 @@ def run_remote(config: RealtimeConfig, chunks: queue.Queue, printer: Printer, la
                 printer.end_utterance(event["transcript"])
                 segments.append(Segment(len(segments), starts.get(item, 0.0), starts.get((item, "end"), 0.0),
                                         event["transcript"]))
-
     except ConnectionClosed:
         pass
     finally:
