@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 import yaml
 
-from whisper_lora.config import EvaluateConfig, TrainConfig, build_config
+from whisper_lora.config import EvaluateConfig, ServeConfig, TrainConfig, build_config
 from whisper_lora.rundir import prepare_run_dir, save_config
 from whisper_lora.errors import UserError
 
@@ -33,6 +33,18 @@ def test_types_and_choices_are_checked():
         build_config(TrainConfig, overrides={"train_manifest": "t", "lora_r": "eight"}, check_inputs=False)
     with pytest.raises(UserError, match="--precision must be one of"):
         build_config(TrainConfig, overrides={"train_manifest": "t", "precision": "fp8"}, check_inputs=False)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"port": 0}, "--port must lie in 1-65535, got 0"),
+    ({"max_batch": 0}, "--max-batch must be positive, got 0"),
+    ({"batch_wait_ms": -1}, "--batch-wait-ms must be >= 0, got -1.0"),
+    ({"adapters": "adapters", "backend": "ct2"}, "--adapters and --backend ct2 conflict"),
+])
+def test_serve_options_are_checked_before_a_model_loads(overrides, message):
+    with pytest.raises(UserError, match=message):
+        build_config(ServeConfig, overrides=overrides, check_inputs=False)
+    assert build_config(ServeConfig, overrides={"batch_wait_ms": 0}, check_inputs=False).batch_wait_ms == 0
 
 
 def test_conflicting_options_name_both():

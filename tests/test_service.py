@@ -134,3 +134,17 @@ def test_a_full_house_refuses_with_busy_and_a_failed_batch_fails_only_its_calls(
         assert isinstance(join_text(list(segments), info.language), str)
     finally:
         service.close()
+
+
+def test_the_serve_options_reach_the_batcher(tiny_model_dir, adapters):
+    from whisper_lora.config import ServeConfig, build_config
+    from whisper_lora.stages.serve import build_service
+
+    service = build_service(build_config(ServeConfig, overrides={
+        "model": str(tiny_model_dir), "adapters": str(adapters), "max_batch": 3, "batch_wait_ms": 250,
+        "max_queue": 5, "mixed_adapters": True}))
+    try:
+        batcher = service.batcher
+        assert (batcher.max_batch, batcher.max_wait, batcher.mixed_adapters, service.max_queue) == (3, 0.25, True, 5)
+    finally:
+        service.close()

@@ -392,6 +392,9 @@ class ServeConfig:
     max_adapters: int = option(8, "adapters kept in memory; the least recently used idle one is unloaded past this")
     max_queue: int = option(64, "transcriptions admitted at once (running or waiting); more get 429 with Retry-After")
     max_batch: int = option(8, "windows decoded together at most (1 = one request at a time, no batching)")
+    batch_wait_ms: float = option(50.0, "how long a partial batch waits for the work of other requests under way, "
+                                        "in ms (about one log-mel spectrogram's time; 0 = never waits). Only "
+                                        "concurrent requests wait: a lone one starts at once")
     mixed_adapters: bool = option(False, "decode windows of different LoRA adapters in one batch (peft's mixed "
                                          "batches) instead of a batch per adapter (which measured faster on the CPU)")
     sentiment_model: str | None = option(None, "Hugging Face text-classification model for sentiment=true requests "
@@ -405,6 +408,8 @@ class ServeConfig:
         for name in ("max_upload_mb", "max_adapters", "max_queue", "max_batch"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.batch_wait_ms < 0:
+            raise UserError(f"--batch-wait-ms must be >= 0, got {self.batch_wait_ms}")
         if self.adapters and self.backend == "ct2":
             raise UserError("--adapters and --backend ct2 conflict: CTranslate2 models cannot load LoRA adapters; "
                             "merge and export each one, or serve them with --backend transformers")

@@ -33,11 +33,12 @@ from .decode import CT2Backend, DecodeOptions, Segment, TranscriptionInfo, Trans
 from .decode.ct2_backend import ADAPTERS_REFUSED
 from .decode.search import WindowResult
 from .decode.timing import WordTiming
+from .config import ServeConfig
 from .errors import UserError
 from .models import ct2_model_dir, load_model, public_name, resolve_model
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
-MAX_WAIT_SECONDS = 0.05  # how long a small batch waits for the work of calls under way: a log-mel spectrogram
+MAX_WAIT_SECONDS = ServeConfig.batch_wait_ms / 1000  # how long a small batch waits for the work of calls under way
 OPENAI_MODEL = "whisper-1"  # what clients of OpenAI's API send; always the base model here
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -398,12 +399,13 @@ class BatchedWindowModel:
 class TranscriptionService:
     """What the server, the web UI and realtime streams call: many threads at once, one model."""
 
-    def __init__(self, pool: ModelPool, max_queue: int = 64, max_batch: int = 8, mixed_adapters: bool = False):
+    def __init__(self, pool: ModelPool, max_queue: int = 64, max_batch: int = 8, mixed_adapters: bool = False,
+                 max_wait: float = MAX_WAIT_SECONDS):
         self.pool, self.max_queue = pool, max_queue
         self.batcher = None
         self.backend = pool.backend
         if isinstance(pool.backend, TransformersBackend):
-            self.batcher = Batcher(pool, max_batch=max_batch, mixed_adapters=mixed_adapters)
+            self.batcher = Batcher(pool, max_batch=max_batch, max_wait=max_wait, mixed_adapters=mixed_adapters)
             self.backend = pool.backend.batched(BatchedWindowModel(pool.backend, self.batcher))
         self._admitted = 0
         self._lock = threading.Lock()

@@ -14,7 +14,7 @@ def build_service(config: ServeConfig):
 
     pool = ModelPool(config.model, config.adapters, config.max_adapters, config.backend, config.compute_type)
     return TranscriptionService(pool, max_queue=config.max_queue, max_batch=config.max_batch,
-                                mixed_adapters=config.mixed_adapters)
+                                mixed_adapters=config.mixed_adapters, max_wait=config.batch_wait_ms / 1000)
 
 
 def create_app(config: ServeConfig):
