@@ -22,6 +22,14 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+# `make test` runs the suite on one pytest-xdist worker per core. Each worker computes on one thread: two
+# workers of two threads each on two cores ran slower than one process (21 min, most tests 2x slower),
+# one thread each took 14 min — a worker waiting on imports, a subprocess or a socket leaves its core
+# to the other. Subprocesses (CLI runs, the server, torchrun ranks) inherit the setting. Set before
+# torch is imported; an explicit OMP_NUM_THREADS wins.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_EN = REPO.parent / "shared" / "data" / "speech-en"
 DEMO = REPO / "demo" / "data"
@@ -187,22 +195,38 @@ def mandarin_adapter(base_model_dir, tmp_path_factory) -> tuple[Path, list[dict]
     """A real LoRA adapter on the embedded whisper-base, trained here (decoder only, ~35 s) on 8
     robotic-Mandarin demo clips that the base model reads badly (CER on them: >100% base, ~3% after).
     Returns its folder and those rows."""
+    from filelock import FileLock
+
     from whisper_lora.config import TrainConfig, build_config
     from whisper_lora.stages import train
 
-    rows = [json.loads(line) for line in (DEMO / "train.jsonl").read_text(encoding="utf-8").splitlines()[:8]]
-    corpus = tmp_path_factory.mktemp("mandarin")
-    (corpus / "audio").mkdir()
-    for row in rows:
-        shutil.copy(DEMO / row["audio"]["path"], corpus / row["audio"]["path"])
-        row["audio"]["path"] = str(corpus / row["audio"]["path"])
-    (corpus / "train.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    out = tmp_path_factory.mktemp("mandarin-run")
-    train.run(build_config(TrainConfig, overrides=dict(
-        train_manifest=str(corpus / "train.jsonl"), output_dir=str(out / "run"), freeze_encoder=True, lora_r=16,
-        lora_alpha=32, lora_dropout=0.0, batch_size=4, max_steps=10, learning_rate=3e-3, warmup_steps=2,
-        timestamp_fraction=0.0, tensorboard=False, logging_steps=4)))
+    # Trained once per `pytest` run: xdist workers share their run's temporary root and take turns at a lock;
+    # the first trains, the others read its folder.
+    root = session_root(tmp_path_factory)
+    corpus, out = root / "mandarin", root / "mandarin-run"
+    with FileLock(str(root / "mandarin.lock")):
+        if not (out / "run" / "adapter" / "adapter_model.safetensors").is_file():
+            rows = [json.loads(line) for line in (DEMO / "train.jsonl").read_text(encoding="utf-8").splitlines()[:8]]
+            (corpus / "audio").mkdir(parents=True, exist_ok=True)
+            for row in rows:
+                shutil.copy(DEMO / row["audio"]["path"], corpus / row["audio"]["path"])
+                row["audio"]["path"] = str(corpus / row["audio"]["path"])
+            (corpus / "train.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                                                encoding="utf-8")
+            shutil.rmtree(out, ignore_errors=True)  # a worker that died mid-run
+            train.run(build_config(TrainConfig, overrides=dict(
+                train_manifest=str(corpus / "train.jsonl"), output_dir=str(out / "run"), freeze_encoder=True,
+                lora_r=16, lora_alpha=32, lora_dropout=0.0, batch_size=4, max_steps=10, learning_rate=3e-3,
+                warmup_steps=2, timestamp_fraction=0.0, tensorboard=False, logging_steps=4)))
+    rows = [json.loads(line) for line in (corpus / "train.jsonl").read_text(encoding="utf-8").splitlines()]
     return out / "run" / "adapter", rows
+
+
+def session_root(tmp_path_factory) -> Path:
+    """A temporary folder of this `pytest` run that all its xdist workers share (each worker's own
+    basetemp lies in it); without xdist, the run's basetemp."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
 # ---- the server, as users run it -----------------------------------------------------------------------
@@ -272,9 +296,11 @@ def adapters_dir(mandarin_adapter, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def server(adapters_dir, tmp_path_factory):
     """`whisper-lora serve` in its own process: the embedded whisper-base with the trained Mandarin adapter,
-    an API key, and a 1 MB upload limit. Shared by the API, realtime and web UI tests."""
+    an API key, and a 1 MB upload limit. Shared by the API, realtime and web UI tests. Batches wait for
+    concurrent requests up to 0.5 s: the default 50 ms is about one spectrogram's time, and beside a busy
+    test worker the requests that the batching test sends together arrive further apart than that."""
     server = start_server(tmp_path_factory.mktemp("logs"), "--adapters", str(adapters_dir), "--api-key", KEY,
-                          "--max-upload-mb", "1")
+                          "--max-upload-mb", "1", "--batch-wait-ms", "500")
     yield server
     server.stop()
     assert "Traceback" not in server.log.read_text()  # no request made the server print one

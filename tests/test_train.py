@@ -94,13 +94,15 @@ def test_cached_encoder_gives_the_same_loss(tiny_model_dir, tiny_corpus, tmp_pat
     assert abs(direct.item() - cached.item()) < 1e-2
 
 
-def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tiny_model_dir, tiny_corpus, tmp_path):
+def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tiny_model_dir, tiny_corpus, tmp_path, capsys):
+    from conftest import cli_here
+
     args = ["train", "--train-manifest", str(tiny_corpus / "train.jsonl"), "--model", str(tiny_model_dir),
             "--batch-size", "2", "--max-steps", "9", "--save-steps", "2", "--lora-r", "4", "--no-tensorboard",
             "--warmup-steps", "2"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    reference = subprocess.run([sys.executable, "-m", "whisper_lora", *args, "--output-dir", str(tmp_path / "ref")],
-                               cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    # the uninterrupted run in this process (a subprocess costs ~10 s of imports); killed and resumed as users do
+    reference = cli_here(capsys, *args, "--output-dir", str(tmp_path / "ref"))
     assert reference.returncode == 0, reference.stderr[-2000:]
 
     killed_dir = tmp_path / "killed"
