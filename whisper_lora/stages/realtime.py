@@ -58,7 +58,7 @@ class Printer:
         self.line, self.partial = "", ""
 
 
-FINAL_WAIT = 10.0  # s of quiet from the server, once the source has ended, that mean it has said all
+FINAL_QUIET_LIMIT = 120.0  # s: a server that went this quiet after the final commit is given up on
 
 
 def file_source(path: str, speed: float, chunks: queue.Queue, stop: threading.Event) -> None:
@@ -186,6 +186,10 @@ def run_remote(config: RealtimeConfig, chunks: queue.Queue, printer: Printer, la
                     ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm).decode()}))
                 if ended:
                     ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+                    # The protocol does not say which `completed` answers a client's commit (VAD commits
+                    # look the same), so a clear follows it: a server that handles events in order
+                    # answers `cleared` only once everything before it is transcribed and sent.
+                    ws.send(json.dumps({"type": "input_audio_buffer.clear"}))
                     finished.set()
                     return
         except ConnectionClosed:
@@ -195,20 +199,26 @@ def run_remote(config: RealtimeConfig, chunks: queue.Queue, printer: Printer, la
     sender.start()
     segments: list[Segment] = []
     starts: dict[str, float] = {}
+    open_items: set[str] = set()
+    drained = False  # the clear after the final commit was answered
     try:
-        while True:
+        while not (drained and not open_items):  # a server that transcribes out of order: its open items too
             try:
-                # after the source ended, the server's last decodes may take seconds on a slow machine
-                event = json.loads(ws.recv(timeout=FINAL_WAIT if finished.is_set() else None))
-            except TimeoutError:
-                break  # the source ended and the server has said all it will say
+                event = json.loads(ws.recv(timeout=FINAL_QUIET_LIMIT if finished.is_set() else None))
+            except TimeoutError:  # what came is kept and written
+                print(f"whisper-lora: warning: the server sent nothing for {FINAL_QUIET_LIMIT:.0f} s after the audio "
+                      f"ended; the transcript may lack its end", file=sys.stderr)
+                break
             kind = event.get("type")
             if kind == "error":
                 error = event["error"]
                 if error.get("code") == "input_audio_buffer_commit_empty":
                     break  # the stream ended in silence: nothing left to transcribe
                 raise UserError(f"the server refused: {error.get('message')}")
-            if kind == "input_audio_buffer.speech_started":
+            if kind == "input_audio_buffer.cleared" and finished.is_set():
+                drained = True
+            elif kind == "input_audio_buffer.speech_started":
+                open_items.add(event["item_id"])
                 starts[event["item_id"]] = event["audio_start_ms"] / 1000
             elif kind == "conversation.item.input_audio_transcription.delta":
                 printer.confirmed(event["delta"])
@@ -218,6 +228,7 @@ def run_remote(config: RealtimeConfig, chunks: queue.Queue, printer: Printer, la
                 starts[event["item_id"], "end"] = event["audio_end_ms"] / 1000
             elif kind == "conversation.item.input_audio_transcription.completed":
                 item = event["item_id"]
+                open_items.discard(item)
                 printer.end_utterance(event["transcript"])
                 segments.append(Segment(len(segments), starts.get(item, 0.0), starts.get((item, "end"), 0.0),
                                         event["transcript"]))
