@@ -339,23 +339,24 @@ def start_processes(run: Run) -> None:
 
 
 @contextmanager
-def whole_weights_under_zero3():
+def whole_weights_under_zero3(accelerator):
     """Load the model whole on each rank even under ZeRO-3; DeepSpeed partitions it when it is prepared.
     transformers otherwise builds it inside zero.Init, where Whisper's weight initialisation reads the
     shape of an already partitioned positional embedding and fails (transformers 5). The cost is the
-    model's size per process for the moment before partitioning, small for Whisper."""
-    from transformers.integrations import deepspeed as hf_deepspeed
+    model's size per process for the moment before partitioning, small for Whisper. (accelerate's own
+    `zero3_init_context_manager(enable=False)` leaves transformers' ZeRO-3 switch on.)"""
+    from transformers.integrations import is_deepspeed_zero3_enabled, set_hf_deepspeed_config, unset_hf_deepspeed_config
 
-    reference = hf_deepspeed._hf_deepspeed_config_weak_ref  # no public getter; set by accelerate's plugin
-    active = reference() if reference is not None else None
-    if active is None:
+    plugin = accelerator.state.deepspeed_plugin
+    active = getattr(plugin, "dschf", None)  # the HfDeepSpeedConfig accelerate keeps alive for transformers
+    if not is_deepspeed_zero3_enabled() or active is None:
         yield
         return
-    hf_deepspeed.unset_hf_deepspeed_config()
+    unset_hf_deepspeed_config()
     try:
         yield
     finally:
-        hf_deepspeed.set_hf_deepspeed_config(active)
+        set_hf_deepspeed_config(active)
 
 
 def build_model(run: Run) -> None:
@@ -365,7 +366,7 @@ def build_model(run: Run) -> None:
     if resolved.adapter is not None:
         raise UserError("--model is an adapter; train on its base model, or merge it first with "
                         "`whisper-lora merge`", config.model)
-    with whole_weights_under_zero3():
+    with whole_weights_under_zero3(accelerator):
         run.model, run.processor = load_model(resolved, device=accelerator.device if run.quantization else "cpu",
                                               quantization=run.quantization)
     run.base_spec = public_name(resolved.spec)  # adapters record a base that loads anywhere
