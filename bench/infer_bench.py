@@ -34,6 +34,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SPEECH_EN = REPO.parent / "shared" / "data" / "speech-en"
+from whisper_lora.constants import SAMPLE_RATE  # noqa: E402 (after the path above)
 SYSTEMS = ["whisper-lora transformers", "whisper-lora transformers vad", "transformers pipeline",
            "transformers pipeline ts", "whisper-lora ct2 float32", "faster-whisper float32",
            "whisper-lora ct2 int8", "faster-whisper int8"]
@@ -51,16 +52,24 @@ def build_corpus(folder: Path) -> list[tuple[Path, str]]:
     clips = [(load_audio(s.audio_path), s.text) for s in samples]
     rng = np.random.default_rng(0)
     for n in range(2):
-        order = rng.permutation(len(clips * 4))
-        pieces, texts = [], []
-        for i in order:
-            audio, text = (clips * 4)[i]
-            pieces += [audio, np.zeros(int(16000 * rng.uniform(0.6, 1.5)), np.float32)]
-            texts.append(text)
+        chosen = [(clips * 4)[i] for i in rng.permutation(len(clips * 4))]
+        audio, _ = join_with_pauses([clip for clip, _ in chosen], rng)
         path = folder / f"long_{n}.wav"
-        sf.write(path, np.concatenate(pieces), 16000)
-        items.append((path, " ".join(texts)))
+        sf.write(path, audio, SAMPLE_RATE)
+        items.append((path, " ".join(text for _, text in chosen)))
     return items
+
+
+def join_with_pauses(clips: list[np.ndarray], rng: np.random.Generator) -> tuple[np.ndarray, list[float]]:
+    """Clips one after another, each followed by a 0.6-1.5 s pause as between sentences; and where each
+    clip starts (s). The long files of the inference, realtime and packing benchmarks."""
+    pieces, starts, at = [], [], 0.0
+    for audio in clips:
+        pause = np.zeros(int(SAMPLE_RATE * rng.uniform(0.6, 1.5)), np.float32)
+        starts.append(at)
+        pieces += [audio, pause]
+        at += (len(audio) + len(pause)) / SAMPLE_RATE
+    return np.concatenate(pieces), starts
 
 
 def run_system(name: str, files: list[str], repeat: int = 1, model: str | None = None) -> dict:

@@ -103,6 +103,7 @@ def long_form_check(work: Path, models: dict[str, Path | None]) -> dict[str, lis
     import soundfile as sf
 
     sys.path.insert(0, str(REPO))
+    from infer_bench import join_with_pauses
     from whisper_lora.audio import load_audio
     from whisper_lora.constants import MAX_NEW_TOKENS
     from whisper_lora.decode import GREEDY, TransformersBackend
@@ -114,16 +115,10 @@ def long_form_check(work: Path, models: dict[str, Path | None]) -> dict[str, lis
     rng = np.random.default_rng(0)
     files = []
     for n, part in enumerate((samples[:20], samples[20:])):
-        pieces, starts, at = [], [], 0.0
-        for sample in part:
-            audio = load_audio(sample.audio_path)
-            pause = np.zeros(int(16000 * rng.uniform(0.6, 1.5)), np.float32)
-            starts.append(at)
-            pieces += [audio, pause]
-            at += (len(audio) + len(pause)) / 16000
+        audio, starts = join_with_pauses([load_audio(sample.audio_path) for sample in part], rng)
         path = work / f"long_zh_{n}.wav"
-        sf.write(path, np.concatenate(pieces), 16000)
-        files.append((path, "".join(s.text for s in part), starts, at))
+        sf.write(path, audio, 16000)
+        files.append((path, "".join(s.text for s in part), starts, len(audio) / 16000))
     options = replace(GREEDY, max_new_tokens=MAX_NEW_TOKENS)
     report = {}
     for name, model in models.items():
