@@ -15,6 +15,7 @@ from conftest import KEY, SHARED_EN
 
 openai = pytest.importorskip("openai")
 websockets = pytest.importorskip("websockets")
+pytest.importorskip("websockets.sync.client")  # a submodule the package does not import by itself
 
 
 def pcm16(audio: np.ndarray, rate: int = 24000) -> bytes:
