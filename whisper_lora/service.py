@@ -29,11 +29,11 @@ from typing import Iterator
 
 import numpy as np
 
+from .config import ServeConfig
 from .decode import CT2Backend, DecodeOptions, Segment, TranscriptionInfo, TransformersBackend
 from .decode.ct2_backend import ADAPTERS_REFUSED
 from .decode.search import WindowResult
 from .decode.timing import WordTiming
-from .config import ServeConfig
 from .errors import UserError
 from .models import ct2_model_dir, load_model, public_name, resolve_model
 

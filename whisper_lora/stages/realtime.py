@@ -215,7 +215,7 @@ def run_remote(config: RealtimeConfig, chunks: queue.Queue, printer: Printer, la
                 if error.get("code") == "input_audio_buffer_commit_empty":
                     break  # the stream ended in silence: nothing left to transcribe
                 raise UserError(f"the server refused: {error.get('message')}")
-            if kind == "input_audio_buffer.cleared" and finished.is_set():
+            if kind == "input_audio_buffer.cleared":  # the only clear sent is the one after the final commit
                 drained = True
             elif kind == "input_audio_buffer.speech_started":
                 open_items.add(event["item_id"])
