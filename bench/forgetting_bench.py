@@ -15,7 +15,7 @@ corpus. This runs that case three ways on the embedded whisper-base:
 
 and scores each on held-out sets none of the runs trained on: Mandarin `test` + `test_new_words`,
 synthetic English `test_en` (32 clips) and `test_en_large` (128), and the real English clips in
-../shared/data/speech-en.
+demo/data/speech-en.
 
 The retain set (`--retain-set large`: `retain_en_large`, 320 clips, so one epoch's replay never repeats
 a clip; `small`: `retain_en`, 64 clips, replayed more than once per epoch) holds other sentences than
@@ -41,7 +41,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 CORPUS = REPO / "demo" / "data"
-REAL_ENGLISH = REPO.parent / "shared" / "data" / "speech-en"
+REAL_ENGLISH = CORPUS / "speech-en"
 RETAIN_SETS = {"large": CORPUS / "retain_en_large.jsonl", "small": CORPUS / "retain_en.jsonl"}
 
 
@@ -52,9 +52,8 @@ def held_out_sets() -> dict:
 
     sets = {"Mandarin test CER": ("zh", read_manifest(CORPUS / "test.jsonl") + read_manifest(CORPUS / "test_new_words.jsonl")),
             "English test_en WER": ("en", read_manifest(CORPUS / "test_en.jsonl")),
-            "English test_en_large WER": ("en", read_manifest(CORPUS / "test_en_large.jsonl"))}
-    if REAL_ENGLISH.is_dir():
-        sets["English real clips WER"] = ("en", english_samples(REAL_ENGLISH))
+            "English test_en_large WER": ("en", read_manifest(CORPUS / "test_en_large.jsonl")),
+            "English real clips WER": ("en", english_samples(REAL_ENGLISH))}
     return {name: (language, load_clips(samples)[0]) for name, (language, samples) in sets.items()}
 
 

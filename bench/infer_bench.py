@@ -33,7 +33,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-SPEECH_EN = REPO.parent / "shared" / "data" / "speech-en"
+SPEECH_EN = REPO / "demo" / "data" / "speech-en"
 from whisper_lora.constants import SAMPLE_RATE  # noqa: E402 (after the path above)
 SYSTEMS = ["whisper-lora transformers", "whisper-lora transformers vad", "transformers pipeline",
            "transformers pipeline ts", "whisper-lora ct2 float32", "faster-whisper float32",

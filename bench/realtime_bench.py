@@ -8,7 +8,7 @@ Streams long real speech through the streaming core (`StreamingTranscriber` over
 batcher, as `serve` runs it) at real-time speed, with computation counted: audio arrives in 100 ms
 pieces on the wall clock whatever the decoder is doing, and what arrived while a decode ran is fed at
 once. The speech: the two ~98 s files of the inference benchmark (CMU ARCTIC and card recordings of
-../shared/data/speech-en in random order with pauses), and their 196 s concatenation.
+demo/data/speech-en in random order with pauses), and their 196 s concatenation.
 
 Per-word latency = the moment a word is confirmed - the moment it ended in the audio, where word end
 times come from offline word timestamps of the same audio (matched word for word). Reported: p50/p95

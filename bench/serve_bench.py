@@ -7,7 +7,7 @@ Each configuration is a real `whisper-lora serve` process on 127.0.0.1 with the 
 and four LoRA adapters (r=32 on q/v of encoder and decoder, as `train` makes them; small random weights,
 so every adapter transcribes like the base and the systems decode the same number of tokens). A load
 generator sends `--requests` concurrent requests (the official `openai` client, one thread each) of
-real speech: the CMU ARCTIC and card recordings of ../shared/data/speech-en, each file all seven in a
+real speech: the CMU ARCTIC and card recordings of demo/data/speech-en, each file all seven in a
 random order with natural pauses, ~24 s (API traffic is recordings, not 3 s words). Every request must succeed. Reported:
 audio seconds transcribed per wall second, p50/p95 latency, and the server's peak resident memory.
 
@@ -41,7 +41,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-SPEECH_EN = REPO.parent / "shared" / "data" / "speech-en"
+SPEECH_EN = REPO / "demo" / "data" / "speech-en"
 ADAPTERS = ("alpha", "beta", "gamma", "delta")
 
 

@@ -8,7 +8,7 @@ sentence.
 
 English splits (`retain_en`, `test_en`, and the larger `retain_en_large`, `test_en_large`) come from
 the same engine's English voice: a forgetting guard needs English speech to replay and to score, and
-the real English clips in ../shared/data/speech-en are too few (7) to do both.
+the real English clips in demo/data/speech-en are too few (7) to do both.
 
     python demo/make_corpus.py            # needs espeak-ng (apt) and pypinyin (pip)
     python demo/make_corpus.py --english  # only the English splits

@@ -31,7 +31,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_EN = REPO.parent / "shared" / "data" / "speech-en"
+SPEECH_EN = REPO / "demo" / "data" / "speech-en"  # CMU ARCTIC and CMU Sphinx clips, licences beside them
 DEMO = REPO / "demo" / "data"
 SR = 16000
 
@@ -111,7 +111,7 @@ def conversation_clip(folder: Path) -> tuple[Path, list[float]]:
 
     pieces, onsets, position = [], [], 0.0
     for name in CONVERSATION:
-        speech = load_audio(SHARED_EN / name)
+        speech = load_audio(SPEECH_EN / name)
         onsets.append(position)
         pieces += [speech, np.zeros(int(SR * 2.5), np.float32)]
         position += len(speech) / SR + 2.5
@@ -122,9 +122,9 @@ def conversation_clip(folder: Path) -> tuple[Path, list[float]]:
 def conversation_references() -> list[str]:
     """What the four utterances of `conversation_clip` say (their transcripts.json)."""
     texts = {}
-    for manifest in SHARED_EN.rglob("transcripts.json"):
+    for manifest in SPEECH_EN.rglob("transcripts.json"):
         for name, text in json.loads(manifest.read_text()).items():
-            texts[str((manifest.parent / name).relative_to(SHARED_EN))] = text
+            texts[str((manifest.parent / name).relative_to(SPEECH_EN))] = text
     return [texts[name] for name in CONVERSATION]
 
 

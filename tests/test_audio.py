@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import SHARED_EN, write_tone
+from conftest import SPEECH_EN, write_tone
 from whisper_lora.audio import audio_duration, load_audio, load_window
 from whisper_lora.constants import SAMPLE_RATE
 from whisper_lora.errors import AudioError
@@ -80,8 +80,8 @@ def test_a_sample_must_fit_one_window_but_a_span_of_a_long_file_may(tmp_path):
 
 
 def test_real_speech_duration(tmp_path):
-    audio = load_audio(SHARED_EN / "arctic_a0007.wav")
-    assert abs(len(audio) / SAMPLE_RATE - audio_duration(SHARED_EN / "arctic_a0007.wav")) < 0.01
+    audio = load_audio(SPEECH_EN / "arctic_a0007.wav")
+    assert abs(len(audio) / SAMPLE_RATE - audio_duration(SPEECH_EN / "arctic_a0007.wav")) < 0.01
 
 
 def test_missing_file(tmp_path):

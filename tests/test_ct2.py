@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SHARED_EN
+from conftest import SPEECH_EN
 from whisper_lora.audio import load_audio
 from whisper_lora.ct2 import read_model_bin
 from whisper_lora.errors import UserError
@@ -56,7 +56,7 @@ def test_greedy_tokens_match_faster_whisper(tmp_path, base_model_dir):
     processor = WhisperProcessor.from_pretrained(base_model_dir)
     prompt = processor.tokenizer.convert_tokens_to_ids(
         ["<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|notimestamps|>"])
-    clips = [SHARED_EN / "arctic_a0007.wav", SHARED_EN / "arctic_a0009.wav", SHARED_EN / "cards" / "005.wav"]
+    clips = [SPEECH_EN / "arctic_a0007.wav", SPEECH_EN / "arctic_a0009.wav", SPEECH_EN / "cards" / "005.wav"]
     for clip in clips:
         features = processor.feature_extractor(load_audio(clip), sampling_rate=16000, return_tensors="pt").input_features
         with torch.inference_mode():

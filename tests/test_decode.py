@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from conftest import SHARED_EN
+from conftest import SPEECH_EN
 from whisper_lora.audio import load_audio
 from whisper_lora.decode import GREEDY, CT2Backend, DecodeOptions, TransformersBackend, join_text
 from whisper_lora.models import ct2_model_dir, load_model
@@ -21,7 +21,7 @@ def decode_batch(backend, clips, languages=None, options=GREEDY):
 
 
 def test_batch_decoding_detects_english(base_transcriber):
-    clips = [load_audio(SHARED_EN / "arctic_a0009.wav"), load_audio(SHARED_EN / "cards" / "001.wav")]
+    clips = [load_audio(SPEECH_EN / "arctic_a0009.wav"), load_audio(SPEECH_EN / "cards" / "001.wav")]
     decoded = decode_batch(base_transcriber, clips)
     assert [info.language for _, _, info in decoded] == ["en", "en"]
     assert all(info.language_probability > 0.5 for _, _, info in decoded)
@@ -30,9 +30,9 @@ def test_batch_decoding_detects_english(base_transcriber):
 
 
 def test_long_audio_is_chunked_not_truncated(base_transcriber):
-    speech = load_audio(SHARED_EN / "arctic_a0009.wav")
+    speech = load_audio(SPEECH_EN / "arctic_a0009.wav")
     gap = np.zeros(16000 * 6, np.float32)
-    audio = np.concatenate([speech, gap] * 4 + [load_audio(SHARED_EN / "cards" / "005.wav")])  # ~40 s
+    audio = np.concatenate([speech, gap] * 4 + [load_audio(SPEECH_EN / "cards" / "005.wav")])  # ~40 s
     assert len(audio) / 16000 > 35
     # No temperature fallback: four times the same sentence compresses like a repetition loop (gzip
     # ratio > 2.4), and a sampled retry would make this test about luck rather than about chunking.
@@ -51,7 +51,7 @@ def test_transcribe_returns_a_lazy_iterator(base_transcriber, monkeypatch):
     encode = base_transcriber.encode
     monkeypatch.setattr(base_transcriber, "encode", lambda features, adapter=None: encoded.append(len(features))
                         or encode(features, adapter))
-    segments, info = base_transcriber.transcribe(load_audio(SHARED_EN / "cards" / "003.wav"))
+    segments, info = base_transcriber.transcribe(load_audio(SPEECH_EN / "cards" / "003.wav"))
     assert info.language == "en"
     assert iter(segments) is segments  # a generator: nothing decoded until consumed
     (segment,) = list(segments)
@@ -87,7 +87,7 @@ def test_temperature_fallback_breaks_a_repetition_loop(base_transcriber):
 
 
 def test_initial_prompt_primes_but_is_not_returned(base_transcriber):
-    clip = load_audio(SHARED_EN / "arctic_a0009.wav")
+    clip = load_audio(SPEECH_EN / "arctic_a0009.wav")
     ((decoded, _, _),) = decode_batch(base_transcriber, [clip], ["en"],
                                       DecodeOptions(initial_prompt="Inspector Gregson's notes."))
     assert "gregson" in decoded.lower()
@@ -103,8 +103,8 @@ def ct2_transcriber(base_model_dir):
 
 def gregson_and_cards() -> np.ndarray:
     """~40 s: the same sentence four times with 6 s pauses, then a card clip after the 30 s mark."""
-    speech = load_audio(SHARED_EN / "arctic_a0009.wav")
-    return np.concatenate([speech, np.zeros(16000 * 6, np.float32)] * 4 + [load_audio(SHARED_EN / "cards" / "005.wav")])
+    speech = load_audio(SPEECH_EN / "arctic_a0009.wav")
+    return np.concatenate([speech, np.zeros(16000 * 6, np.float32)] * 4 + [load_audio(SPEECH_EN / "cards" / "005.wav")])
 
 
 @pytest.mark.parametrize("beams", [1, 3])
@@ -114,7 +114,7 @@ def test_decoding_loop_matches_transformers_generate_token_for_token(base_transc
 
     import torch
 
-    clips = [load_audio(SHARED_EN / "arctic_a0007.wav"), load_audio(SHARED_EN / "cards" / "002.wav")]
+    clips = [load_audio(SPEECH_EN / "arctic_a0007.wav"), load_audio(SPEECH_EN / "cards" / "002.wav")]
     ours = decode_batch(base_transcriber, clips, ["en", "en"], replace(GREEDY, num_beams=beams))
     with torch.inference_mode():
         ids = base_transcriber.model.generate(input_features=base_transcriber.features(clips), language="en",
@@ -141,7 +141,7 @@ def test_long_form_scores_and_segments_match_faster_whisper(base_transcriber, ct
 
 
 def test_every_path_gives_scores_and_noise_counts_as_no_speech(base_transcriber):
-    clip = load_audio(SHARED_EN / "arctic_a0009.wav")
+    clip = load_audio(SPEECH_EN / "arctic_a0009.wav")
     noise = (np.random.default_rng(0).standard_normal(16000 * 5) * 0.01).astype(np.float32)  # -40 dBFS hiss
     options = DecodeOptions(temperature=(0.0,), without_timestamps=True)
     (speech_text, speech, _), (hiss_text, hiss, _) = decode_batch(base_transcriber, [clip, noise], ["en", "en"], options)
@@ -177,7 +177,7 @@ def check_words(segments, duration: float) -> None:
 def test_word_timestamps_agree_with_faster_whisper(base_transcriber, ct2_transcriber, source):
     """Word times from the alignment heads (cross-attention + DTW), on the short and the long-form path,
     land where faster-whisper's do: measured median |Δstart| 0.00 s and largest 0.10 s."""
-    audio = gregson_and_cards() if source == "long" else load_audio(SHARED_EN / source)
+    audio = gregson_and_cards() if source == "long" else load_audio(SPEECH_EN / source)
     options = DecodeOptions(word_timestamps=True, temperature=(0.0,))
     ours = list(base_transcriber.transcribe(audio, "en", options)[0])
     theirs = list(ct2_transcriber.transcribe(audio, "en", options)[0])
@@ -192,7 +192,7 @@ def test_word_timestamps_agree_with_faster_whisper(base_transcriber, ct2_transcr
 
 
 def test_word_timestamps_with_vad_refer_to_the_original_audio(base_transcriber, ct2_transcriber):
-    clip = load_audio(SHARED_EN / "arctic_a0009.wav")
+    clip = load_audio(SPEECH_EN / "arctic_a0009.wav")
     options = DecodeOptions(word_timestamps=True, temperature=(0.0,))
     (alone,) = ct2_transcriber.transcribe(clip, "en", options)[0]
     audio = np.concatenate([np.zeros(16000 * 30, np.float32), clip, np.zeros(16000 * 30, np.float32), clip])
@@ -209,7 +209,7 @@ def test_ct2_backend_takes_a_prompt_and_a_forced_prefix_as_transformers_does(bas
     """What a live stream sends every decode: the text so far as the prompt, its confirmed words as the
     prefix, word timestamps. faster-whisper refused the prompt with the default token limit, and the
     prefix was dropped, so the words after it were misnumbered."""
-    clip = load_audio(SHARED_EN / "arctic_a0009.wav")
+    clip = load_audio(SPEECH_EN / "arctic_a0009.wav")
     notes = " ".join(["Inspector Gregson's notes on the case of the missing cards."] * 20)  # > 223 tokens
     # 230 new tokens: with the longest prompt faster-whisper allows (1 + 223 + 4 + prefix) that is over
     # the 448-token context, which faster-whisper refuses rather than caps

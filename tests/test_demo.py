@@ -2,7 +2,7 @@
 import json
 import shutil
 
-from conftest import DEMO, SHARED_EN
+from conftest import DEMO, SPEECH_EN
 from whisper_lora.config import DemoConfig, build_config
 from whisper_lora.stages import demo
 
@@ -26,7 +26,7 @@ def test_demo_report_on_a_mini_corpus(base_model_dir, tmp_path, capsys):
     corpus = mini_corpus(tmp_path, {"train": 8, "dev": 2, "test": 3, "test_new_words": 1})
     english = tmp_path / "english"
     english.mkdir()
-    shutil.copy(SHARED_EN / "arctic_a0009.wav", english)
+    shutil.copy(SPEECH_EN / "arctic_a0009.wav", english)
     (english / "transcripts.json").write_text(json.dumps({"arctic_a0009.wav": "He turned sharply, and faced Gregson across the table."}))
     report = demo.run(build_config(DemoConfig, overrides={
         "output_dir": str(tmp_path / "demo-output"), "corpus_dir": str(corpus), "english_dir": str(english),

@@ -1,13 +1,13 @@
 import json
 
-from conftest import SHARED_EN
+from conftest import SPEECH_EN
 from whisper_lora.config import EvaluateConfig, build_config
 from whisper_lora.stages import evaluate
 
 
 def test_several_models_one_table_and_every_hypothesis(base_model_dir, tiny_model_dir, tmp_path, capsys):
     config = build_config(EvaluateConfig, overrides={
-        "manifest": str(SHARED_EN / "cards" / "transcripts.json"), "models": [str(base_model_dir), str(tiny_model_dir)],
+        "manifest": str(SPEECH_EN / "cards" / "transcripts.json"), "models": [str(base_model_dir), str(tiny_model_dir)],
         "language": "en", "output": str(tmp_path / "eval.json"), "max_new_tokens": 24})
     scores = evaluate.run(config)
     table = capsys.readouterr().out

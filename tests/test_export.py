@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from conftest import SHARED_EN, cli_here, run_cli
+from conftest import SPEECH_EN, cli_here, run_cli
 from whisper_lora.scoring import score_rows
 from whisper_lora.stages.export import parity_verdict
 
@@ -28,12 +28,12 @@ def test_export_real_model_to_faster_whisper_with_parity_gate(base_model_dir, tm
 
     out = tmp_path / "ct2"
     result = cli_here(capsys, "export", "default", "--output-dir", str(out), "--quantization", "float32",
-                      "--dev-manifest", str(SHARED_EN / "cards" / "transcripts.json"), "--language", "en", "--max-gap", "10")
+                      "--dev-manifest", str(SPEECH_EN / "cards" / "transcripts.json"), "--language", "en", "--max-gap", "10")
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((out / "export_report.json").read_text())
     assert report["passed"] and report["clips"] == 5 and "transformers_wer" in report and "ct2_wer" in report
     assert "gap:" in result.stdout
-    segments, info = WhisperModel(str(out), device="cpu").transcribe(str(SHARED_EN / "arctic_a0009.wav"), language="en")
+    segments, info = WhisperModel(str(out), device="cpu").transcribe(str(SPEECH_EN / "arctic_a0009.wav"), language="en")
     assert "gregson" in " ".join(s.text for s in segments).lower()
 
 

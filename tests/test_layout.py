@@ -66,3 +66,30 @@ def test_every_relative_link_in_the_readme_and_docs_resolves():
                 if anchor not in headings:
                     broken.append(f"{page.name}: {target} (no such heading)")
     assert not broken, "\n".join(broken)
+
+
+# A path that leaves the clone: the `shared` folder beside it (where this project's own machines keep material) or the same
+# folder built from `Path` parts. A stranger's clone has nothing beside it, so nothing that runs may look there.
+OUTSIDE_THE_REPO = re.compile(r"\.\./shared|parents?(\[\d\])?\s*/\s*[\"']shared[\"']")
+
+
+def test_nothing_that_runs_reads_outside_the_repository():
+    places = [REPO / "Makefile", REPO / ".ci" / "run", REPO / "pyproject.toml"]
+    for folder in ("whisper_lora", "tests", "bench", "demo", "configs", ".ci"):
+        places += [p for p in (REPO / folder).rglob("*") if p.suffix in {".py", ".yaml", ".yml", ".json", ".sh", ""}
+                   and p.is_file() and "__pycache__" not in p.parts]
+    offenders = [f"{p.relative_to(REPO)}:{n}" for p in places
+                 for n, line in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines(), 1)
+                 if OUTSIDE_THE_REPO.search(line)]
+    assert not offenders, "reads a folder beside the clone:\n" + "\n".join(offenders)
+
+
+def test_the_recordings_the_tests_use_are_in_the_repository_with_their_licences():
+    from conftest import SPEECH_EN
+
+    assert SPEECH_EN.resolve().is_relative_to(REPO.resolve())
+    wavs = sorted(SPEECH_EN.rglob("*.wav"))
+    assert len(wavs) == 7
+    for folder in {w.parent for w in wavs}:
+        assert (folder / "transcripts.json").is_file()
+        assert any(folder.glob("*COPYING*")) or any(folder.glob("LICENSE*")), folder

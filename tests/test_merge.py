@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from conftest import SHARED_EN
+from conftest import SPEECH_EN
 from whisper_lora.audio import load_audio
 from whisper_lora.config import MergeConfig, build_config
 from whisper_lora.errors import UserError
@@ -35,7 +35,7 @@ def trained_adapter(tiny_model_dir, tmp_path_factory):
 
 def test_merged_and_unmerged_give_identical_greedy_transcripts(trained_adapter, tmp_path):
     out = merge.run(build_config(MergeConfig, overrides={"adapter": str(trained_adapter), "output_dir": str(tmp_path / "m")}))
-    clips = [load_audio(SHARED_EN / "arctic_a0007.wav"), load_audio(SHARED_EN / "cards" / "002.wav")]
+    clips = [load_audio(SPEECH_EN / "arctic_a0007.wav"), load_audio(SPEECH_EN / "cards" / "002.wav")]
 
     def tokens(model_spec):
         decoded = TransformersBackend(*load_model(model_spec), device="cpu").transcribe_batch(clips, ["en", "en"], SHORT)
@@ -53,7 +53,7 @@ def test_merged_folder_loads_in_a_transformers_pipeline(trained_adapter, tmp_pat
 
     out = merge.run(build_config(MergeConfig, overrides={"adapter": str(trained_adapter), "output_dir": str(tmp_path / "m")}))
     asr = pipeline("automatic-speech-recognition", model=str(out), device="cpu")
-    result = asr(load_audio(SHARED_EN / "cards" / "001.wav"), generate_kwargs={"max_new_tokens": 5, "language": "en"})
+    result = asr(load_audio(SPEECH_EN / "cards" / "001.wav"), generate_kwargs={"max_new_tokens": 5, "language": "en"})
     assert isinstance(result["text"], str)
 
 

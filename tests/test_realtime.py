@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 import pytest
 
-from conftest import KEY, SHARED_EN
+from conftest import KEY, SPEECH_EN
 
 openai = pytest.importorskip("openai")
 websockets = pytest.importorskip("websockets")
@@ -109,7 +109,7 @@ def test_two_streams_at_once_each_with_its_own_adapter(server, mandarin_adapter)
         results[name] = transcripts(stream(server, audio, model, language, speed=2.0))
 
     threads = [threading.Thread(target=run, args=("zh", load_audio(row["audio"]["path"]), "mandarin", "zh")),
-               threading.Thread(target=run, args=("en", load_audio(SHARED_EN / "arctic_a0009.wav"), "whisper-1", "en"))]
+               threading.Thread(target=run, args=("en", load_audio(SPEECH_EN / "arctic_a0009.wav"), "whisper-1", "en"))]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -165,7 +165,7 @@ def test_bad_events_get_error_events_and_the_connection_stays_open(server):
         updated = receive(ws)
         assert updated["type"] == "transcription_session.updated"
         assert updated["session"]["input_audio_transcription"]["model"] == "whisper-1"
-        for event in append_events(load_audio(SHARED_EN / "cards" / "001.wav")):
+        for event in append_events(load_audio(SPEECH_EN / "cards" / "001.wav")):
             ws.send(json.dumps(event))
         ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
         events = []
@@ -180,7 +180,7 @@ def test_a_client_that_vanishes_mid_stream_frees_what_it_held(server):
 
     ws = raw(server)
     receive(ws)
-    for event in append_events(load_audio(SHARED_EN / "arctic_a0009.wav"))[:25]:  # 2.5 s, mid-sentence
+    for event in append_events(load_audio(SPEECH_EN / "arctic_a0009.wav"))[:25]:  # 2.5 s, mid-sentence
         ws.send(json.dumps(event))
     while receive(ws)["type"] != "input_audio_buffer.speech_started":
         pass
@@ -205,7 +205,7 @@ def two_utterances(folder) -> tuple:
     from whisper_lora.audio import load_audio
 
     gap = np.zeros(16000 * 2, np.float32)
-    audio = np.concatenate([load_audio(SHARED_EN / "arctic_a0009.wav"), gap, load_audio(SHARED_EN / "cards" / "001.wav"), gap])
+    audio = np.concatenate([load_audio(SPEECH_EN / "arctic_a0009.wav"), gap, load_audio(SPEECH_EN / "cards" / "001.wav"), gap])
     sf.write(folder / "two.wav", audio, 16000)
     return folder / "two.wav"
 

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from conftest import SHARED_EN, cli_here, run_cli, write_tone
+from conftest import SPEECH_EN, cli_here, run_cli, write_tone
 from whisper_lora.stages.transcribe import expand_inputs
 
 
@@ -17,7 +17,7 @@ def test_inputs_from_files_folders_and_list_files(tmp_path):
 
 def test_real_model_transcribes_files_and_folders(base_model_dir, capsys):
     """The embedded whisper-base through the CLI, batching several clips, default model."""
-    result = cli_here(capsys, "transcribe", str(SHARED_EN / "cards"), "--batch-size", "3", "--language", "en")
+    result = cli_here(capsys, "transcribe", str(SPEECH_EN / "cards"), "--batch-size", "3", "--language", "en")
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 5
@@ -27,7 +27,7 @@ def test_real_model_transcribes_files_and_folders(base_model_dir, capsys):
 
 def test_jsonl_output_has_segments_language_detection_and_sentiment(base_model_dir, tmp_path, capsys):
     out = tmp_path / "o.jsonl"
-    result = cli_here(capsys, "transcribe", str(SHARED_EN / "arctic_a0009.wav"), "--output-format", "jsonl", "--output", str(out),
+    result = cli_here(capsys, "transcribe", str(SPEECH_EN / "arctic_a0009.wav"), "--output-format", "jsonl", "--output", str(out),
                      "--sentiment")
     assert result.returncode == 0, result.stderr[-2000:]
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
@@ -72,7 +72,7 @@ def test_long_audio_to_every_format_with_valid_timestamps(base_model_dir, tmp_pa
 
     from whisper_lora.audio import load_audio
 
-    speech = load_audio(SHARED_EN / "arctic_a0007.wav")
+    speech = load_audio(SPEECH_EN / "arctic_a0007.wav")
     audio = np.concatenate([speech, np.zeros(16000 * 8, np.float32)] * 3 + [speech])  # ~36 s
     sf.write(tmp_path / "long.flac", audio, 16000)
     duration = len(audio) / 16000
@@ -112,7 +112,7 @@ def test_vad_skips_silence_and_keeps_original_times(base_model_dir, tmp_path, ca
     from whisper_lora.audio import load_audio
     from whisper_lora.vad import speech_regions, speech_windows
 
-    speech = load_audio(SHARED_EN / "arctic_a0009.wav")
+    speech = load_audio(SPEECH_EN / "arctic_a0009.wav")
     silence = np.zeros(16000 * 30, np.float32)
     audio = np.concatenate([silence, speech, silence, speech])  # speech at ~30 s and ~63 s
     regions = speech_regions(audio)
@@ -179,7 +179,7 @@ def test_language_the_model_lacks(tmp_path, capsys):
 
 
 def test_compile_option_gives_the_same_text(capsys):
-    clip = str(SHARED_EN / "cards" / "001.wav")
+    clip = str(SPEECH_EN / "cards" / "001.wav")
     plain = cli_here(capsys, "transcribe", clip, "--model", "embedded:tiny.en")
     # in a process of its own: compiled graphs would stay in this one
     compiled = run_cli("transcribe", clip, "--model", "embedded:tiny.en", "--compile")

@@ -615,7 +615,7 @@ class DemoConfig:
     model: str | None = option(None, "base model; empty = embedded whisper-base")
     corpus_dir: str | None = option(None, "demo corpus folder (default: the one shipped in the repo)")
     english_dir: str | None = option(None, "English clips with transcripts.json for the forgetting check "
-                                           "(default: ../shared/data/speech-en when present)")
+                                           "(default: demo/data/speech-en, shipped in the repo)")
     epochs: float = option(1.0, "passes over the 320 training sentences")
     batch_size: int = option(8, "training batch size")
     learning_rate: float = option(1e-3, "peak learning rate")

@@ -22,7 +22,7 @@ from . import train
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CORPUS = REPO_ROOT / "demo" / "data"
-DEFAULT_ENGLISH = REPO_ROOT.parent / "shared" / "data" / "speech-en"
+DEFAULT_ENGLISH = DEFAULT_CORPUS / "speech-en"
 
 
 def english_samples(folder: Path):
@@ -55,9 +55,10 @@ def run(config: DemoConfig) -> dict:
     test_samples = read_manifest(corpus / "test.jsonl") + read_manifest(corpus / "test_new_words.jsonl")
     new_word_paths = {str(s.audio_path) for s in read_manifest(corpus / "test_new_words.jsonl")}
     zh_clips, _ = load_clips(test_samples)
+    # The forgetting row is half the demo's point: a missing folder is an error, not a quietly shorter table.
     en_clips, _ = load_clips(english_samples(english_dir)) if english_dir.is_dir() else ([], [])
     if not en_clips:
-        print(f"no English clips under {english_dir}: the forgetting check is skipped")
+        raise UserError("no English clips with a transcripts.json for the forgetting check", english_dir)
 
     # ---- base model, fine-tune, fine-tuned model
     print("scoring the base model …")
