@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED_EN, start_server
+from conftest import SPEECH_EN, start_server
 
 openai = pytest.importorskip("openai")
 
-ARCTIC = SHARED_EN / "arctic_a0009.wav"
+ARCTIC = SPEECH_EN / "arctic_a0009.wav"
 
 
 def test_models_lists_the_base_and_every_adapter(server):
@@ -103,13 +103,50 @@ def test_an_adapter_chosen_by_name_transcribes_its_own_data_better(server, manda
     assert error_rate(references, tuned, "cer", ["zh"] * 2) < 0.5 * error_rate(references, base, "cer", ["zh"] * 2)
 
 
-def test_concurrent_requests_for_base_and_adapter_are_batched_and_each_gets_its_own_text(server, mandarin_adapter):
-    """Windows of concurrent requests for different adapters are decoded in one batch (peft's
-    mixed-adapter batches), and every request gets exactly what it gets alone."""
+@pytest.fixture
+def lockstep_server(adapters_dir):
+    """The same app in a uvicorn thread of this process, over a service whose batcher the test can pause
+    and whose partial batches wait for every request under way however long it takes (no clock)."""
+    import math
+
+    import uvicorn
+
+    from conftest import KEY, Server, free_port
+    from whisper_lora.serve.api import create_app
+    from whisper_lora.service import ModelPool, TranscriptionService
+
+    service = TranscriptionService(ModelPool(None, str(adapters_dir)), max_wait=math.inf)
+    port = free_port()
+    app_server = uvicorn.Server(uvicorn.Config(create_app(lambda: service, api_key=KEY), host="127.0.0.1", port=port,
+                                               log_level="warning"))
+    thread = threading.Thread(target=app_server.run, daemon=True)
+    thread.start()
+    server = Server(f"http://127.0.0.1:{port}", None, None)
+    while server_status(server) != 200:
+        assert thread.is_alive(), "the in-process server stopped"
+        time.sleep(0.2)
+    yield server, service
+    app_server.should_exit = True
+    thread.join(timeout=60)
+
+
+def server_status(server) -> int | None:
+    try:
+        return server.get("/health")[0]
+    except OSError:
+        return None
+
+
+def test_concurrent_requests_for_base_and_adapter_are_batched_and_each_gets_its_own_text(lockstep_server,
+                                                                                       mandarin_adapter):
+    """Requests for different adapters sent together are decoded in shared batches (one per adapter, the
+    default), and every request gets exactly what it gets alone. The batcher is paused until all four
+    have handed in their audio, so the batches do not depend on how soon the requests arrive."""
     from concurrent.futures import ThreadPoolExecutor
 
+    server, service = lockstep_server
     client = server.client()
-    english = [(SHARED_EN / "cards" / f"00{n}.wav", "whisper-1", "en") for n in (1, 3)]
+    english = [(SPEECH_EN / "cards" / f"00{n}.wav", "whisper-1", "en") for n in (1, 3)]
     mandarin = [(row["audio"]["path"], "mandarin", "zh") for row in mandarin_adapter[1][4:6]]
     jobs = [job for pair in zip(english, mandarin) for job in pair]
 
@@ -117,13 +154,16 @@ def test_concurrent_requests_for_base_and_adapter_are_batched_and_each_gets_its_
         return client.audio.transcriptions.create(file=open(job[0], "rb"), model=job[1], language=job[2]).text
 
     alone = [transcribe(job) for job in jobs]
-    batches, rows = server.metric("whisper_lora_batches"), server.metric("whisper_lora_batched_rows")
+    batcher = service.batcher
+    batcher.recent.clear()
     with ThreadPoolExecutor(len(jobs)) as pool:
-        together = list(pool.map(transcribe, jobs))
+        with batcher.paused():
+            futures = [pool.submit(transcribe, job) for job in jobs]
+            assert batcher.wait_until(lambda b: b.depth == len(jobs) or any(f.done() for f in futures), timeout=300)
+        together = [f.result() for f in futures]
     assert together == alone
-    merged_rows = server.metric("whisper_lora_batched_rows") - rows
-    merged_batches = server.metric("whisper_lora_batches") - batches
-    assert merged_rows / merged_batches >= 2, (merged_rows, merged_batches)  # windows of several requests per batch
+    batches = sorted((op, sorted(adapters)) for op, adapters in batcher.recent)
+    assert batches == sorted((op, [name] * 2) for op in ("encode", "decode") for name in ("__base__", "mandarin"))
 
 
 def test_an_adapter_folder_added_later_is_served_without_a_restart(server, adapters_dir):

@@ -1,6 +1,7 @@
 """The model pool and the batcher, on the tiny random Whisper with random LoRA adapters (fast)."""
 from __future__ import annotations
 
+import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -46,9 +47,20 @@ def alone(tiny_model_dir, adapter_folder, clip) -> str:
     return join_text(segments, info.language)
 
 
+def run_together(service: TranscriptionService, calls) -> list:
+    """Run `calls` (functions of no argument, each one transcription) in threads that meet at the batcher:
+    it is paused until every call has handed in its first piece of work, so the batches that follow
+    depend on which calls are under way, never on how fast a thread got there."""
+    batcher = service.batcher
+    with ThreadPoolExecutor(len(calls)) as threads, batcher.paused():
+        futures = [threads.submit(call) for call in calls]
+        assert batcher.wait_until(lambda b: b.depth == len(calls) or any(f.done() for f in futures), timeout=300)
+    return [f.result() for f in futures]
+
+
 def test_concurrent_calls_for_different_adapters_each_get_their_own_text(tiny_model_dir, adapters, clips):
     pool = ModelPool(str(tiny_model_dir), str(adapters), max_adapters=4)
-    service = TranscriptionService(pool, max_queue=16, mixed_adapters=True)  # the harder path
+    service = TranscriptionService(pool, max_queue=16, mixed_adapters=True, max_wait=math.inf)  # the harder path
     try:
         names = [None, "one", "two", "three"]
         expected = {name: [alone(tiny_model_dir, adapters / name if name else None, c) for c in clips] for name in names}
@@ -59,12 +71,28 @@ def test_concurrent_calls_for_different_adapters_each_get_their_own_text(tiny_mo
             segments, info = service.transcribe(clips[job[1]], job[0], "en", OPTIONS)
             return join_text(list(segments), info.language)
 
-        with ThreadPoolExecutor(len(jobs)) as threads:
-            got = list(threads.map(run, jobs))
+        got = run_together(service, [lambda job=job: run(job) for job in jobs])
         assert got == [expected[name][i] for name, i in jobs]
-        batcher = service.batcher
-        assert batcher.batched_rows > batcher.batches  # rows of several calls shared batches
+        # all eight calls in one encoding batch and one decoding batch, each row with its own adapter
+        rows = {op: sorted(adapters) for op, adapters in service.batcher.recent}
+        assert list(rows) == ["encode", "decode"] and len(service.batcher.recent) == 2
+        assert rows["encode"] == rows["decode"] == sorted(["__base__", "one", "two", "three"] * 2)
         assert pool.peft is not None and set(pool.loaded_adapters) == {"one", "two", "three"}
+    finally:
+        service.close()
+
+
+def test_a_partial_batch_waits_for_the_calls_under_way_not_for_the_clock(tiny_model_dir, clips):
+    """Two calls on the base model, the worker paused until both queued: one batch of two, then none of
+    one. Without a time limit the second call's work is always waited for, however late it comes."""
+    service = TranscriptionService(ModelPool(str(tiny_model_dir)), max_wait=math.inf)
+    try:
+        def run(clip):
+            segments, info = service.transcribe(clip, None, "en", OPTIONS)
+            return join_text(list(segments), info.language)
+
+        run_together(service, [lambda c=c: run(c) for c in clips])
+        assert [(op, len(adapters)) for op, adapters in service.batcher.recent] == [("encode", 2), ("decode", 2)]
     finally:
         service.close()
 

@@ -17,10 +17,11 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -227,7 +228,12 @@ class _Work:
 
 
 class Batcher:
-    """One worker thread; the model work of concurrent calls merged into batches."""
+    """One worker thread; the model work of concurrent calls merged into batches.
+
+    A partial batch waits up to `max_wait` seconds for the work of the other calls under way, and no
+    longer than until each of them has handed in its next piece. With `max_wait=math.inf` the batches
+    depend only on which calls are under way, never on how fast a thread runs: calls started together
+    while the worker is `paused()` then go through every step in lockstep."""
 
     def __init__(self, pool: ModelPool, max_batch: int = 8, max_wait: float = MAX_WAIT_SECONDS,
                  mixed_adapters: bool = False):
@@ -235,9 +241,11 @@ class Batcher:
         self._pending: list[_Work] = []
         self._cond = threading.Condition()
         self._closed = False
+        self._paused = False
         self.active_calls = 0  # calls that may submit more work soon: worth a short wait for them
         self.batches = 0
         self.batched_rows = 0
+        self.recent: deque[tuple[str, tuple[str, ...]]] = deque(maxlen=256)  # (op, each row's adapter), newest last
         self._thread = threading.Thread(target=self._loop, name="whisper-lora-batcher", daemon=True)
         self._thread.start()
 
@@ -249,11 +257,12 @@ class Batcher:
     def call_started(self) -> None:
         with self._cond:
             self.active_calls += 1
+            self._cond.notify_all()
 
     def call_ended(self) -> None:
         with self._cond:
             self.active_calls -= 1
-            self._cond.notify()  # a batch waiting for this call's work need not wait any longer
+            self._cond.notify_all()  # a batch waiting for this call's work need not wait any longer
 
     def close(self) -> None:
         with self._cond:
@@ -261,13 +270,32 @@ class Batcher:
             self._cond.notify_all()
         self._thread.join(timeout=30)
 
+    @contextmanager
+    def paused(self):
+        """The worker takes no new work inside the block; what was submitted meanwhile is batched after it.
+        For lining up calls that must meet in one batch (a warm-up, a test) without relying on timing."""
+        with self._cond:
+            self._paused = True
+        try:
+            yield self
+        finally:
+            with self._cond:
+                self._paused = False
+                self._cond.notify_all()
+
+    def wait_until(self, predicate, timeout: float | None = None) -> bool:
+        """Block until `predicate(self)` holds, checked whenever work is submitted or a call starts or
+        ends; False if `timeout` seconds passed first."""
+        with self._cond:
+            return self._cond.wait_for(lambda: predicate(self), timeout)
+
     def submit(self, op: str, key, args: tuple, rows: int, adapter: str | None):
         work = _Work(op, key, args, rows, adapter or BASE)
         with self._cond:
             if self._closed:
                 raise RuntimeError("the batcher is closed")
             self._pending.append(work)
-            self._cond.notify()
+            self._cond.notify_all()
         return work.future.result()
 
     # ---- the worker -------------------------------------------------------------------------------------
@@ -300,7 +328,7 @@ class Batcher:
 
     def _take(self) -> list[_Work] | None:
         with self._cond:
-            while not self._pending and not self._closed:
+            while (self._paused or not self._pending) and not self._closed:
                 self._cond.wait()
             if not self._pending:
                 return None
@@ -308,10 +336,10 @@ class Batcher:
             while True:  # a short wait for the rest of a batch, only while other calls are under way
                 group, rows = self._group(first)
                 waited = time.monotonic() - first.queued
-                others = self.active_calls - len(self._pending)
+                others = self.active_calls - len(self._pending)  # a call has at most one piece pending
                 if rows >= self.max_batch or others <= 0 or waited >= self.max_wait or self._closed:
                     break
-                self._cond.wait(self.max_wait - waited)
+                self._cond.wait(None if math.isinf(self.max_wait) else self.max_wait - waited)
             taken = set(map(id, group))
             self._pending = [w for w in self._pending if id(w) not in taken]
             return group
@@ -329,6 +357,7 @@ class Batcher:
                         work.future.set_exception(exc)
             self.batches += 1
             self.batched_rows += sum(w.rows for w in group)
+            self.recent.append((group[0].op, tuple(w.adapter for w in group for _ in range(w.rows))))
 
     def _adapters(self, group: list[_Work]) -> list[str] | None:
         if self.pool.peft is None:
