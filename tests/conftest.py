@@ -296,11 +296,9 @@ def adapters_dir(mandarin_adapter, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def server(adapters_dir, tmp_path_factory):
     """`whisper-lora serve` in its own process: the embedded whisper-base with the trained Mandarin adapter,
-    an API key, and a 1 MB upload limit. Shared by the API, realtime and web UI tests. Batches wait for
-    concurrent requests up to 0.5 s: the default 50 ms is about one spectrogram's time, and beside a busy
-    test worker the requests that the batching test sends together arrive further apart than that."""
+    an API key, and a 1 MB upload limit. Shared by the API, realtime and web UI tests."""
     server = start_server(tmp_path_factory.mktemp("logs"), "--adapters", str(adapters_dir), "--api-key", KEY,
-                          "--max-upload-mb", "1", "--batch-wait-ms", "500")
+                          "--max-upload-mb", "1")
     yield server
     server.stop()
     assert "Traceback" not in server.log.read_text()  # no request made the server print one
