@@ -1,6 +1,7 @@
 """The CT2 -> transformers conversion is lossless: same greedy tokens as CTranslate2 itself."""
 import shutil
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -74,7 +75,15 @@ def test_converted_tokenizer_has_timestamp_tokens(base_model_dir):
     tokenizer = WhisperTokenizer.from_pretrained(base_model_dir)
     assert tokenizer.convert_tokens_to_ids("<|0.00|>") == 50364
     assert tokenizer.convert_tokens_to_ids("<|30.00|>") == 51864
-    assert tokenizer.encode("hello", add_special_tokens=False) == tokenizer.encode("hello", add_special_tokens=False)
+    # text encodes to the ids the shipped CTranslate2 model was trained with (its own tokenizer.json)
+    from tokenizers import Tokenizer
+
+    from whisper_lora.models import ct2_model_dir
+
+    shipped = Tokenizer.from_file(str(Path(ct2_model_dir(None)) / "tokenizer.json"))
+    for text in (" He turned sharply, and faced Gregson.", "你好，世界", " naïve café 42"):
+        assert tokenizer.encode(text, add_special_tokens=False) == shipped.encode(text, add_special_tokens=False).ids
+        assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text
     from transformers import GenerationConfig
 
     generation = GenerationConfig.from_pretrained(base_model_dir)

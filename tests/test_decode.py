@@ -47,14 +47,17 @@ def test_long_audio_is_chunked_not_truncated(base_transcriber):
 
 
 def test_transcribe_returns_a_lazy_iterator(base_transcriber, monkeypatch):
-    encoded = []
-    encode = base_transcriber.encode
+    encoded, decoded = [], []
+    encode, decode = base_transcriber.encode, base_transcriber.decode
     monkeypatch.setattr(base_transcriber, "encode", lambda features, adapter=None: encoded.append(len(features))
                         or encode(features, adapter))
+    monkeypatch.setattr(base_transcriber, "decode", lambda *args, **kwargs: decoded.append(len(args[1]))
+                        or decode(*args, **kwargs))
     segments, info = base_transcriber.transcribe(load_audio(SPEECH_EN / "cards" / "003.wav"))
-    assert info.language == "en"
-    assert iter(segments) is segments  # a generator: nothing decoded until consumed
+    assert info.language == "en"  # known before any decoding: detection ran on the first window
+    assert decoded == []  # nothing decoded until the caller asks
     (segment,) = list(segments)
+    assert decoded == [1]
     assert "clubs" in segment.text.lower()
     assert encoded == [1]  # language detection and decoding share one encoder pass
 

@@ -52,9 +52,18 @@ def test_merged_folder_loads_in_a_transformers_pipeline(trained_adapter, tmp_pat
     from transformers import pipeline
 
     out = merge.run(build_config(MergeConfig, overrides={"adapter": str(trained_adapter), "output_dir": str(tmp_path / "m")}))
-    asr = pipeline("automatic-speech-recognition", model=str(out), device="cpu")
-    result = asr(load_audio(SPEECH_EN / "cards" / "001.wav"), generate_kwargs={"max_new_tokens": 5, "language": "en"})
-    assert isinstance(result["text"], str)
+    clip = load_audio(SPEECH_EN / "cards" / "001.wav")
+    generate = {"max_new_tokens": 5, "language": "en"}
+
+    def heard(model, **parts) -> str:
+        return pipeline("automatic-speech-recognition", model=model, device="cpu", **parts)(clip, generate_kwargs=generate)["text"]
+
+    # the folder alone, in a stock pipeline, hears what the unmerged adapter hears in the same pipeline
+    unmerged, processor = load_model(str(trained_adapter))
+    expected = heard(unmerged, tokenizer=processor.tokenizer, feature_extractor=processor.feature_extractor)
+    assert heard(str(out)) == expected
+    base = json.loads((trained_adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert heard(base) != expected  # the adapter's change is in the folder
 
 
 def test_merge_refuses_existing_output_and_non_adapters(trained_adapter, tmp_path):

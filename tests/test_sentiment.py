@@ -62,14 +62,24 @@ def tiny_classifier(tmp_path_factory):
 
 
 def test_any_huggingface_classifier_from_a_folder(tiny_classifier):
-    analyser = analyser_for(None, str(tiny_classifier))
-    results = analyser(POSITIVE["en"] + POSITIVE["zh"])
-    assert all(r.label in ("positive", "negative", "neutral") and 1 / 3 <= r.score <= 1 for r in results)
-    again = analyser(POSITIVE["en"] + POSITIVE["zh"])
-    assert again == results  # an inference pipeline, no dropout: the same text, the same answer
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    texts = POSITIVE["en"] + POSITIVE["zh"] + NEGATIVE["zh"]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_classifier)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_classifier).eval()
+    with torch.no_grad():
+        probabilities = [model(**tokenizer(t, return_tensors="pt")).logits.softmax(-1)[0] for t in texts]
+    expected = [(model.config.id2label[int(p.argmax())].lower(), round(float(p.max()), 4)) for p in probabilities]
+    results = analyser_for(None, str(tiny_classifier))(texts)
+    assert [(r.label, r.score) for r in results] == [(label, pytest.approx(score, abs=1e-4)) for label, score in expected]
+    # each segment scored on its own text, the whole transcript on the whole text
     segments = [Segment(0, 0.0, 1.0, text) for text in NEGATIVE["zh"]]
-    scored, overall, note = annotate(segments, "".join(NEGATIVE["zh"]), "zh", str(tiny_classifier))
-    assert note is None and overall is not None and all(s.sentiment is not None for s in scored)
+    whole = "".join(NEGATIVE["zh"])
+    scored, overall, note = annotate(segments, whole, "zh", str(tiny_classifier))
+    assert note is None
+    assert [s.sentiment for s in scored] == results[-len(NEGATIVE["zh"]):]
+    assert overall == analyser_for(None, str(tiny_classifier))([whole])[0]
 
 
 def test_a_classifier_whose_labels_mean_nothing_is_refused(tiny_classifier, tmp_path):

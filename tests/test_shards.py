@@ -51,7 +51,12 @@ def test_every_rank_and_worker_reads_disjoint_shards_covering_the_epoch(shard_di
             everyone.append(ids_of(stream, epoch=0, worker=worker, workers=2))
     flat = [i for part in everyone for i in part]
     assert len(flat) == 22 and len(set(flat)) == 22  # each sample exactly once across 2 ranks x 2 workers
-    assert all(everyone[1:])  # with 5 shards, every reader has some data
+    assert all(everyone), [len(part) for part in everyone]  # with 5 shards, every one of the 4 readers has data
+    # readers split the epoch by whole shards: each shard's samples all go to one reader
+    reader_of = {i: n for n, part in enumerate(everyone) for i in part}
+    for shard in read_index(shard_dir)["shards"]:
+        readers = {reader_of[r.meta["id"]] for r in iter_shard(shard_dir / shard["file"])}
+        assert len(readers) == 1, (shard["file"], readers)
 
 
 def test_order_is_deterministic_per_epoch_and_reshuffled_between_epochs(shard_dir):

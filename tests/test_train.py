@@ -253,7 +253,14 @@ def test_distilled_rows_are_pulled_towards_the_base_model_and_the_others_train_o
     labels = torch.tensor([[50258, 50260, 400, 401, 50257], [50258, 50259, 402, 50257, -100],
                            [50258, 50259, 403, 404, 50257]])
     replayed = torch.tensor([False, True, True])
-    assert torch.equal(train.training_loss(model, model, inputs, labels, None), model(**inputs, labels=labels).loss)
+    # without distillation: the mean cross-entropy over the 14 label tokens (padding ignored), computed here
+    # from the logits rather than taken from the model's own loss
+    logits = model(**inputs, labels=labels).logits
+    by_hand = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    plain = train.training_loss(model, model, inputs, labels, None)
+    assert plain.item() == pytest.approx(by_hand.item(), rel=1e-5)
+    assert plain.item() == pytest.approx(sum(-logits[r].log_softmax(-1)[c, labels[r, c]].item() for r in range(3)
+                                             for c in range(5) if labels[r, c] >= 0) / 14, rel=1e-5)
 
     # LoRA starts as the identity (B = 0): the adapted model *is* the base, so the KL terms are zero
     # and the loss is the first row's cross-entropy over the batch's 14 label tokens.
