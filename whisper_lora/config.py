@@ -17,6 +17,7 @@ from typing import Any
 
 
 from .constants import MAX_NEW_TOKENS, MAX_TARGET_TOKENS
+from .devices import DEVICE_HELP, DTYPE_HELP, DTYPES, check_device
 from .errors import UserError
 from .settings import option, read_value, read_yaml_mapping
 
@@ -274,9 +275,12 @@ class EvaluateConfig:
     batch_size: int = option(16, "clips per generation batch")
     num_beams: int = option(1, "beam size (1 = greedy)")
     max_new_tokens: int = option(128, "generation limit per clip")
+    device: str = option("auto", DEVICE_HELP)
+    dtype: str = option("auto", DTYPE_HELP, choices=DTYPES)
     output: str | None = option(None, "JSON file for every hypothesis, reference and score")
 
     def validate(self) -> None:
+        check_device(self.device)
         if not self.manifest:
             raise UserError("evaluate needs a MANIFEST")
         if not self.models:
@@ -307,8 +311,11 @@ class TranscribeConfig:
     backend: str = option("transformers", "transformers (any model, adapters too) or ct2 (CTranslate2 through "
                                           "faster-whisper; needs a CTranslate2 folder such as `export` writes)",
                           choices=("transformers", "ct2"))
-    compute_type: str = option("default", "ct2 backend weight type; default = as stored in the model",
+    compute_type: str = option("default", "ct2 backend compute type; default = float16 on a GPU, as stored in the "
+                                          "model on the CPU (or as --dtype says)",
                                choices=("default", "int8", "int8_float16", "int8_float32", "float16", "bfloat16", "float32"))
+    device: str = option("auto", DEVICE_HELP)
+    dtype: str = option("auto", DTYPE_HELP, choices=DTYPES)
     language: str | None = option(None, "spoken language; empty = detect per file")
     task: str = option("transcribe", "transcribe, or translate into English", choices=TASKS)
     batch_size: int = option(8, "30 s windows decoded together")
@@ -340,6 +347,7 @@ class TranscribeConfig:
     output_dir: str | None = option(None, "write one file per input and format here (NAME.txt, NAME.srt, …)")
 
     def validate(self) -> None:
+        check_device(self.device)
         if not self.inputs:
             raise UserError("transcribe needs at least one audio file, folder or list file")
         if self.output and self.output_dir:
@@ -382,9 +390,11 @@ class ServeConfig:
                                         "name; folders added later are found without a restart")
     backend: str = option("transformers", "transformers (adapters, dynamic batching) or ct2 (an exported CTranslate2 "
                                           "model through faster-whisper; no adapters)", choices=BACKENDS)
-    compute_type: str = option("default", "ct2 backend weight type", choices=("default", "int8", "int8_float16",
-                                                                            "int8_float32", "float16", "bfloat16",
-                                                                            "float32"))
+    compute_type: str = option("default", "ct2 backend compute type; default = float16 on a GPU, as stored on the "
+                                          "CPU (or as --dtype says)",
+                               choices=("default", "int8", "int8_float16", "int8_float32", "float16", "bfloat16", "float32"))
+    device: str = option("auto", DEVICE_HELP)
+    dtype: str = option("auto", DTYPE_HELP, choices=DTYPES)
     api_key: str | None = option(None, "require 'Authorization: Bearer KEY' on /v1/ routes (default: "
                                        "$WHISPER_LORA_API_KEY; none = open)")
     max_upload_mb: float = option(25.0, "largest upload accepted, in MB (OpenAI's limit is 25); larger ones get 413 "
@@ -403,6 +413,7 @@ class ServeConfig:
     log_level: str = option("info", "uvicorn's log level", choices=("critical", "error", "warning", "info", "debug"))
 
     def validate(self) -> None:
+        check_device(self.device)
         if not 0 < self.port < 65536:
             raise UserError(f"--port must lie in 1-65535, got {self.port}")
         for name in ("max_upload_mb", "max_adapters", "max_queue", "max_batch"):
@@ -427,9 +438,14 @@ class UIConfig:
     port: int = option(7860, "port to listen on")
     model: str | None = option(None, "base model (empty = the embedded whisper-base)")
     adapters: str | None = option(None, "folder of LoRA adapters to offer beside the base model")
+    api_key: str | None = option(None, "require this key on the page and the API (default: $WHISPER_LORA_API_KEY; "
+                                       "none = open)")
+    device: str = option("auto", DEVICE_HELP)
+    dtype: str = option("auto", DTYPE_HELP, choices=DTYPES)
     browser: bool = option(True, "open the page in the default browser once the model is loaded")
 
     def validate(self) -> None:
+        check_device(self.device)
         if not 0 < self.port < 65536:
             raise UserError(f"--port must lie in 1-65535, got {self.port}")
         if self.adapters and not Path(self.adapters).is_dir():
@@ -448,9 +464,12 @@ class RealtimeConfig:
     language: str | None = option(None, "spoken language; empty = detect")
     prompt: str | None = option(None, "text that primes the decoder (names, spelling)")
     input_device: str | None = option(None, "microphone (sounddevice name or number; default: the system's)")
+    device: str = option("auto", "locally: " + DEVICE_HELP)
+    dtype: str = option("auto", "locally: " + DTYPE_HELP, choices=DTYPES)
     output: str | None = option(None, "write the confirmed segments to this .srt, .vtt, .json or .txt file at the end")
 
     def validate(self) -> None:
+        check_device(self.device)
         if self.speed <= 0:
             raise UserError(f"--speed must be positive, got {self.speed}")
         if self.speed != 1.0 and not self.file:

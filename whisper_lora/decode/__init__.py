@@ -19,14 +19,18 @@ from .types import GREEDY, Backend, DecodeOptions, Segment, Sentiment, Transcrip
 
 
 def load_backend(model: str | None = None, backend: str = "transformers", compute_type: str = "default",
-                 device: str | None = None, compile: bool = False) -> Backend:
+                 device: str | None = None, compile: bool = False, dtype: str | None = None) -> Backend:
     """The backend for `--model` as users pass it: an adapter is merged into a private copy of its base
-    (identical output, no LoRA matmuls); `ct2` needs a CTranslate2 folder (or the embedded default)."""
+    (identical output, no LoRA matmuls); `ct2` needs a CTranslate2 folder (or the embedded default).
+    `device` and `dtype` as `--device` and `--dtype` take them (see devices.py)."""
+    from ..devices import ct2_placement, resolve_device, resolve_dtype
     from ..models import ct2_model_dir, load_model
 
     if backend == "ct2":
-        return CT2Backend(ct2_model_dir(model), compute_type, device or "auto")
-    loaded, processor = load_model(model, merge_adapter=True)
+        kind, index, compute = ct2_placement(device, dtype, compute_type)
+        return CT2Backend(ct2_model_dir(model), compute, kind, device_index=index)
+    device = resolve_device(device)
+    loaded, processor = load_model(model, device=device, dtype=resolve_dtype(dtype, device), merge_adapter=True)
     return TransformersBackend(loaded, processor, device=device, compile=compile)
 
 

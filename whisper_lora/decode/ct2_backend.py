@@ -20,13 +20,15 @@ ADAPTERS_REFUSED = ("CTranslate2 models cannot load LoRA adapters; merge each ad
 
 
 class CT2Backend:
-    def __init__(self, model_dir: str, compute_type: str = "default", device: str = "auto", workers: int = 1):
+    def __init__(self, model_dir: str, compute_type: str = "default", device: str = "auto", workers: int = 1,
+                 device_index: int = 0):
         try:
             from faster_whisper import WhisperModel
         except ImportError:
             raise UserError("--backend ct2 needs faster-whisper: pip install 'whisper-lora[ct2]'") from None
         try:
-            self.model = WhisperModel(model_dir, device=device, compute_type=compute_type, num_workers=workers)
+            self.model = WhisperModel(model_dir, device=device, device_index=device_index, compute_type=compute_type,
+                                      num_workers=workers)
         except ValueError as exc:  # e.g. float16 on a CPU
             raise UserError(f"cannot load with --compute-type {compute_type}: {exc}", model_dir) from None
         self.multilingual = self.model.model.is_multilingual

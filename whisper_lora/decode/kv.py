@@ -106,11 +106,16 @@ class Network:
         for name in wanted:
             lora_a, lora_b, scale = module.lora_A[name], module.lora_B[name], module.scaling[name]
             dropout = module.lora_dropout[name]
+            # peft keeps adapters in float32 over a float16/bfloat16 base (autocast_adapter_dtype): the
+            # low-rank product runs in the adapter's precision and is added in the base's, as peft does
+            def delta(rows_in: torch.Tensor) -> torch.Tensor:
+                return (lora_b(lora_a(dropout(rows_in.to(lora_a.weight.dtype)))) * scale).to(out.dtype)
+
             if adapters is None:
-                out = out + lora_b(lora_a(dropout(x))) * scale
+                out = out + delta(x)
             else:
                 rows = torch.tensor([i for i, n in enumerate(adapters) if n == name], device=x.device)
-                out[rows] += lora_b(lora_a(dropout(x[rows]))) * scale
+                out[rows] += delta(x[rows])
         return out
 
     def _split_heads(self, x: torch.Tensor, heads: int | None = None) -> torch.Tensor:

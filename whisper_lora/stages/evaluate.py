@@ -1,6 +1,7 @@
 """`whisper-lora evaluate`: several models on one manifest, one table, every hypothesis in JSON."""
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 from dataclasses import replace
@@ -9,6 +10,7 @@ from pathlib import Path
 from ..config import EvaluateConfig
 from ..decode import GREEDY, TransformersBackend
 from ..errors import UserError
+from ..devices import resolve_device, resolve_dtype
 from ..manifest import check_audio_exists, language_code, read_manifest
 from ..models import load_model
 from ..report import format_table
@@ -30,10 +32,12 @@ def run(config: EvaluateConfig) -> list[ModelScore]:
         language or next((s.language for s in samples if s.language), None))
 
     # ---- loop: one model at a time, so only one is in memory
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
     scores = []
     for spec in config.models:
-        model, processor = load_model(spec)
-        backend = TransformersBackend(model, processor)
+        model, processor = load_model(spec, device=device, dtype=dtype)
+        backend = TransformersBackend(model, processor, device=device)
         options = replace(GREEDY, task=config.task, num_beams=config.num_beams, max_new_tokens=config.max_new_tokens)
         scores.append(score_model(spec, backend, clips, language, options, config.batch_size))
         del model, backend
@@ -47,7 +51,7 @@ def run(config: EvaluateConfig) -> list[ModelScore]:
     if config.output:
         Path(config.output).parent.mkdir(parents=True, exist_ok=True)
         Path(config.output).write_text(json.dumps({
-            "manifest": str(config.manifest), "metric": metric, "skipped": problems,
+            "manifest": str(config.manifest), "metric": metric, "skipped": problems, "config": dataclasses.asdict(config),
             "models": [{"model": s.model, "cer": s.cer, "wer": s.wer, "samples": s.rows} for s in scores],
         }, indent=2, ensure_ascii=False))
     return scores

@@ -22,6 +22,7 @@ from ..constants import SAMPLE_RATE
 from ..decode import Segment, TranscriptionInfo
 from ..errors import UserError
 from ..manifest import language_code
+from ..rundir import save_config_beside
 from ..writers import WRITERS
 
 CHUNK_SECONDS = 0.1  # audio handed on at a time, as a microphone callback delivers it
@@ -118,7 +119,7 @@ def run_local(config: RealtimeConfig, chunks: queue.Queue, printer: Printer, lan
     from ..decode import load_backend
     from ..streaming import Confirmed, Partial, SpeechStopped, StreamingTranscriber
 
-    backend = load_backend(config.model)
+    backend = load_backend(config.model, device=config.device, dtype=config.dtype)
 
     def decode(audio, options):
         return list(backend.transcribe(audio, language, options)[0])
@@ -286,4 +287,5 @@ def run(config: RealtimeConfig) -> int:
     # ---- save
     if config.output:
         write_output(Path(config.output), segments)
+        save_config_beside(config, config.output)
     return 0

@@ -28,4 +28,5 @@ def run(config: UIConfig) -> int:
     if config.browser:
         threading.Thread(target=_open_when_ready, args=(url,), daemon=True).start()
     print(f"whisper-lora: the web UI is at {url}", flush=True)
-    return serve.run(ServeConfig(host=config.host, port=config.port, model=config.model, adapters=config.adapters))
+    return serve.run(ServeConfig(host=config.host, port=config.port, model=config.model, adapters=config.adapters,
+                                 api_key=config.api_key, device=config.device, dtype=config.dtype))
