@@ -128,10 +128,22 @@ def test_an_adapter_of_another_base_is_refused(tiny_model_dir, adapters, tmp_pat
     config = json.loads((tmp_path / "other" / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = "default"  # the embedded whisper-base, not this tiny model
     (tmp_path / "other" / "adapter_config.json").write_text(json.dumps(config))
+    shutil.copytree(adapters / "one", tmp_path / "adaptive")
+    config["base_model_name_or_path"], config["peft_type"] = str(tiny_model_dir), "ADALORA"
+    (tmp_path / "adaptive" / "adapter_config.json").write_text(json.dumps(config))
+    shutil.copytree(adapters / "two", tmp_path / "fine")
     pool = ModelPool(str(tiny_model_dir), str(tmp_path))
+    # neither is listed: a client never sees a model that fails only when used
+    assert [m.id for m in pool.models()][2:] == ["fine"]
+    with pytest.raises(UnknownModel, match="'other' is not served: adapter 'other' was trained on default, this "
+                                           "server's base model is .*; this server has: whisper-1, .*fine"):
+        pool.resolve("other")
+    with pytest.raises(UnknownModel, match="'adaptive' is not served: adapter 'adaptive' is ADALORA, not LoRA"):
+        pool.resolve("adaptive")
     with pytest.raises(UserError, match="was trained on default, this server's base model is"):
         with pool.using("other"):
             pass
+    assert set(pool.refused) == {"other", "adaptive"}
 
 
 def test_a_full_house_refuses_with_busy_and_a_failed_batch_fails_only_its_calls(tiny_model_dir, clips):
@@ -172,9 +184,13 @@ def test_the_serve_options_reach_the_batcher(tiny_model_dir, adapters):
 
     service = build_service(build_config(ServeConfig, overrides={
         "model": str(tiny_model_dir), "adapters": str(adapters), "max_batch": 3, "batch_wait_ms": 250,
-        "max_queue": 5, "mixed_adapters": True}))
+        "max_queue": 5, "mixed_adapters": True, "device": "cpu", "dtype": "bfloat16"}))
     try:
         batcher = service.batcher
         assert (batcher.max_batch, batcher.max_wait, batcher.mixed_adapters, service.max_queue) == (3, 0.25, True, 5)
+        assert service.backend.dtype == torch.bfloat16 and service.backend.device == "cpu"
+        with service.pool.using("one"):  # an adapter loads beside a bfloat16 base and decodes with it
+            segments, info = service.transcribe(np.zeros(16000, np.float32) + 0.01, "one", "en", OPTIONS)
+            list(segments)
     finally:
         service.close()

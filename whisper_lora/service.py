@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import threading
@@ -35,6 +36,7 @@ from .decode import CT2Backend, DecodeOptions, Segment, TranscriptionInfo, Trans
 from .decode.ct2_backend import ADAPTERS_REFUSED
 from .decode.search import WindowResult
 from .decode.timing import WordTiming
+from .devices import ct2_placement, resolve_device, resolve_dtype
 from .errors import UserError
 from .models import ct2_model_dir, load_model, public_name, resolve_model
 
@@ -42,6 +44,7 @@ BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 MAX_WAIT_SECONDS = ServeConfig.batch_wait_ms / 1000  # how long a small batch waits for the work of calls under way
 OPENAI_MODEL = "whisper-1"  # what clients of OpenAI's API send; always the base model here
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+log = logging.getLogger("whisper_lora.serve")
 
 
 class UnknownModel(UserError):
@@ -83,7 +86,8 @@ class ModelPool:
     """The base model once, adapters by name beside it."""
 
     def __init__(self, model: str | None = None, adapters_dir: str | None = None, max_adapters: int = 8,
-                 backend: str = "transformers", compute_type: str = "default", device: str | None = None):
+                 backend: str = "transformers", compute_type: str = "default", device: str | None = None,
+                 dtype: str | None = None):
         self.base_name = base_model_name(model)
         self.public_base = public_name(model)
         self.adapters_dir = Path(adapters_dir).expanduser().resolve() if adapters_dir else None
@@ -93,11 +97,14 @@ class ModelPool:
         self.started = int(time.time())
         self.lock = threading.RLock()  # held by every forward pass and by every adapter load or unload
         self._loaded: OrderedDict[str, _Adapter] = OrderedDict()  # least recently used first
+        self.refused: dict[str, str] = {}  # adapter folders that cannot be served, with the reason
+        self._refusals: dict[tuple[Path, int], str | None] = {}
         self.peft = None  # the PeftModel wrapping the base once an adapter is loaded
         if backend == "ct2":
             if self.adapters_dir is not None:
                 raise UserError(f"--adapters and --backend ct2 conflict: {ADAPTERS_REFUSED}")
-            self.backend = CT2Backend(ct2_model_dir(model), compute_type, device or "auto", workers=2)
+            kind, index, compute = ct2_placement(device, dtype, compute_type)
+            self.backend = CT2Backend(ct2_model_dir(model), compute, kind, workers=2, device_index=index)
             self.base_location = None
             return
         if self.adapters_dir is not None:
@@ -107,21 +114,51 @@ class ModelPool:
             raise UserError("--model is an adapter: serve its base with --model and put the adapter's folder "
                             "under --adapters (it is then served under the folder's name)", model)
         self.base_location = resolved.location
-        loaded, processor = load_model(resolved)
+        device = resolve_device(device)
+        loaded, processor = load_model(resolved, device=device, dtype=resolve_dtype(dtype, device))
         self.backend = TransformersBackend(loaded, processor, device=device)
 
     # ---- names ------------------------------------------------------------------------------------------
 
     def adapter_folders(self) -> dict[str, Path]:
-        """Adapters on disk now: each subfolder holding an adapter_config.json, by folder name."""
+        """Adapters on disk now that this server can serve: each subfolder holding an adapter_config.json,
+        by folder name. Folders it cannot serve (not LoRA, another base, an unreadable config) are left out
+        of every listing, kept in `refused` with the reason, and logged once."""
         if self.adapters_dir is None:
             return {}
         found = {}
         for folder in sorted(self.adapters_dir.iterdir()):
             if folder.is_dir() and (folder / "adapter_config.json").is_file() and ADAPTER_NAME.match(folder.name) \
                     and folder.name not in (OPENAI_MODEL, self.base_name):
-                found[folder.name] = folder
+                reason = self._refusal(folder)
+                if reason is None:
+                    found[folder.name] = folder
+                    self.refused.pop(folder.name, None)
+                elif self.refused.get(folder.name) != reason:
+                    self.refused[folder.name] = reason
+                    log.warning("not serving %s: %s", folder, reason)
         return found
+
+    def _refusal(self, folder: Path) -> str | None:
+        """Why an adapter folder cannot be served, from its adapter_config.json alone (read again only when
+        the file changes); None when it can."""
+        config_file = folder / "adapter_config.json"
+        key = (folder, config_file.stat().st_mtime_ns)
+        if key not in self._refusals:
+            try:
+                config = json.loads(config_file.read_text())
+            except (OSError, json.JSONDecodeError) as exc:
+                reason = f"adapter_config.json cannot be read ({exc})"
+            else:
+                reason = self._not_servable(folder.name, config)
+            self._refusals[key] = reason
+        return self._refusals[key]
+
+    def _not_servable(self, name: str, config: dict) -> str | None:
+        if config.get("peft_type") != "LORA":
+            return (f"adapter '{name}' is {config.get('peft_type')}, not LoRA; serving loads LoRA and DoRA adapters: "
+                    "merge it (`whisper-lora merge`) and serve the merged model with --model")
+        return self._base_mismatch(name, config.get("base_model_name_or_path"))
 
     def models(self) -> list[ServedModel]:
         served = [ServedModel(OPENAI_MODEL, self.started, "whisper-lora"),
@@ -137,6 +174,8 @@ class ModelPool:
         if name in self.adapter_folders():
             return name
         available = ", ".join(m.id for m in self.models())
+        if name in self.refused:
+            raise UnknownModel(f"model '{name}' is not served: {self.refused[name]}; this server has: {available}")
         raise UnknownModel(f"model '{name}' does not exist; this server has: {available}")
 
     # ---- adapters ---------------------------------------------------------------------------------------
@@ -165,16 +204,11 @@ class ModelPool:
 
     def _load(self, name: str) -> _Adapter:
         path = self.adapter_folders().get(name)
-        if path is None:  # removed from disk since it was resolved
+        if path is None:  # removed from disk, or changed into something unservable, since it was resolved
+            if name in self.refused:
+                raise UserError(self.refused[name], self.adapters_dir / name)
             raise UnknownModel(f"model '{name}' does not exist")
-        try:
-            config = json.loads((path / "adapter_config.json").read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UserError(f"adapter_config.json cannot be read ({exc})", path) from None
-        if config.get("peft_type") != "LORA":
-            raise UserError(f"adapter '{name}' is {config.get('peft_type')}, not LoRA; serving loads LoRA and DoRA "
-                            "adapters: merge it (`whisper-lora merge`) and serve the merged model with --model", path)
-        self._check_base(name, path, config.get("base_model_name_or_path"))
+        config = json.loads((path / "adapter_config.json").read_text())
         from peft import PeftModel
 
         try:
@@ -190,17 +224,17 @@ class ModelPool:
         self._loaded[name] = entry
         return entry
 
-    def _check_base(self, name: str, path: Path, recorded: str | None) -> None:
+    def _base_mismatch(self, name: str, recorded: str | None) -> str | None:
         """An adapter trained on another base would load (same shapes) and transcribe badly: refuse it."""
         if not recorded or public_name(recorded) == self.public_base:
-            return
+            return None
         try:
             location = resolve_model(recorded).location
         except UserError:
-            return  # a base we cannot resolve here (a folder on another machine): the weights' shapes decide
+            return None  # a base we cannot resolve here (a folder on another machine): the weights' shapes decide
         if location != self.base_location and Path(location).name != Path(self.base_location).name:
-            raise UserError(f"adapter '{name}' was trained on {recorded}, this server's base model is "
-                            f"{self.base_name}", path)
+            return f"adapter '{name}' was trained on {recorded}, this server's base model is {self.base_name}"
+        return None
 
     def _evict(self) -> None:
         """Unload the least recently used adapters nobody is using, down to `max_adapters`."""
