@@ -19,3 +19,5 @@ def test_several_models_one_table_and_every_hypothesis(base_model_dir, tiny_mode
     rows = report["models"][0]["samples"]
     assert len(rows) == 5 and {"audio", "reference", "hypothesis", "language"} <= set(rows[0])
     assert report["metric"] == "wer"
+    assert report["config"]["models"] == [str(base_model_dir), str(tiny_model_dir)]  # the resolved config rides along
+    assert report["config"]["max_new_tokens"] == 24 and report["config"]["device"] == "auto"

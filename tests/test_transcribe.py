@@ -31,6 +31,7 @@ def test_jsonl_output_has_segments_language_detection_and_sentiment(base_model_d
                      "--sentiment")
     assert result.returncode == 0, result.stderr[-2000:]
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert "sentiment: true" in (tmp_path / "o.jsonl.config.yaml").read_text()  # the resolved config beside it
     assert row["language"] == "en" and row["language_probability"] > 0.5
     assert "gregson" in row["text"].lower()
     assert row["sentiment"]["label"] == "neutral" and row["segments"][0]["sentiment"]["label"] == "neutral"
@@ -53,6 +54,10 @@ def test_a_clip_under_30_s_gets_one_cue_per_utterance_and_words(base_model_dir, 
     assert result.returncode == 0, result.stderr[-2000:]
     cues = list(srt.parse((tmp_path / "out" / "conversation.srt").read_text()))
     assert len(cues) == len(onsets), cues
+    import yaml
+
+    resolved = yaml.safe_load((tmp_path / "out" / "transcribe_config.yaml").read_text())
+    assert resolved["backend"] == backend and resolved["word_timestamps"] is True and resolved["inputs"] == [str(clip)]
     assert "gregson" in cues[0].content.lower()
     for cue, onset in zip(cues, onsets):
         assert abs(cue.start.total_seconds() - onset) < 0.5, (cue, onset)
@@ -185,3 +190,26 @@ def test_compile_option_gives_the_same_text(capsys):
     compiled = run_cli("transcribe", clip, "--model", "embedded:tiny.en", "--compile")
     assert plain.returncode == 0 and compiled.returncode == 0, compiled.stderr[-2000:]
     assert compiled.stdout == plain.stdout and "clubs" in plain.stdout.lower()
+
+
+def test_dtype_bfloat16_runs_the_real_model_in_bfloat16_on_the_cpu(capsys, monkeypatch):
+    """`--dtype bfloat16` reaches the weights (checked on the model the stage loads) and reads the clip as
+    float32 does; a GPU that is not there is refused in one line."""
+    import torch
+
+    from whisper_lora import decode
+
+    loaded = []
+    real = decode.load_backend
+    monkeypatch.setattr("whisper_lora.stages.transcribe.load_backend",
+                        lambda *a, **k: loaded.append(real(*a, **k)) or loaded[-1])
+    clip = str(SPEECH_EN / "arctic_a0009.wav")
+    plain = cli_here(capsys, "transcribe", clip, "--model", "embedded:tiny.en")
+    half = cli_here(capsys, "transcribe", clip, "--model", "embedded:tiny.en", "--dtype", "bfloat16", "--device", "cpu")
+    assert half.returncode == 0, half.stderr[-2000:]
+    assert [b.dtype for b in loaded] == [torch.float32, torch.bfloat16]
+    assert {p.dtype for p in loaded[1].model.parameters()} == {torch.bfloat16}
+    assert "gregson" in half.stdout.lower() and half.stdout == plain.stdout
+    refused = cli_here(capsys, "transcribe", clip, "--model", "embedded:tiny.en", "--device", "cuda:0")
+    assert refused.returncode == 2 and "--device cuda:0: no CUDA GPU is visible" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1

@@ -18,6 +18,13 @@ def save_config(config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False, allow_unicode=True))
 
 
+def save_config_beside(config, output: str | Path) -> Path:
+    """A stage whose output is one file (transcribe --output, realtime --output) keeps its resolved config
+    beside it, as `FILE.config.yaml`."""
+    path = Path(output).with_name(Path(output).name + ".config.yaml")
+    save_config(config, path)
+    return path
+
 
 RESOLVED_CONFIG = "config.yaml"  # every run's fully resolved config, next to its outputs
 _RUN_CONTROL_FIELDS = {"resume", "overwrite"}  # may differ between the first run and its resumption

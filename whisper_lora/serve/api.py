@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.datastructures import UploadFile
 
+from .. import __version__
 from ..decode import DecodeOptions, Segment, TranscriptionInfo, join_text
 from ..errors import UserError
 from ..manifest import language_code
@@ -278,7 +279,7 @@ def create_app(load_service: Callable[[], TranscriptionService], api_key: str | 
         if state["service"] is not None:
             state["service"].close()
 
-    app = FastAPI(title="whisper-lora", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="whisper-lora", version=__version__, lifespan=lifespan)
     app.state.whisper = state
     errors.install(app)
 

@@ -15,6 +15,7 @@ from ..constants import AUDIO_SUFFIXES, CHUNK_SECONDS
 from ..decode import Backend, DecodeOptions, Segment, TranscriptionInfo, join_text, load_backend
 from ..errors import AudioError, UserError
 from ..manifest import language_code
+from ..rundir import save_config, save_config_beside
 from ..writers import FORMATS, WRITERS, transcript_dict
 
 LIST_SUFFIXES = {".txt", ".lst", ".list"}
@@ -98,6 +99,9 @@ def unique_stems(paths: list[Path]) -> list[str]:
     return stems
 
 
+TRANSCRIBE_CONFIG = "transcribe_config.yaml"  # the resolved config, beside the per-file outputs
+
+
 def run(config: TranscribeConfig) -> int:
     from tqdm.auto import tqdm
 
@@ -108,18 +112,21 @@ def run(config: TranscribeConfig) -> int:
     if config.output_format in ("json", "srt", "vtt", "tsv") and not config.output_dir and len(paths) > 1:
         raise UserError(f"--output-format {config.output_format} with {len(paths)} inputs needs --output-dir "
                         "(one file per input)")
-    backend = load_backend(config.model, config.backend, config.compute_type, compile=config.compile)
+    backend = load_backend(config.model, config.backend, config.compute_type, config.device, config.compile,
+                           config.dtype)
     if language and language not in backend.languages:
         raise UserError(f"the model has no language '{language}'" + ("" if backend.multilingual else
                         " (it is English-only)"), config.model or "default")
     out_dir = Path(config.output_dir) if config.output_dir else None
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, out_dir / TRANSCRIBE_CONFIG)
     stems = dict(zip(paths, unique_stems(paths)))
     if config.output:
         if Path(config.output).is_dir():
             raise UserError("--output is a folder; give a file name, or use --output-dir", config.output)
         Path(config.output).parent.mkdir(parents=True, exist_ok=True)
+        save_config_beside(config, config.output)
     sink = open(config.output, "w", encoding="utf-8") if config.output else sys.stdout
 
     if config.sentiment:
