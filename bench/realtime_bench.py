@@ -131,7 +131,8 @@ def main() -> None:
     from infer_bench import build_corpus
     from serve_bench import make_adapters
 
-    from whisper_lora.service import ModelPool, TranscriptionService
+    from whisper_lora.config import ServeConfig
+    from whisper_lora.serve.service import ModelPool, TranscriptionService
     from whisper_lora.text import error_rate
 
     work = Path(tempfile.mkdtemp(prefix="realtime-bench-"))
@@ -142,7 +143,7 @@ def main() -> None:
     audio["long_0+1"] = np.concatenate([audio["long_0"], audio["long_1"]])
     references["long_0+1"] = references["long_0"] + " " + references["long_1"]
     make_adapters(work / "adapters")
-    service = TranscriptionService(ModelPool(None, str(work / "adapters")))
+    service = TranscriptionService(ModelPool(None, str(work / "adapters")), max_wait=ServeConfig.batch_wait_ms / 1000)
     rows, results = [], {}
     for model in [{"base": None, "adapter": "alpha"}[m] for m in args.models]:
         for name in ("long_0", "long_1", "long_0+1"):

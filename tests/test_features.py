@@ -4,7 +4,7 @@ from transformers import WhisperProcessor
 
 from conftest import DEMO, write_tone
 from whisper_lora.audio import load_audio
-from whisper_lora.data import log_mel
+from whisper_lora.audio import log_mel
 from whisper_lora.errors import UserError
 from whisper_lora.features import FeatureCache, write_feature_cache
 from whisper_lora.manifest import Sample, read_manifest

@@ -8,45 +8,84 @@ from pathlib import Path
 from conftest import REPO
 
 PACKAGE = REPO / "whisper_lora"
-# Entry points sit above the stages: the CLI, `python -m whisper_lora`, and the SageMaker container's entry.
-ENTRY_POINTS = {"cli.py", "__main__.py", "sagemaker_entry.py"}
+
+# The declared layer table, lowest first: a module may import from its own layer and the ones below,
+# never from above. docs/development.md opens with this table; change both together. Within decode/,
+# the order of the modules is the order of the layers (types before kv before rules ...).
+LAYERS: list[tuple[str, set[str]]] = [
+    ("facts", {"constants", "errors"}),
+    ("basics", {"audio", "text", "manifest", "tokens", "vad", "settings", "rundir", "devices", "report", "allocator"}),
+    ("domain", {"models", "ct2", "lora", "data", "features", "shards", "augment", "sources", "doctor", "checkpoint",
+                "sagemaker_rules"}),
+    ("decode: types", {"decode.types"}),
+    ("decode: kv", {"decode.kv"}),
+    ("decode: rules", {"decode.rules"}),
+    ("decode: search", {"decode.search"}),
+    ("decode: timing", {"decode.timing"}),
+    ("decode: longform", {"decode.longform"}),
+    ("decode: backends", {"decode.transformers_backend", "decode.ct2_backend", "decode"}),
+    ("runtime", {"serve.service", "streaming", "sentiment", "writers", "scoring"}),
+    ("front ends", {"serve.api", "serve.realtime", "serve.ui", "serve.errors", "serve.limits", "serve.metrics", "serve"}),
+    ("options", {"config"}),
+    ("stages", {"stages"} | {f"stages.{p.stem}" for p in (PACKAGE / "stages").glob("*.py") if p.stem != "__init__"}),
+    ("entry points", {"cli", "__main__", "sagemaker_entry"}),
+]
+LEVEL = {module: level for level, (_, modules) in enumerate(LAYERS) for module in modules}
+# The package itself: lazy names for `import whisper_lora` users and __version__, which every layer may read.
+FACADE = ""
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def imported_modules(path: Path) -> set[str]:
-    """Every whisper_lora module a file imports, at the top or inside a function, as dotted names."""
+    """Every whisper_lora module a file imports, at the top or inside a function, as names relative to the
+    package ('' for the package itself); imports only made for type checkers do not count."""
     package = ".".join(path.relative_to(REPO).with_suffix("").parts[:-1])
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    type_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+                 for n in ast.walk(node)}
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    for node in ast.walk(tree):
+        if id(node) in type_only:
+            continue
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")[: len(package.split(".")) - node.level + 1]
                 module = ".".join(base + ([node.module] if node.module else []))
             else:
                 module = node.module or ""
-            found |= {module} | {f"{module}.{alias.name}" for alias in node.names}
+            # `from . import x` imports the module x when there is one, else a name of the package
+            found |= {f"{module}.{alias.name}" if (PACKAGE.parent / f"{module}.{alias.name}".replace(".", "/")
+                                                    ).with_suffix(".py").exists()
+                      or (PACKAGE.parent / f"{module}.{alias.name}".replace(".", "/")).is_dir() else module
+                      for alias in node.names}
         elif isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
-    return {m for m in found if m.startswith("whisper_lora")}
+    return {m.removeprefix("whisper_lora").removeprefix(".") for m in found if m.split(".")[0] == "whisper_lora"}
 
 
-def test_no_module_outside_the_stages_and_entry_points_imports_a_stage():
+def test_every_module_has_a_layer():
+    modules = {module_name(p) for p in PACKAGE.rglob("*.py")} - {FACADE}
+    assert modules <= set(LEVEL), f"not in the layer table: {sorted(modules - set(LEVEL))}"
+
+
+def test_every_import_points_down_or_sideways_in_the_layer_table():
     offenders = []
     for path in sorted(PACKAGE.rglob("*.py")):
-        relative = path.relative_to(PACKAGE)
-        if relative.parts[0] == "stages" or str(relative) in ENTRY_POINTS:
+        name = module_name(path)
+        if name == FACADE:
             continue
-        stages = sorted(m for m in imported_modules(path) if m.startswith("whisper_lora.stages"))
-        if stages:
-            offenders.append(f"{relative}: {', '.join(stages)}")
-    assert not offenders, "a module below the stages imports one:\n" + "\n".join(offenders)
-
-
-def test_the_basic_modules_import_nothing_above_them():
-    """errors and constants → audio, text, manifest, tokens: these import only each other."""
-    basic = {"errors", "constants", "audio", "text", "manifest", "tokens"}
-    for name in basic:
-        modules = {m.split(".")[1] for m in imported_modules(PACKAGE / f"{name}.py") if m.count(".") >= 1}
-        assert modules <= basic, (name, modules - basic)
+        for imported in sorted(imported_modules(path)):
+            if imported == FACADE:
+                continue  # __version__
+            target = LEVEL.get(imported)
+            if target is None or target > LEVEL[name]:
+                offenders.append(f"{name} ({LAYERS[LEVEL[name]][0]}) imports {imported} "
+                                 f"({LAYERS[target][0] if target is not None else 'no layer'})")
+    assert not offenders, "imports that point up the layer table:\n" + "\n".join(offenders)
 
 
 def test_every_relative_link_in_the_readme_and_docs_resolves():

@@ -113,7 +113,7 @@ def lockstep_server(adapters_dir):
 
     from conftest import KEY, Server, free_port
     from whisper_lora.serve.api import create_app
-    from whisper_lora.service import ModelPool, TranscriptionService
+    from whisper_lora.serve.service import ModelPool, TranscriptionService
 
     service = TranscriptionService(ModelPool(None, str(adapters_dir)), max_wait=math.inf)
     port = free_port()

@@ -13,7 +13,7 @@ from whisper_lora.decode import DecodeOptions, TransformersBackend, join_text
 from whisper_lora.errors import UserError
 from whisper_lora.lora import apply_lora, save_adapter
 from whisper_lora.models import load_model
-from whisper_lora.service import ModelPool, TranscriptionService, UnknownModel
+from whisper_lora.serve.service import ModelPool, TranscriptionService, UnknownModel
 
 OPTIONS = DecodeOptions(temperature=(0.0,), without_timestamps=True, max_new_tokens=12)
 
@@ -147,10 +147,10 @@ def test_an_adapter_of_another_base_is_refused(tiny_model_dir, adapters, tmp_pat
 
 
 def test_a_full_house_refuses_with_busy_and_a_failed_batch_fails_only_its_calls(tiny_model_dir, clips):
-    from whisper_lora.service import Busy
+    from whisper_lora.serve.service import Busy
 
     pool = ModelPool(str(tiny_model_dir))
-    service = TranscriptionService(pool, max_queue=1)
+    service = TranscriptionService(pool, max_wait=0.05, max_queue=1)
     try:
         segments, info = service.transcribe(clips[0], None, "en", OPTIONS)
         before = join_text(list(segments), info.language)

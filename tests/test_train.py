@@ -77,7 +77,7 @@ def test_bad_sample_is_skipped_and_listed(tiny_model_dir, tiny_corpus, tmp_path)
 def test_cached_encoder_gives_the_same_loss(tiny_model_dir, tiny_corpus, tmp_path):
     """The frozen-encoder fast path is exact up to the fp16 cache."""
     from whisper_lora.audio import load_audio
-    from whisper_lora.data import log_mel
+    from whisper_lora.audio import log_mel
     from whisper_lora.lora import apply_lora
     from whisper_lora.models import load_model
 
@@ -321,7 +321,6 @@ def test_retain_set_without_languages_or_in_a_language_the_model_lacks_is_refuse
         train.run(build_config(TrainConfig, overrides={"train_manifest": str(tiny_corpus / "train.jsonl"),
                                                        "retain_manifest": str(unnamed),
                                                        "output_dir": str(tmp_path / "a")}))
-    english_only = REPO  # noqa: F841 (documenting: tiny.en is the English-only embedded model)
     klingon = tiny_corpus / "xx.jsonl"
     klingon.write_text("".join(json.dumps(dict(json.loads(r), language="zh")) + "\n" for r in rows))
     with pytest.raises(UserError, match="--retain-manifest and --model conflict: the model is English-only"):

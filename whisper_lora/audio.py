@@ -151,3 +151,9 @@ def audio_duration(path: str | Path) -> float:
             return container.duration / 1_000_000
     except av.FFmpegError as exc:
         raise AudioError(f"cannot decode audio ({exc})", path) from None
+
+
+def log_mel(processor, audio: np.ndarray) -> np.ndarray:
+    """(n_mels, 3000) log-mel features of up to 30 s of 16 kHz audio, padded as Whisper was trained: the
+    one front end that training, decoding and the feature cache share."""
+    return processor.feature_extractor(audio, sampling_rate=SAMPLE_RATE, return_tensors="np").input_features[0]

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .audio import check_window, load_window
+from .audio import check_window, load_window, log_mel
 from .constants import CHUNK_SECONDS, MAX_TARGET_TOKENS, SAMPLE_RATE
 from .errors import AudioError
 from .manifest import Sample, TimedText
@@ -136,11 +136,6 @@ def build_labels(samples: list[Sample], processor, generation_config, default_la
         else:
             labels.append(builder.build(sample)[1:])
     return labels, skipped
-
-
-def log_mel(processor, audio: np.ndarray) -> np.ndarray:
-    """(n_mels, 3000) log-mel features of up to 30 s of 16 kHz audio, padded as Whisper was trained."""
-    return processor.feature_extractor(audio, sampling_rate=SAMPLE_RATE, return_tensors="np").input_features[0]
 
 
 class ItemMaker:

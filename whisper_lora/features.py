@@ -79,7 +79,7 @@ def write_feature_cache(samples: list[Sample], processor, folder: str | Path, pr
     """Decode every sample once and store its features; unreadable or over-long clips are listed, not stored."""
     from tqdm.auto import tqdm
 
-    from .data import log_mel
+    from .audio import log_mel
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -27,26 +27,11 @@ from pathlib import Path
 from typing import Mapping
 
 from .config import TrainConfig, build_config
-from .rundir import ADAPTER_DIR, RESOLVED_CONFIG
 from .errors import UserError
+from .rundir import ADAPTER_DIR, RESOLVED_CONFIG
+from .sagemaker_rules import (CHANNEL_OPTIONS, CHECKPOINT_DIR, CHECKPOINT_DIR_ENV, CODE_DIR_ENV, JOB_CONTROLLED_OPTIONS,
+                              MODEL_FILES, OUTPUT_DATA_FILES, SHIPPED_OPTIONS)
 
-CHECKPOINT_DIR = "/opt/ml/checkpoints"  # SageMaker's default checkpoint_local_path
-CHECKPOINT_DIR_ENV = "WHISPER_LORA_CHECKPOINT_DIR"
-CODE_DIR_ENV = "WHISPER_LORA_CODE_DIR"  # set by the generated train_entry.py: where shipped files lie
-# Channel name -> the train options that are paths inside that channel (FastFile mounts it at
-# /opt/ml/input/data/<name>, announced as SM_CHANNEL_<NAME>).
-CHANNEL_OPTIONS = {
-    "train": ("train_manifest", "audio_dir", "feature_cache"),
-    "dev": ("dev_manifest",),
-    "retain": ("retain_manifest",),
-    "model": ("model",),
-}
-SHIPPED_OPTIONS = ("augment",)  # files the launcher copies into source_dir, next to train_entry.py
-# The job decides these: the run folder is the synced checkpoint folder and a restart must resume.
-JOB_CONTROLLED_OPTIONS = ("output_dir", "resume", "overwrite")
-# What goes into model.tar.gz (next to adapter/) and output.tar.gz, when the run wrote it.
-MODEL_FILES = (RESOLVED_CONFIG, "metrics.json")
-OUTPUT_DATA_FILES = (RESOLVED_CONFIG, "metrics.json", "skipped_samples.jsonl", "tensorboard")
 
 
 def channel_env(channel: str) -> str:

@@ -1,7 +1,9 @@
-"""The rules a SageMaker training job's options must follow, checked locally before anything is sent to AWS.
+"""A SageMaker training job's constants and the rules its options must follow, checked locally before
+anything is sent to AWS.
 
-Kept apart from `stages/sagemaker.py` (which builds and sends the request) so that `SageMakerConfig.validate`
-can apply them without the config module importing a stage.
+The one place both sides read: `stages/sagemaker.py`, which builds and sends the request, and
+`sagemaker_entry.py`, which runs inside the container; `SageMakerConfig.validate` applies the rules
+without the config module importing a stage.
 """
 from __future__ import annotations
 
@@ -9,10 +11,28 @@ import re
 from typing import TYPE_CHECKING
 
 from .errors import UserError
+from .rundir import RESOLVED_CONFIG
 
 if TYPE_CHECKING:
     from .config import SageMakerConfig
 
+CHECKPOINT_DIR = "/opt/ml/checkpoints"  # SageMaker's default checkpoint_local_path
+CHECKPOINT_DIR_ENV = "WHISPER_LORA_CHECKPOINT_DIR"
+CODE_DIR_ENV = "WHISPER_LORA_CODE_DIR"  # set by the generated train_entry.py: where shipped files lie
+# Channel name -> the train options that are paths inside that channel (FastFile mounts it at
+# /opt/ml/input/data/<name>, announced as SM_CHANNEL_<NAME>).
+CHANNEL_OPTIONS = {
+    "train": ("train_manifest", "audio_dir", "feature_cache"),
+    "dev": ("dev_manifest",),
+    "retain": ("retain_manifest",),
+    "model": ("model",),
+}
+SHIPPED_OPTIONS = ("augment",)  # files the launcher copies into source_dir, next to train_entry.py
+# The job decides these: the run folder is the synced checkpoint folder and a restart must resume.
+JOB_CONTROLLED_OPTIONS = ("output_dir", "resume", "overwrite")
+# What goes into model.tar.gz (next to adapter/) and output.tar.gz, when the run wrote it.
+MODEL_FILES = (RESOLVED_CONFIG, "metrics.json")
+OUTPUT_DATA_FILES = (RESOLVED_CONFIG, "metrics.json", "skipped_samples.jsonl", "tensorboard")
 MIN_TORCH = (2, 6)  # transformers 5 needs PyTorch >= 2.6; the AWS image's torch is used as is
 SECONDS_PER_HOUR = 3600
 MAX_RUN_SECONDS = 28 * 24 * SECONDS_PER_HOUR  # SageMaker's limit on MaxRuntimeInSeconds

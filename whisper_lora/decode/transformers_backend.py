@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..constants import CHUNK_SECONDS, N_FRAMES, SAMPLE_RATE
-from ..data import log_mel
+from ..audio import log_mel
 from ..tokens import SpecialTokens
 from . import longform
 from .kv import Network
@@ -117,11 +117,6 @@ class TransformersBackend:
     def align(self, encoded: torch.Tensor, text_tokens: list[int], language: str | None, task: str, num_frames: int,
               adapter: str | None = None) -> list[WordTiming]:
         return self.align_row(encoded, text_tokens, language, task, num_frames, adapter)
-
-    @torch.inference_mode()
-    def detect_language(self, features: torch.Tensor) -> list[tuple[str, float]]:
-        """Most likely language and its probability per clip, from the first decoder step."""
-        return self.detect(self.encode(features))
 
     # ---- the Backend protocol -------------------------------------------------------------------------
 

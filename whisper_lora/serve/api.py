@@ -1,8 +1,10 @@
 """OpenAI's audio API over the transcription service, plus /health and /metrics.
 
-The routes parse OpenAI's multipart fields, call `TranscriptionService.transcribe` in a worker thread,
-and shape the segments into OpenAI's responses: json, text, srt, vtt, verbose_json (segments, words),
-or server-sent events with `stream=true`. Model work never runs on the event loop.
+Routes are plain functions on a router, as speaches writes them: the form fields are typed FastAPI
+parameters, and what a route needs (the loaded service, the server's state) comes in as a dependency.
+A request is checked into a `TranscriptionRequest`, transcribed by `TranscriptionService.transcribe` in a
+worker thread (model work never runs on the event loop), and shaped into OpenAI's responses: json, text,
+srt, vtt, verbose_json (segments, words), or server-sent events with `stream=true`.
 """
 from __future__ import annotations
 
@@ -17,23 +19,23 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Annotated, Callable, Iterator
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
-from starlette.datastructures import UploadFile
+from starlette.requests import HTTPConnection
 
 from .. import __version__
 from ..decode import DecodeOptions, Segment, TranscriptionInfo, join_text
 from ..errors import UserError
 from ..manifest import language_code
-from ..service import TranscriptionService
 from ..writers import WRITERS
 from . import errors
 from .errors import APIError
 from .limits import UploadLimit, UploadTooLarge
 from .metrics import Metrics
+from .service import TranscriptionService
 
 RESPONSE_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
 GRANULARITIES = ("segment", "word")
@@ -57,29 +59,53 @@ class TranscriptionRequest:
     sentiment: bool
 
 
-def _field(form, name: str) -> str | None:
-    value = form.get(name)
-    if value is None or isinstance(value, UploadFile):
-        return None
-    return str(value).strip() or None
+@dataclass(frozen=True)
+class AudioForm:
+    """OpenAI's multipart fields as they arrive (lists as the client sends them, `key[]` repeated). Fields
+    OpenAI defines for other models and fields it does not know are accepted and ignored, as OpenAI does."""
+    file: UploadFile | None
+    model: str | None
+    language: str | None
+    prompt: str | None
+    response_format: str | None
+    temperature: float | None
+    timestamp_granularities: list[str]
+    stream: bool
+    include: list[str]
+    chunking_strategy: str | None
+    sentiment: bool  # ours: a sentiment label beside the text
 
 
-def _flag(form, name: str) -> bool:
-    value = (_field(form, name) or "false").lower()
-    if value not in ("true", "false", "1", "0"):
-        raise APIError(400, f"'{name}' must be true or false, got '{value}'", param=name)
-    return value in ("true", "1")
+def audio_form(file: Annotated[UploadFile | None, File()] = None,
+               model: Annotated[str | None, Form()] = None,
+               language: Annotated[str | None, Form()] = None,
+               prompt: Annotated[str | None, Form()] = None,
+               response_format: Annotated[str | None, Form()] = None,
+               temperature: Annotated[float | None, Form()] = None,
+               timestamp_granularities: Annotated[list[str], Form(alias="timestamp_granularities[]")] = [],
+               timestamp_granularities_plain: Annotated[list[str], Form(alias="timestamp_granularities")] = [],
+               stream: Annotated[bool, Form()] = False,
+               include: Annotated[list[str], Form(alias="include[]")] = [],
+               chunking_strategy: Annotated[str | None, Form()] = None,
+               chunking_strategy_type: Annotated[str | None, Form(alias="chunking_strategy[type]")] = None,
+               sentiment: Annotated[bool, Form()] = False) -> AudioForm:
+    def text(value: str | None) -> str | None:
+        return (value or "").strip() or None
+
+    return AudioForm(file, text(model), text(language), text(prompt), text(response_format), temperature,
+                     [*timestamp_granularities, *timestamp_granularities_plain], stream, include,
+                     text(chunking_strategy) or text(chunking_strategy_type), sentiment)
 
 
-def parse_request(form, task: str, languages: set[str]) -> TranscriptionRequest:
-    model = _field(form, "model")
-    if model is None:
+def parse_request(form: AudioForm, task: str, languages: set[str]) -> TranscriptionRequest:
+    """The fields checked against each other and the model; every refusal names its field."""
+    if form.model is None:
         raise APIError(400, "you must provide a model parameter", param="model", code="missing_required_parameter")
-    response_format = _field(form, "response_format") or "json"
+    response_format = form.response_format or "json"
     if response_format not in RESPONSE_FORMATS:
         raise APIError(400, f"response_format must be one of {', '.join(RESPONSE_FORMATS)}, got '{response_format}'",
                        param="response_format")
-    language = _field(form, "language") if task == "transcribe" else None
+    language = form.language if task == "transcribe" else None
     if language is not None:
         try:
             language = language_code(language, "language")
@@ -87,13 +113,10 @@ def parse_request(form, task: str, languages: set[str]) -> TranscriptionRequest:
             raise APIError(400, str(exc), param="language") from None
         if language not in languages:
             raise APIError(400, f"the model has no language '{language}'", param="language")
-    try:
-        temperature = float(_field(form, "temperature") or 0.0)
-    except ValueError:
-        raise APIError(400, "temperature must be a number between 0 and 1", param="temperature") from None
+    temperature = form.temperature or 0.0
     if not 0.0 <= temperature <= 1.0 or math.isnan(temperature):
         raise APIError(400, f"temperature must lie between 0 and 1, got {temperature}", param="temperature")
-    granularities = set(form.getlist("timestamp_granularities[]") or form.getlist("timestamp_granularities"))
+    granularities = set(form.timestamp_granularities)
     unknown = granularities - set(GRANULARITIES)
     if unknown:
         raise APIError(400, f"timestamp_granularities must be word and/or segment, got {', '.join(sorted(unknown))}",
@@ -101,27 +124,25 @@ def parse_request(form, task: str, languages: set[str]) -> TranscriptionRequest:
     if granularities and response_format != "verbose_json":
         raise APIError(400, "timestamp_granularities needs response_format verbose_json",
                        param="timestamp_granularities")
-    include = set(form.getlist("include[]"))
-    if include:
-        raise APIError(400, f"include[] {', '.join(sorted(include))} is not available for Whisper models",
+    if form.include:
+        raise APIError(400, f"include[] {', '.join(sorted(set(form.include)))} is not available for Whisper models",
                        param="include")
-    chunking = _field(form, "chunking_strategy") or _field(form, "chunking_strategy[type]")
-    if chunking not in (None, "auto", "server_vad"):
-        raise APIError(400, f"chunking_strategy must be auto or server_vad, got '{chunking}'", param="chunking_strategy")
-    stream = _flag(form, "stream")
-    if stream and task == "translate":
+    if form.chunking_strategy not in (None, "auto", "server_vad"):
+        raise APIError(400, f"chunking_strategy must be auto or server_vad, got '{form.chunking_strategy}'",
+                       param="chunking_strategy")
+    if form.stream and task == "translate":
         raise APIError(400, "stream is available for transcriptions only", param="stream")
     words = "word" in granularities
     options = DecodeOptions(task=task, temperature=(temperature,) if temperature > 0 else DEFAULT_TEMPERATURES,
-                            initial_prompt=_field(form, "prompt"), word_timestamps=words,
+                            initial_prompt=form.prompt, word_timestamps=words,
                             # segment times are only needed for the formats that show them, and to stream a
                             # clip segment by segment
-                            without_timestamps=response_format in ("json", "text") and not words and not stream)
-    sentiment = _flag(form, "sentiment")
-    if sentiment and response_format not in ("json", "verbose_json"):
+                            without_timestamps=response_format in ("json", "text") and not words and not form.stream)
+    if form.sentiment and response_format not in ("json", "verbose_json"):
         raise APIError(400, "sentiment needs response_format json or verbose_json", param="sentiment")
-    return TranscriptionRequest(task, model, language, options, response_format, words,
-                                "segment" in granularities or not granularities, stream, chunking is not None, sentiment)
+    return TranscriptionRequest(task, form.model, language, options, response_format, words,
+                                "segment" in granularities or not granularities, form.stream,
+                                form.chunking_strategy is not None, form.sentiment)
 
 
 def language_name(code: str | None) -> str:
@@ -209,8 +230,8 @@ class Gate:
     """ASGI middleware: the API key on /v1/ routes, and every response counted and timed (to its last
     byte, streams included)."""
 
-    def __init__(self, app, state: dict, api_key: str | None):
-        self.app, self.state, self.api_key = app, state, api_key
+    def __init__(self, app, state: ServerState):
+        self.app, self.state, self.api_key = app, state, state.api_key
 
     def _authorized(self, scope) -> APIError | None:
         header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
@@ -227,8 +248,8 @@ class Gate:
         endpoint = path if path in AUDIO_ENDPOINTS or path in ("/v1/models", "/health", "/metrics") else "other"
 
         def observe() -> None:
-            if self.state["metrics"] is not None:
-                self.state["metrics"].observe(endpoint, status, time.monotonic() - started)
+            if self.state.metrics is not None:
+                self.state.metrics.observe(endpoint, status, time.monotonic() - started)
 
         if self.api_key is not None and path.startswith("/v1/"):
             refused = self._authorized(scope)
@@ -249,21 +270,162 @@ class Gate:
         await self.app(scope, receive, counted_send)
 
 
+@dataclass
+class ServerState:
+    """What the routes share: the service once it is loaded (or why loading failed), its metrics, and the
+    server's settings. One per app, in `app.state.whisper`."""
+    api_key: str | None = None
+    sentiment_model: str | None = None
+    service: TranscriptionService | None = None
+    metrics: Metrics | None = None
+    error: BaseException | None = None
+
+    def load(self, load_service: Callable[[], TranscriptionService]) -> None:
+        try:
+            service = load_service()
+            self.metrics = Metrics(service)
+            self.service = service
+        except BaseException as exc:  # reported by /health and the log; the process stays up to say so
+            self.error = exc
+            errors.log.error("could not load the model: %s", exc)
+
+    def ready(self) -> TranscriptionService:
+        if self.service is None:
+            if self.error is not None:
+                raise APIError(503, f"the model could not be loaded: {self.error}", type="server_error")
+            raise APIError(503, "the model is still loading", type="server_error", headers={"Retry-After": "5"})
+        return self.service
+
+
+def server_state(connection: HTTPConnection) -> ServerState:
+    return connection.app.state.whisper
+
+
+def loaded_service(state: Annotated[ServerState, Depends(server_state)]) -> TranscriptionService:
+    return state.ready()
+
+
+State = Annotated[ServerState, Depends(server_state)]
+Service = Annotated[TranscriptionService, Depends(loaded_service)]
+Form_ = Annotated[AudioForm, Depends(audio_form)]
+router = APIRouter()
+
+
+@router.get("/health")
+async def health(state: State):
+    if state.service is not None:
+        return {"status": "ok", "models": [m.id for m in state.service.models()]}
+    if state.error is not None:
+        return JSONResponse({"status": "error", "error": str(state.error)}, status_code=503)
+    return JSONResponse({"status": "loading"}, status_code=503)
+
+
+@router.get("/metrics")
+async def metrics_text(state: State):
+    if state.metrics is None:
+        return PlainTextResponse("", status_code=503)
+    return Response(state.metrics.render(), media_type=state.metrics.content_type)
+
+
+def model_json(model) -> dict:
+    return {"id": model.id, "object": "model", "created": model.created, "owned_by": model.owned_by}
+
+
+@router.get("/v1/models")
+async def list_models(service: Service):
+    return {"object": "list", "data": [model_json(m) for m in service.models()]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def get_model(model_id: str, service: Service):
+    for model in service.models():
+        if model.id == model_id:
+            return model_json(model)
+    raise APIError(404, f"model '{model_id}' does not exist", param="model", code="model_not_found")
+
+
+@router.post("/v1/audio/transcriptions")
+async def transcriptions(form: Form_, service: Service, state: State):
+    return await transcribe_upload(form, "transcribe", service, state)
+
+
+@router.post("/v1/audio/translations")
+async def translations(form: Form_, service: Service, state: State):
+    return await transcribe_upload(form, "translate", service, state)
+
+
+async def transcribe_upload(form: AudioForm, task: str, service: TranscriptionService, state: ServerState) -> Response:
+    if form.file is None:
+        raise APIError(400, "you must provide a file parameter (multipart form field 'file')", param="file",
+                       code="missing_required_parameter")
+    parsed = parse_request(form, task, service.backend.languages)
+    service.resolve(parsed.model)  # an unknown model is a 404 before any audio is decoded
+    stored = await run_in_threadpool(_Upload, form.file)
+    try:
+        segments, info = await run_in_threadpool(service.transcribe, stored.path, parsed.model, parsed.language,
+                                                 parsed.options, parsed.vad)
+    except BaseException as exc:
+        stored.remove()
+        raise errors.as_api_error(exc, stored.name) from None
+    if parsed.stream:
+        return StreamingResponse(_events(state, parsed, segments, info, stored), media_type="text/event-stream")
+    try:
+        collected = await run_in_threadpool(list, segments)
+        if parsed.sentiment:
+            collected, info = await run_in_threadpool(_sentiment, collected, info, state.sentiment_model)
+    except BaseException as exc:
+        raise errors.as_api_error(exc, stored.name) from None
+    finally:
+        stored.remove()
+    _count_audio(state, parsed, info)
+    return render(parsed, collected, info)
+
+
+def _sentiment(segments: list[Segment], info: TranscriptionInfo, model: str | None):
+    from dataclasses import replace
+
+    from ..sentiment import annotate
+
+    scored, overall, note = annotate(segments, join_text(segments, info.language), info.language, model)
+    return scored, replace(info, sentiment=overall, sentiment_note=note)
+
+
+def _count_audio(state: ServerState, parsed: TranscriptionRequest, info: TranscriptionInfo) -> None:
+    if state.metrics is not None:
+        state.metrics.audio_seconds.labels(parsed.model).inc(info.duration)
+
+
+async def _events(state: ServerState, parsed: TranscriptionRequest, segments: Iterator[Segment],
+                  info: TranscriptionInfo, stored: _Upload):
+    """transcript.text.delta per segment as soon as it is decoded, then transcript.text.done with the
+    whole text: the deltas, joined, are exactly that text."""
+    parts: list[str] = []
+    separator = "" if join_text([Segment(0, 0, 0, "a"), Segment(1, 0, 0, "b")], info.language) == "ab" else " "
+    try:
+        async for segment in iterate_in_threadpool(segments):
+            if not segment.text:
+                continue
+            delta = segment.text if not parts else separator + segment.text
+            parts.append(delta)
+            yield sse({"type": "transcript.text.delta", "delta": delta})
+        yield sse({"type": "transcript.text.done", "text": "".join(parts)})
+        _count_audio(state, parsed, info)
+    except Exception as exc:  # the status line is sent already: the error travels as an event
+        error = errors.as_api_error(exc, stored.name)
+        yield sse(errors.error_body(error.message, error.type, error.param, error.code))
+    finally:
+        close = getattr(segments, "close", None)
+        if close is not None:
+            await run_in_threadpool(close)  # releases the admission slot and the adapter
+        stored.remove()
+
+
 def create_app(load_service: Callable[[], TranscriptionService], api_key: str | None = None,
                max_upload_mb: float = 25.0, max_queue: int = 64, sentiment_model: str | None = None,
                ui: bool = True) -> FastAPI:
     """The ASGI app. `load_service` runs in a thread at start-up; /health answers 503 until it returns,
     so an orchestrator can tell a loading server from a dead one."""
-    state: dict = {"service": None, "metrics": None, "error": None}
-
-    def load() -> None:
-        try:
-            service = load_service()
-            state["metrics"] = Metrics(service)
-            state["service"] = service
-        except BaseException as exc:  # reported by /health and the log; the process stays up to say so
-            state["error"] = exc
-            errors.log.error("could not load the model: %s", exc)
+    state = ServerState(api_key=api_key, sentiment_model=sentiment_model)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -272,12 +434,12 @@ def create_app(load_service: Callable[[], TranscriptionService], api_key: str | 
         # Every admitted request holds a worker thread while its audio is decoded; more threads than
         # requests admitted would only queue behind the batcher.
         anyio.to_thread.current_default_thread_limiter().total_tokens = max(40, max_queue + 8)
-        loader = threading.Thread(target=load, name="whisper-lora-load", daemon=True)
+        loader = threading.Thread(target=state.load, args=(load_service,), name="whisper-lora-load", daemon=True)
         loader.start()
         yield
         loader.join(timeout=0)
-        if state["service"] is not None:
-            state["service"].close()
+        if state.service is not None:
+            state.service.close()
 
     app = FastAPI(title="whisper-lora", version=__version__, lifespan=lifespan)
     app.state.whisper = state
@@ -285,122 +447,15 @@ def create_app(load_service: Callable[[], TranscriptionService], api_key: str | 
 
     @app.exception_handler(UploadTooLarge)
     async def _too_large(request: Request, exc: UploadTooLarge):
-        return errors.response(APIError(413, str(exc), param="file", code="file_too_large"))
+        return errors.response(APIError(413, exc.detail, param="file", code="file_too_large"))
 
-    def service() -> TranscriptionService:
-        if state["service"] is None:
-            if state["error"] is not None:
-                raise APIError(503, f"the model could not be loaded: {state['error']}", type="server_error")
-            raise APIError(503, "the model is still loading", type="server_error", headers={"Retry-After": "5"})
-        return state["service"]
-
-    app.add_middleware(Gate, state=state, api_key=api_key)
+    app.add_middleware(Gate, state=state)
     app.add_middleware(UploadLimit, limit_mb=max_upload_mb)
+    app.include_router(router)
 
-    @app.get("/health")
-    async def health():
-        if state["service"] is not None:
-            return {"status": "ok", "models": [m.id for m in state["service"].models()]}
-        if state["error"] is not None:
-            return JSONResponse({"status": "error", "error": str(state["error"])}, status_code=503)
-        return JSONResponse({"status": "loading"}, status_code=503)
+    from .realtime import router as realtime_router
 
-    @app.get("/metrics")
-    async def metrics_text():
-        if state["metrics"] is None:
-            return PlainTextResponse("", status_code=503)
-        return Response(state["metrics"].render(), media_type=state["metrics"].content_type)
-
-    def model_json(model) -> dict:
-        return {"id": model.id, "object": "model", "created": model.created, "owned_by": model.owned_by}
-
-    @app.get("/v1/models")
-    async def list_models():
-        return {"object": "list", "data": [model_json(m) for m in service().models()]}
-
-    @app.get("/v1/models/{model_id:path}")
-    async def get_model(model_id: str):
-        for model in service().models():
-            if model.id == model_id:
-                return model_json(model)
-        raise APIError(404, f"model '{model_id}' does not exist", param="model", code="model_not_found")
-
-    async def audio_request(request: Request, task: str) -> Response:
-        svc = service()
-        form = await request.form(max_files=1, max_fields=64)
-        upload = form.get("file")
-        if not isinstance(upload, UploadFile):
-            raise APIError(400, "you must provide a file parameter (multipart form field 'file')", param="file",
-                           code="missing_required_parameter")
-        parsed = parse_request(form, task, svc.backend.languages)
-        svc.resolve(parsed.model)  # an unknown model is a 404 before any audio is decoded
-        stored = await run_in_threadpool(_Upload, upload)
-        try:
-            segments, info = await run_in_threadpool(svc.transcribe, stored.path, parsed.model, parsed.language,
-                                                     parsed.options, parsed.vad)
-        except BaseException as exc:
-            stored.remove()
-            raise errors.as_api_error(exc, stored.name) from None
-        if parsed.stream:
-            return StreamingResponse(_events(svc, parsed, segments, info, stored), media_type="text/event-stream")
-        try:
-            collected = await run_in_threadpool(list, segments)
-            if parsed.sentiment:
-                collected, info = await run_in_threadpool(_sentiment, collected, info)
-        except BaseException as exc:
-            raise errors.as_api_error(exc, stored.name) from None
-        finally:
-            stored.remove()
-        _count_audio(parsed, info)
-        return render(parsed, collected, info)
-
-    def _sentiment(segments: list[Segment], info: TranscriptionInfo):
-        from dataclasses import replace
-
-        from ..sentiment import annotate
-
-        scored, overall, note = annotate(segments, join_text(segments, info.language), info.language, sentiment_model)
-        return scored, replace(info, sentiment=overall, sentiment_note=note)
-
-    def _count_audio(parsed: TranscriptionRequest, info: TranscriptionInfo) -> None:
-        if state["metrics"] is not None:
-            state["metrics"].audio_seconds.labels(parsed.model).inc(info.duration)
-
-    async def _events(svc, parsed: TranscriptionRequest, segments: Iterator[Segment], info: TranscriptionInfo,
-                      stored: _Upload):
-        """transcript.text.delta per segment as soon as it is decoded, then transcript.text.done with the
-        whole text: the deltas, joined, are exactly that text."""
-        parts: list[str] = []
-        separator = "" if join_text([Segment(0, 0, 0, "a"), Segment(1, 0, 0, "b")], info.language) == "ab" else " "
-        try:
-            async for segment in iterate_in_threadpool(segments):
-                if not segment.text:
-                    continue
-                delta = segment.text if not parts else separator + segment.text
-                parts.append(delta)
-                yield sse({"type": "transcript.text.delta", "delta": delta})
-            yield sse({"type": "transcript.text.done", "text": "".join(parts)})
-            _count_audio(parsed, info)
-        except Exception as exc:  # the status line is sent already: the error travels as an event
-            error = errors.as_api_error(exc, stored.name)
-            yield sse(errors.error_body(error.message, error.type, error.param, error.code))
-        finally:
-            close = getattr(segments, "close", None)
-            if close is not None:
-                await run_in_threadpool(close)  # releases the admission slot and the adapter
-            stored.remove()
-
-    @app.post("/v1/audio/transcriptions")
-    async def transcriptions(request: Request):
-        return await audio_request(request, "transcribe")
-
-    @app.post("/v1/audio/translations")
-    async def translations(request: Request):
-        return await audio_request(request, "translate")
-
-    from .realtime import install as install_realtime
-
-    install_realtime(app, state, api_key)
+    app.include_router(realtime_router)
     if ui:
         from fastapi.responses import RedirectResponse
 
@@ -410,5 +465,5 @@ def create_app(load_service: Callable[[], TranscriptionService], api_key: str | 
         async def home():
             return RedirectResponse("/ui/")
 
-        app = mount(app, service, api_key=api_key, sentiment_model=sentiment_model)
+        app = mount(app, state.ready, api_key=api_key, sentiment_model=sentiment_model)
     return app

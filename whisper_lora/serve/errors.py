@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from ..errors import AudioError, UserError
-from ..service import Busy, UnknownModel
+from .service import Busy, UnknownModel
 
 log = logging.getLogger("whisper_lora.serve")
 

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 
+from starlette.exceptions import HTTPException
+
 MAX_DRAIN_FACTOR = 4  # read (and drop) at most this many times the limit, so the client gets its 413 cleanly
 
 
-class UploadTooLarge(Exception):
+class UploadTooLarge(HTTPException):
+    """Raised while the form is parsed. An HTTPException, because FastAPI turns any other exception raised
+    while it parses a body into a 400 'error parsing the body'."""
+
     def __init__(self, limit_mb: float):
         self.limit_mb = limit_mb
-        super().__init__(f"the upload is larger than this server's limit of {limit_mb:g} MB (--max-upload-mb)")
+        super().__init__(413, f"the upload is larger than this server's limit of {limit_mb:g} MB (--max-upload-mb)")
 
 
 class UploadLimit:
@@ -53,7 +58,7 @@ class UploadLimit:
                 return
 
     async def _refuse(self, send) -> None:
-        body = json.dumps({"error": {"message": str(UploadTooLarge(self.limit_mb)), "type": "invalid_request_error",
+        body = json.dumps({"error": {"message": UploadTooLarge(self.limit_mb).detail, "type": "invalid_request_error",
                                      "param": "file", "code": "file_too_large"}}).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})

@@ -22,13 +22,13 @@ import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
-from fastapi import FastAPI, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from starlette.concurrency import run_in_threadpool
 
 from ..constants import SAMPLE_RATE
 from ..errors import UserError
 from ..manifest import language_code
-from ..service import Busy, UnknownModel
+from .service import Busy, UnknownModel
 from ..streaming import Confirmed, Partial, SpeechStarted, SpeechStopped, StreamOptions, StreamingTranscriber
 
 DEFAULT_RATE = 24_000  # Hz: what OpenAI's realtime API sends and expects for pcm16
@@ -315,33 +315,37 @@ class Connection:
             self.stream = None
 
 
-def install(app: FastAPI, state: dict, api_key: str | None) -> None:
-    @app.websocket("/v1/realtime")
-    async def realtime(websocket: WebSocket):
-        if api_key is not None:
-            header = websocket.headers.get("authorization", "")
-            token = header[7:].strip() if header.lower().startswith("bearer ") else ""
-            if not secrets.compare_digest(token.encode(), api_key.encode()):
-                await websocket.close(code=1008, reason="incorrect or missing API key")
-                return
-        intent = websocket.query_params.get("intent", "transcription")
-        service = state["service"]
-        if intent != "transcription" or service is None:
-            await websocket.accept()
-            reason = ("only intent=transcription is served" if intent != "transcription"
-                      else "the model is still loading")
-            await websocket.send_text(json.dumps({"event_id": _id("event"), "type": "error", "error": {
-                "type": "invalid_request_error", "code": "unsupported", "message": reason, "param": "intent"}}))
-            await websocket.close(code=1008, reason=reason)
+router = APIRouter()
+
+
+@router.websocket("/v1/realtime")
+async def realtime(websocket: WebSocket):
+    state = websocket.app.state.whisper  # api.ServerState
+    api_key = state.api_key
+    if api_key is not None:
+        header = websocket.headers.get("authorization", "")
+        token = header[7:].strip() if header.lower().startswith("bearer ") else ""
+        if not secrets.compare_digest(token.encode(), api_key.encode()):
+            await websocket.close(code=1008, reason="incorrect or missing API key")
             return
+    intent = websocket.query_params.get("intent", "transcription")
+    service = state.service
+    if intent != "transcription" or service is None:
         await websocket.accept()
-        beta = "realtime=v1" in websocket.headers.get("openai-beta", "")
-        connection = Connection(websocket, service, beta)
-        model = websocket.query_params.get("model")
-        if model:
-            try:
-                service.resolve(model)
-                connection.session.model = model
-            except UnknownModel as exc:
-                await connection.error(str(exc), "model_not_found", "model")
-        await connection.run()
+        reason = ("only intent=transcription is served" if intent != "transcription"
+                  else "the model is still loading")
+        await websocket.send_text(json.dumps({"event_id": _id("event"), "type": "error", "error": {
+            "type": "invalid_request_error", "code": "unsupported", "message": reason, "param": "intent"}}))
+        await websocket.close(code=1008, reason=reason)
+        return
+    await websocket.accept()
+    beta = "realtime=v1" in websocket.headers.get("openai-beta", "")
+    connection = Connection(websocket, service, beta)
+    model = websocket.query_params.get("model")
+    if model:
+        try:
+            service.resolve(model)
+            connection.session.model = model
+        except UnknownModel as exc:
+            await connection.error(str(exc), "model_not_found", "model")
+    await connection.run()

@@ -54,35 +54,45 @@ def word_diff(a: str, b: str, language: str | None) -> tuple[list[tuple[str, str
     return marked_a, marked_b
 
 
-def build(get_service: Callable[[], object], sentiment_model: str | None = None) -> gr.Blocks:
-    """The Blocks app; `get_service()` returns the running TranscriptionService (or raises while loading)."""
+def describe(info: TranscriptionInfo) -> str:
+    if info.language_probability is not None:
+        line = f"**Language:** {info.language} (detected, p = {info.language_probability:.2f})"
+    else:
+        line = f"**Language:** {info.language}"
+    line += f" · **Duration:** {info.duration:.1f} s"
+    if info.sentiment is not None:
+        line += f" · **Sentiment:** {info.sentiment.label} ({info.sentiment.score:.2f})"
+    elif info.sentiment_note:
+        line += f" · *{info.sentiment_note}*"
+    return line
 
-    def service():
+
+class Actions:
+    """What the page's buttons do, over the running service (`get_service()` raises while it loads)."""
+
+    def __init__(self, get_service: Callable[[], object], sentiment_model: str | None = None):
+        self.get_service, self.sentiment_model = get_service, sentiment_model
+
+    def service(self):
         try:
-            return get_service()
+            return self.get_service()
         except Exception as exc:  # still loading, or failed to load
             raise UserMessage(getattr(exc, "message", str(exc))) from None
 
-    def model_choices():
-        ids = [m.id for m in service().models()]
-        return gr.update(choices=ids, value=ids[0])
-
-    def transcribe(path: str | None, model: str, language: str, task: str, timestamps: bool, words: bool,
+    def transcribe(self, path: str | None, model: str, language: str, task: str, timestamps: bool, words: bool,
                    sentiment: bool, progress: gr.Progress) -> tuple[list[Segment], TranscriptionInfo]:
         if not path:
             raise UserMessage("no audio: upload a file or record from the microphone first")
-        svc = service()
         options = DecodeOptions(task=task, word_timestamps=words, without_timestamps=not (timestamps or words))
         try:
-            segments, info = svc.transcribe(path, model, None if language == AUTO else language, options)
+            segments, info = self.service().transcribe(path, model, None if language == AUTO else language, options)
             collected = []
             for segment in segments:  # long files: the bar follows the decoded audio
                 collected.append(segment)
                 progress(min(1.0, segment.end / max(info.duration, 1e-6)), desc=f"{segment.end:.0f} of "
                          f"{info.duration:.0f} s")
         except UserError as exc:
-            name = Path(path).name
-            raise UserMessage(str(exc).replace(str(path), name)) from None
+            raise UserMessage(str(exc).replace(str(path), Path(path).name)) from None
         if sentiment:
             from dataclasses import replace
 
@@ -90,26 +100,14 @@ def build(get_service: Callable[[], object], sentiment_model: str | None = None)
 
             try:
                 collected, overall, note = annotate(collected, join_text(collected, info.language), info.language,
-                                                    sentiment_model)
+                                                    self.sentiment_model)
             except UserError as exc:
                 raise UserMessage(str(exc)) from None
             info = replace(info, sentiment=overall, sentiment_note=note)
         return collected, info
 
-    def describe(info: TranscriptionInfo) -> str:
-        if info.language_probability is not None:
-            line = f"**Language:** {info.language} (detected, p = {info.language_probability:.2f})"
-        else:
-            line = f"**Language:** {info.language}"
-        line += f" · **Duration:** {info.duration:.1f} s"
-        if info.sentiment is not None:
-            line += f" · **Sentiment:** {info.sentiment.label} ({info.sentiment.score:.2f})"
-        elif info.sentiment_note:
-            line += f" · *{info.sentiment_note}*"
-        return line
-
-    def run_transcribe(path, model, language, task, timestamps, words, sentiment, progress=gr.Progress()):
-        segments, info = transcribe(path, model, language, task, timestamps, words, sentiment, progress)
+    def run_transcribe(self, path, model, language, task, timestamps, words, sentiment, progress=gr.Progress()):
+        segments, info = self.transcribe(path, model, language, task, timestamps, words, sentiment, progress)
         text = join_text(segments, info.language)
         folder = Path(tempfile.mkdtemp(prefix="whisper-lora-ui-"))
         stem = Path(path).stem or "transcript"
@@ -121,10 +119,10 @@ def build(get_service: Callable[[], object], sentiment_model: str | None = None)
             files.append(str(target))
         return describe(info), _table(segments), text, files
 
-    def run_compare(path, model_a, model_b, language, reference, progress=gr.Progress()):
+    def run_compare(self, path, model_a, model_b, language, reference, progress=gr.Progress()):
         results = []
         for model in (model_a, model_b):
-            segments, info = transcribe(path, model, language, "transcribe", False, False, False, progress)
+            segments, info = self.transcribe(path, model, language, "transcribe", False, False, False, progress)
             results.append((join_text(segments, info.language), info))
         (text_a, info), (text_b, _) = results
         marked_a, marked_b = word_diff(text_a, text_b, info.language)
@@ -139,42 +137,49 @@ def build(get_service: Callable[[], object], sentiment_model: str | None = None)
 
     # ---- live microphone: the realtime streaming core, one stream per browser session ------------------
 
-    def live_start(model, language):
+    def live_chunk(self, chunk, live: LiveSession | None, model, language):
+        if chunk is None:
+            return live, gr.update()
+        if live is None:
+            live = LiveSession.start(self.service(), model, None if language == AUTO else language)
+        live.feed(*chunk)
+        return live, live.render()
+
+    @staticmethod
+    def live_stop(live: LiveSession | None):
+        if live is None:
+            return None, gr.update()
+        live.apply(live.stream.commit())
+        return None, live.render()
+
+    def on_load(self):
+        svc = self.service()
+        ids = [m.id for m in svc.models()]
+        languages = [AUTO] + sorted(svc.backend.languages)
+        first, last = gr.update(choices=ids, value=ids[0]), gr.update(choices=ids, value=ids[-1])
+        language = gr.update(choices=languages, value=AUTO)
+        return first, language, first, last, language, first, language
+
+
+class LiveSession:
+    """One browser tab's live stream: the streaming transcriber, the text so far, the resampler."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.lines: list[str] = []  # finished utterances
+        self.line, self.partial = "", ""  # the utterance under way: confirmed text, and what is still open
+        self.resampler, self.rate = None, None
+
+    @classmethod
+    def start(cls, service, model: str, language: str | None) -> LiveSession:
         from ..streaming import StreamingTranscriber
 
-        svc = service()
-        lang = None if language == AUTO else language
-
         def decode(audio, options):
-            return list(svc.transcribe(audio, model, lang, options)[0])
+            return list(service.transcribe(audio, model, language, options)[0])
 
-        return {"stream": StreamingTranscriber(decode, lang), "lines": [], "line": "", "partial": "",
-                "resampler": None, "rate": None}
+        return cls(StreamingTranscriber(decode, language))
 
-    def live_render(state) -> str:
-        done = "\n".join(state["lines"])
-        current = state["line"] + (f" *{state['partial']}*" if state["partial"] else "")
-        return (done + "\n" + current).strip() if current.strip() else done
-
-    def live_apply(state, events) -> None:
-        from ..streaming import Confirmed, Partial, SpeechStopped
-
-        for event in events:
-            if isinstance(event, Confirmed):
-                state["line"] += event.delta
-                state["partial"] = ""
-            elif isinstance(event, Partial):
-                state["partial"] = event.text
-            elif isinstance(event, SpeechStopped):
-                state["lines"].append(event.text)
-                state["line"], state["partial"] = "", ""
-
-    def live_chunk(chunk, state, model, language):
-        if chunk is None:
-            return state, gr.update()
-        if state is None:
-            state = live_start(model, language)
-        rate, samples = chunk
+    def feed(self, rate: int, samples: np.ndarray) -> None:
         audio = samples.astype(np.float32)
         if samples.dtype.kind == "i":
             audio /= float(np.iinfo(samples.dtype).max)
@@ -183,89 +188,102 @@ def build(get_service: Callable[[], object], sentiment_model: str | None = None)
         if rate != LIVE_SAMPLE_RATE:
             import soxr
 
-            if state["resampler"] is None or state["rate"] != rate:
-                state["resampler"], state["rate"] = soxr.ResampleStream(rate, LIVE_SAMPLE_RATE, 1, dtype="float32"), rate
-            audio = state["resampler"].resample_chunk(audio)
-        live_apply(state, state["stream"].feed(audio))
-        return state, live_render(state)
+            if self.resampler is None or self.rate != rate:
+                self.resampler, self.rate = soxr.ResampleStream(rate, LIVE_SAMPLE_RATE, 1, dtype="float32"), rate
+            audio = self.resampler.resample_chunk(audio)
+        self.apply(self.stream.feed(audio))
 
-    def live_stop(state):
-        if state is None:
-            return None, gr.update()
-        live_apply(state, state["stream"].commit())
-        text = live_render(state)
-        return None, text
+    def apply(self, events) -> None:
+        from ..streaming import Confirmed, Partial, SpeechStopped
 
-    # ---- the page -------------------------------------------------------------------------------------
+        for event in events:
+            if isinstance(event, Confirmed):
+                self.line += event.delta
+                self.partial = ""
+            elif isinstance(event, Partial):
+                self.partial = event.text
+            elif isinstance(event, SpeechStopped):
+                self.lines.append(event.text)
+                self.line, self.partial = "", ""
 
+    def render(self) -> str:
+        done = "\n".join(self.lines)
+        current = self.line + (f" *{self.partial}*" if self.partial else "")
+        return (done + "\n" + current).strip() if current.strip() else done
+
+
+# ---- the page, a tab at a time: each returns the dropdowns the page fills in once the models are known ----
+
+def _transcribe_tab(actions: Actions) -> list:
+    with gr.Row():
+        with gr.Column():
+            audio = gr.Audio(sources=["upload", "microphone"], type="filepath", label="Audio", elem_id="audio")
+            model = gr.Dropdown(label="Model or adapter", choices=["whisper-1"], value="whisper-1", elem_id="model")
+            language = gr.Dropdown(label="Language", choices=[AUTO], value=AUTO, elem_id="language")
+            task = gr.Radio(["transcribe", "translate"], value="transcribe", label="Task")
+            with gr.Row():
+                timestamps = gr.Checkbox(value=True, label="Segment timestamps")
+                words = gr.Checkbox(value=False, label="Word timestamps")
+                sentiment = gr.Checkbox(value=False, label="Sentiment", elem_id="sentiment")
+            go = gr.Button("Transcribe", variant="primary", elem_id="transcribe")
+        with gr.Column():
+            detected = gr.Markdown(elem_id="detected")
+            text = gr.Textbox(label="Text", lines=5, elem_id="text")
+            segments = gr.Dataframe(headers=["start", "end", "text", "sentiment"], label="Segments", wrap=True,
+                                    elem_id="segments", interactive=False, column_widths=["11%", "11%", "58%", "20%"])
+            files = gr.File(label="Download", file_count="multiple", elem_id="downloads")
+    go.click(actions.run_transcribe, [audio, model, language, task, timestamps, words, sentiment],
+             [detected, segments, text, files])
+    return [model, language]
+
+
+def _compare_tab(actions: Actions) -> list:
+    with gr.Row():
+        audio = gr.Audio(sources=["upload", "microphone"], type="filepath", label="Audio", elem_id="compare-audio")
+        with gr.Column():
+            model_a = gr.Dropdown(label="Model A", choices=["whisper-1"], value="whisper-1", elem_id="model-a")
+            model_b = gr.Dropdown(label="Model B", choices=["whisper-1"], value="whisper-1", elem_id="model-b")
+            language = gr.Dropdown(label="Language", choices=[AUTO], value=AUTO)
+    reference = gr.Textbox(label="Reference text (optional: gives CER and WER)", lines=2, elem_id="reference")
+    compare = gr.Button("Compare", variant="primary", elem_id="compare")
+    with gr.Row():
+        text_a = gr.HighlightedText(label="Model A", color_map={"differs": "#f5a3a3"}, elem_id="text-a",
+                                    show_inline_category=False, combine_adjacent=True)
+        text_b = gr.HighlightedText(label="Model B", color_map={"differs": "#a3d9a5"}, elem_id="text-b",
+                                    show_inline_category=False, combine_adjacent=True)
+    scores = gr.Dataframe(headers=["model", "CER", "WER"], label="Error rates against the reference",
+                          visible=False, elem_id="scores", interactive=False)
+    compare.click(actions.run_compare, [audio, model_a, model_b, language, reference], [text_a, text_b, scores])
+    return [model_a, model_b, language]
+
+
+def _live_tab(actions: Actions) -> list:
+    gr.Markdown("Speak: confirmed text appears as you go, the words still being decided in *italics*.")
+    with gr.Row():
+        model = gr.Dropdown(label="Model or adapter", choices=["whisper-1"], value="whisper-1")
+        language = gr.Dropdown(label="Language", choices=[AUTO], value=AUTO)
+    microphone = gr.Audio(sources=["microphone"], streaming=True, label="Microphone", elem_id="live-mic")
+    text = gr.Markdown(elem_id="live-text")
+    live = gr.State(None)
+    microphone.stream(actions.live_chunk, [microphone, live, model, language], [live, text], stream_every=0.5,
+                      time_limit=None)
+    microphone.stop_recording(actions.live_stop, [live], [live, text])
+    return [model, language]
+
+
+def build(get_service: Callable[[], object], sentiment_model: str | None = None) -> gr.Blocks:
+    """The Blocks app; `get_service()` returns the running TranscriptionService (or raises while loading)."""
+    actions = Actions(get_service, sentiment_model)
     with gr.Blocks(title="whisper-lora") as page:
         gr.Markdown("# whisper-lora\nTry the served Whisper models and LoRA adapters on your own audio, compare "
                     "two of them, or talk to one live.")
         with gr.Tab("Transcribe"):
-            with gr.Row():
-                with gr.Column():
-                    audio = gr.Audio(sources=["upload", "microphone"], type="filepath", label="Audio",
-                                     elem_id="audio")
-                    model = gr.Dropdown(label="Model or adapter", choices=["whisper-1"], value="whisper-1",
-                                        elem_id="model")
-                    language = gr.Dropdown(label="Language", choices=[AUTO], value=AUTO, elem_id="language")
-                    task = gr.Radio(["transcribe", "translate"], value="transcribe", label="Task")
-                    with gr.Row():
-                        timestamps = gr.Checkbox(value=True, label="Segment timestamps")
-                        words = gr.Checkbox(value=False, label="Word timestamps")
-                        sentiment = gr.Checkbox(value=False, label="Sentiment", elem_id="sentiment")
-                    go = gr.Button("Transcribe", variant="primary", elem_id="transcribe")
-                with gr.Column():
-                    detected = gr.Markdown(elem_id="detected")
-                    text = gr.Textbox(label="Text", lines=5, elem_id="text")
-                    segments = gr.Dataframe(headers=["start", "end", "text", "sentiment"], label="Segments", wrap=True,
-                                            elem_id="segments", interactive=False,
-                                            column_widths=["11%", "11%", "58%", "20%"])
-                    files = gr.File(label="Download", file_count="multiple", elem_id="downloads")
-            go.click(run_transcribe, [audio, model, language, task, timestamps, words, sentiment],
-                     [detected, segments, text, files])
+            choices = _transcribe_tab(actions)
         with gr.Tab("Compare"):
-            with gr.Row():
-                compare_audio = gr.Audio(sources=["upload", "microphone"], type="filepath", label="Audio",
-                                         elem_id="compare-audio")
-                with gr.Column():
-                    model_a = gr.Dropdown(label="Model A", choices=["whisper-1"], value="whisper-1", elem_id="model-a")
-                    model_b = gr.Dropdown(label="Model B", choices=["whisper-1"], value="whisper-1", elem_id="model-b")
-                    compare_language = gr.Dropdown(label="Language", choices=[AUTO], value=AUTO)
-            reference = gr.Textbox(label="Reference text (optional: gives CER and WER)", lines=2, elem_id="reference")
-            compare = gr.Button("Compare", variant="primary", elem_id="compare")
-            with gr.Row():
-                text_a = gr.HighlightedText(label="Model A", color_map={"differs": "#f5a3a3"}, elem_id="text-a",
-                                            show_inline_category=False, combine_adjacent=True)
-                text_b = gr.HighlightedText(label="Model B", color_map={"differs": "#a3d9a5"}, elem_id="text-b",
-                                            show_inline_category=False, combine_adjacent=True)
-            scores = gr.Dataframe(headers=["model", "CER", "WER"], label="Error rates against the reference",
-                                  visible=False, elem_id="scores", interactive=False)
-            compare.click(run_compare, [compare_audio, model_a, model_b, compare_language, reference],
-                          [text_a, text_b, scores])
+            choices += _compare_tab(actions)
         with gr.Tab("Live"):
-            gr.Markdown("Speak: confirmed text appears as you go, the words still being decided in *italics*.")
-            with gr.Row():
-                live_model = gr.Dropdown(label="Model or adapter", choices=["whisper-1"], value="whisper-1")
-                live_language = gr.Dropdown(label="Language", choices=[AUTO], value=AUTO)
-            microphone = gr.Audio(sources=["microphone"], streaming=True, label="Microphone", elem_id="live-mic")
-            live_text = gr.Markdown(elem_id="live-text")
-            live_state = gr.State(None)
-            microphone.stream(live_chunk, [microphone, live_state, live_model, live_language],
-                              [live_state, live_text], stream_every=0.5, time_limit=None)
-            microphone.stop_recording(live_stop, [live_state], [live_state, live_text])
-
-        def on_load():
-            svc = service()
-            ids = [m.id for m in svc.models()]
-            languages = [AUTO] + sorted(svc.backend.languages)
-            model_update = gr.update(choices=ids, value=ids[0])
-            second = gr.update(choices=ids, value=ids[-1])
-            language_update = gr.update(choices=languages, value=AUTO)
-            return (model_update, language_update, model_update, second, language_update, model_update,
-                    language_update)
-
-        page.load(on_load, None, [model, language, model_a, model_b, compare_language, live_model, live_language])
+            choices += _live_tab(actions)
+        page.load(actions.on_load, None, choices)
     return page
 
 

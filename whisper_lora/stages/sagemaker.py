@@ -36,8 +36,8 @@ import yaml
 
 from ..config import SageMakerConfig, TrainConfig, build_config
 from ..errors import UserError
-from ..sagemaker_rules import SECONDS_PER_HOUR, is_gpu_instance, s3_uri_problem, validate_options  # noqa: F401
-from ..sagemaker_entry import CHANNEL_OPTIONS, CHECKPOINT_DIR, CODE_DIR_ENV, JOB_CONTROLLED_OPTIONS, SHIPPED_OPTIONS
+from ..sagemaker_rules import (CHANNEL_OPTIONS, CHECKPOINT_DIR, CODE_DIR_ENV, JOB_CONTROLLED_OPTIONS, SECONDS_PER_HOUR,
+                               SHIPPED_OPTIONS, is_gpu_instance)
 
 INSTALL_HINT = "pip install 'whisper-lora[sagemaker]'"
 ENTRY_SCRIPT = "train_entry.py"  # at the root of source_dir; torchrun runs it once per GPU

@@ -10,12 +10,12 @@ SERVE_PIP = "pip install 'whisper-lora[serve]'"
 
 
 def build_service(config: ServeConfig):
-    from ..service import ModelPool, TranscriptionService
+    from ..serve.service import ModelPool, TranscriptionService
 
     pool = ModelPool(config.model, config.adapters, config.max_adapters, config.backend, config.compute_type,
                      config.device, config.dtype)
-    return TranscriptionService(pool, max_queue=config.max_queue, max_batch=config.max_batch,
-                                mixed_adapters=config.mixed_adapters, max_wait=config.batch_wait_ms / 1000)
+    return TranscriptionService(pool, max_wait=config.batch_wait_ms / 1000, max_queue=config.max_queue,
+                                max_batch=config.max_batch, mixed_adapters=config.mixed_adapters)
 
 
 def create_app(config: ServeConfig):

@@ -31,17 +31,15 @@ from typing import Iterator
 
 import numpy as np
 
-from .config import ServeConfig
-from .decode import CT2Backend, DecodeOptions, Segment, TranscriptionInfo, TransformersBackend
-from .decode.ct2_backend import ADAPTERS_REFUSED
-from .decode.search import WindowResult
-from .decode.timing import WordTiming
-from .devices import ct2_placement, resolve_device, resolve_dtype
-from .errors import UserError
-from .models import ct2_model_dir, load_model, public_name, resolve_model
+from ..decode import CT2Backend, DecodeOptions, Segment, TranscriptionInfo, TransformersBackend
+from ..decode.ct2_backend import ADAPTERS_REFUSED
+from ..decode.search import WindowResult
+from ..decode.timing import WordTiming
+from ..devices import ct2_placement, resolve_device, resolve_dtype
+from ..errors import UserError
+from ..models import ct2_model_dir, load_model, public_name, resolve_model
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
-MAX_WAIT_SECONDS = ServeConfig.batch_wait_ms / 1000  # how long a small batch waits for the work of calls under way
 OPENAI_MODEL = "whisper-1"  # what clients of OpenAI's API send; always the base model here
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 log = logging.getLogger("whisper_lora.serve")
@@ -269,8 +267,7 @@ class Batcher:
     depend only on which calls are under way, never on how fast a thread runs: calls started together
     while the worker is `paused()` then go through every step in lockstep."""
 
-    def __init__(self, pool: ModelPool, max_batch: int = 8, max_wait: float = MAX_WAIT_SECONDS,
-                 mixed_adapters: bool = False):
+    def __init__(self, pool: ModelPool, max_wait: float, max_batch: int = 8, mixed_adapters: bool = False):
         self.pool, self.max_batch, self.max_wait, self.mixed_adapters = pool, max_batch, max_wait, mixed_adapters
         self._pending: list[_Work] = []
         self._cond = threading.Condition()
@@ -462,8 +459,8 @@ class BatchedWindowModel:
 class TranscriptionService:
     """What the server, the web UI and realtime streams call: many threads at once, one model."""
 
-    def __init__(self, pool: ModelPool, max_queue: int = 64, max_batch: int = 8, mixed_adapters: bool = False,
-                 max_wait: float = MAX_WAIT_SECONDS):
+    def __init__(self, pool: ModelPool, max_wait: float, max_queue: int = 64, max_batch: int = 8,
+                 mixed_adapters: bool = False):
         self.pool, self.max_queue = pool, max_queue
         self.batcher = None
         self.backend = pool.backend
