@@ -85,20 +85,23 @@ def test_real_speech_duration(tmp_path):
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(AudioError, match="nope.wav: audio file not found"):
+    with pytest.raises(AudioError, match="nope.wav: audio file not found") as exc:
         load_audio(tmp_path / "nope.wav")
+    assert exc.value.kind == "missing_audio"
 
 
 def test_empty_file(tmp_path):
     (tmp_path / "empty.wav").write_bytes(b"")
-    with pytest.raises(AudioError, match=r"empty.wav: audio file is empty \(0 bytes\)"):
+    with pytest.raises(AudioError, match=r"empty.wav: audio file is empty \(0 bytes\)") as exc:
         load_audio(tmp_path / "empty.wav")
+    assert exc.value.kind == "empty_audio"
 
 
 def test_corrupt_file(tmp_path):
     (tmp_path / "junk.mp3").write_bytes(b"this is not audio at all" * 50)
-    with pytest.raises(AudioError, match="junk.mp3: cannot decode audio"):
+    with pytest.raises(AudioError, match="junk.mp3: cannot decode audio") as exc:
         load_audio(tmp_path / "junk.mp3")
+    assert exc.value.kind == "undecodable_audio"
 
 
 def test_zero_samples(tmp_path):
@@ -113,8 +116,21 @@ def test_nan_samples(tmp_path):
     data = np.zeros(1600, np.float32)
     data[10] = np.nan
     sf.write(path, data, 16000, subtype="FLOAT")
-    with pytest.raises(AudioError, match="nan.wav: audio contains NaN"):
+    with pytest.raises(AudioError, match="nan.wav: audio contains NaN") as exc:
         load_audio(path)
+    assert exc.value.kind == "non_finite_audio"
+
+
+def test_the_kind_of_problem_travels_with_the_error_across_processes(tmp_path):
+    """The data doctor classifies problems by `kind` in worker processes: pickling keeps it and the path."""
+    import pickle
+
+    sf.write(tmp_path / "a.wav", np.zeros(16000 * 3, np.float32), 16000)
+    with pytest.raises(AudioError) as exc:
+        load_audio(tmp_path / "a.wav", start=2.0, end=1.0)
+    again = pickle.loads(pickle.dumps(exc.value))
+    assert (again.kind, again.path, str(again)) == ("bad_span", exc.value.path, str(exc.value))
+    assert again.message == "end time 1.0 s is not after start time 2.0 s"
 
 
 def test_duration_probe_reports_empty_and_missing_files(tmp_path):

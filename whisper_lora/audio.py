@@ -58,9 +58,9 @@ def _read_pyav(path: Path, start: float | None, end: float | None) -> tuple[np.n
 
 def _check_file(path: Path) -> None:
     if not path.is_file():
-        raise AudioError("audio file not found", path)
+        raise AudioError("audio file not found", path, kind="missing_audio")
     if path.stat().st_size == 0:
-        raise AudioError("audio file is empty (0 bytes)", path)
+        raise AudioError("audio file is empty (0 bytes)", path, kind="empty_audio")
 
 
 def load_audio(path: str | Path, start: float | None = None, end: float | None = None,
@@ -73,7 +73,7 @@ def load_audio(path: str | Path, start: float | None = None, end: float | None =
     path = Path(path)
     _check_file(path)
     if start is not None and end is not None and end <= start:
-        raise AudioError(f"end time {end} s is not after start time {start} s", path)
+        raise AudioError(f"end time {end} s is not after start time {start} s", path, kind="bad_span")
 
     if path.suffix.lower() in RAW_PCM_SUFFIXES:
         pcm = np.fromfile(path, dtype="<i2").astype(np.float32) / 32768.0
@@ -84,11 +84,12 @@ def load_audio(path: str | Path, start: float | None = None, end: float | None =
     else:
         audio, rate = _decode(path, start, end)
     if rate <= 0 or rate > MAX_SAMPLE_RATE:
-        raise AudioError(f"implausible sample rate {rate} Hz in header", path)
+        raise AudioError(f"implausible sample rate {rate} Hz in header", path, kind="bad_sample_rate")
     if audio.size == 0:
-        raise AudioError("audio has zero samples" + (" in the requested span" if start or end else ""), path)
+        raise AudioError("audio has zero samples" + (" in the requested span" if start or end else ""), path,
+                         kind="empty_audio")
     if not np.isfinite(audio).all():
-        raise AudioError("audio contains NaN or infinite samples", path)
+        raise AudioError("audio contains NaN or infinite samples", path, kind="non_finite_audio")
     if rate != sample_rate:
         import soxr
 
@@ -101,7 +102,7 @@ def check_window(audio: np.ndarray, path: str | Path) -> np.ndarray:
     transcript would no longer match what the model hears."""
     if len(audio) > N_SAMPLES:
         raise AudioError(f"{len(audio) / SAMPLE_RATE:.1f} s is longer than Whisper's {CHUNK_SECONDS} s window; "
-                         "the transcript would no longer match the audio", path)
+                         "the transcript would no longer match the audio", path, kind="too_long")
     return audio
 
 

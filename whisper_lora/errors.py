@@ -16,11 +16,24 @@ class UserError(Exception):
 
     def __init__(self, message: str, path: str | Path | None = None):
         self.path = None if path is None else str(path)
+        self.message = message  # without the path: for reports that show the path in a column of its own
         super().__init__(f"{self.path}: {message}" if self.path else message)
 
 
 class AudioError(UserError):
-    """An audio file that is missing, undecodable, empty or not finite."""
+    """An audio file that is missing, undecodable, empty or not finite. `kind` says which, as the data
+    doctor names its problems, so no caller has to read the message to tell them apart."""
+
+    KINDS = ("missing_audio", "empty_audio", "undecodable_audio", "non_finite_audio", "bad_sample_rate", "bad_span",
+             "too_long")
+
+    def __init__(self, message: str, path: str | Path | None = None, kind: str = "undecodable_audio"):
+        assert kind in self.KINDS, kind
+        self.kind = kind
+        super().__init__(message, path)
+
+    def __reduce__(self):  # across processes (the doctor's workers) with its path and kind, not only its text
+        return type(self), (self.message, self.path, self.kind)
 
 
 class ManifestError(UserError):

@@ -690,7 +690,7 @@ def read_existing_manifest(path: str | Path, language: str | None = None) -> Con
         duration = sample.duration
         try:
             if not sample.audio_path.is_file():
-                raise AudioError("audio file not found", sample.audio_path)
+                raise AudioError("audio file not found", sample.audio_path, kind="missing_audio")
             if duration is None:
                 end = sample.end if sample.end is not None else audio_duration(sample.audio_path)
                 duration = round(end - (sample.start or 0.0), ROUND)
