@@ -185,43 +185,66 @@ def evaluate_dev(accelerator, model, processor, dev_clips, config: TrainConfig, 
     return score_rows("dev", gather_object(mine_scored.rows))
 
 
+@dataclass(frozen=True)
+class Inputs:
+    """What the manifests and options say, read before any process or model exists."""
+    language: str | None
+    metric: str
+    streaming: bool  # the training set is a folder of shards, read as a stream
+    train_samples: list
+    dev_samples: list
+    retain_samples: list
+    augmenter: object
+    feature_cache: FeatureCache | None
+    quantization: str | None
+    trackers: list[str]
+
+
+@dataclass(frozen=True)
+class Base:
+    model: object
+    processor: object
+    spec: str  # the base adapters record: one that loads anywhere
+
+
+@dataclass(frozen=True)
+class Data:
+    """The training data as batches, the evaluation sets, and the step counts they imply."""
+    dataset: object
+    loader: object
+    sampler: EpochShuffleSampler | None
+    streamed: bool  # read from shards: each rank its own, the epoch's length unknown
+    train_rows: int  # usable training samples; dataset indices from here on are replayed retain samples
+    dev_clips: list
+    retain_clips: list
+    retain_metric: str | None
+    skipped: list
+    total_steps: int
+    eval_steps: int
+    save_steps: int
+
+
 @dataclass
-class Run:
-    """What the phases of a training run share; each phase fills in its part."""
-    config: TrainConfig
-    language: str | None = None
-    metric: str = "cer"
-    streaming: bool = False
-    train_samples: list = field(default_factory=list)
-    dev_samples: list = field(default_factory=list)
-    retain_samples: list = field(default_factory=list)
-    augmenter: object = None
-    feature_cache: FeatureCache | None = None
-    quantization: str | None = None
-    trackers: list = field(default_factory=list)
-    accelerator: object = None
-    out: Path | None = None
-    model: object = None
-    processor: object = None
-    base_spec: str = ""
-    skipped: list = field(default_factory=list)
-    dev_clips: list = field(default_factory=list)
-    retain_clips: list = field(default_factory=list)
-    retain_metric: str | None = None
-    usable: list = field(default_factory=list)
-    dataset: object = None
-    sampler: EpochShuffleSampler | None = None
-    loader: object = None
-    total_steps: int = 0
-    eval_steps: int = 0
-    save_steps: int = 0
-    optimizer: object = None
-    scheduler: object = None
-    trainable: list = field(default_factory=list)
-    state: TrainState | None = None
-    stream: dict = field(default_factory=dict)  # this rank's read position in streamed shards
-    sample_log: SampleLog | None = None
-    # progress of the current logging interval
+class Prepared:
+    """The trainable model, its optimizer and schedule, and the loader, as accelerate wrapped them."""
+    model: object
+    optimizer: object
+    scheduler: object
+    loader: object
+    trainable: list
+
+
+@dataclass
+class Position:
+    """Where training stands: the loop's state, this rank's read position in streamed shards, the sample log."""
+    state: TrainState
+    stream: dict
+    sample_log: SampleLog | None
+
+
+@dataclass
+class Meter:
+    """The current logging interval."""
     started: float = 0.0
     samples_at_start: int = 0
     running_loss: float = 0.0
@@ -229,74 +252,90 @@ class Run:
     grad_norm: object = None
 
 
+@dataclass
+class Loop:
+    """The run as the step loop sees it: what the setup phases returned, and the loop's meter."""
+    config: TrainConfig
+    accelerator: object
+    out: Path
+    inputs: Inputs
+    base: Base
+    data: Data
+    parts: Prepared
+    position: Position
+    meter: Meter = field(default_factory=Meter)
+
+
 def run(config: TrainConfig) -> dict:
-    job = Run(config)
-    load_data(job)
-    start_processes(job)
-    build_model(job)
-    build_datasets(job)
-    build_optimizer(job)
-    restore(job)
+    inputs = load_data(config)
+    accelerator, out = start_processes(config, inputs.trackers)
+    base = build_model(config, accelerator, inputs.quantization)
+    data = build_datasets(config, inputs, accelerator, base, out)
+    parts = build_optimizer(config, accelerator, base.model, data)
+    position = restore(config, accelerator, parts, data, out, inputs.trackers)
+    loop = Loop(config, accelerator, out, inputs, base, data, parts, position)
+    del parts  # the loop holds the only reference to the DDP wrapper: save() drops it before the process group
     from tqdm.auto import tqdm
 
-    progress = tqdm(total=job.total_steps, initial=job.state.step, desc="train", unit="step",
-                    disable=not job.accelerator.is_local_main_process)
-    job.started, job.samples_at_start = time.time(), job.state.samples_seen
-    while job.state.step < job.total_steps:
-        for batch in epoch_batches(job):
-            if not train_step(job, batch):
+    state = position.state
+    progress = tqdm(total=data.total_steps, initial=state.step, desc="train", unit="step",
+                    disable=not accelerator.is_local_main_process)
+    loop.meter.started, loop.meter.samples_at_start = time.time(), state.samples_seen
+    while state.step < data.total_steps:
+        for batch in epoch_batches(loop):
+            if not train_step(loop, batch):
                 continue  # gradients still accumulating
             progress.update(1)
-            log_step(job, progress)
-            dev = evaluate(job, progress)
-            if dev is not None or job.state.step % job.save_steps == 0 or job.state.step == job.total_steps:
-                checkpoint(job, dev)
-            if job.state.step >= job.total_steps:
+            log_step(loop, progress)
+            dev = evaluate(loop, progress)
+            if dev is not None or state.step % data.save_steps == 0 or state.step == data.total_steps:
+                checkpoint(loop, dev)
+            if state.step >= data.total_steps:
                 break
         else:
-            next_epoch(job)
+            next_epoch(loop)
     progress.close()
-    return save(job)
+    return save(loop)
 
 
-# ---- the phases, in the order `run` calls them ---------------------------------------------------------
+# ---- the setup phases, in the order `run` calls them: each returns what it built -------------------------
 
-def load_data(run: Run) -> None:
+def load_data(config: TrainConfig) -> Inputs:
     """Manifests, the forgetting guard's set, augmentation and the feature cache; nothing heavy yet."""
-    config = run.config
-    run.language = language_code(config.language, "--language") if config.language else None
-    run.streaming = is_shard_dir(config.train_manifest)
-    run.train_samples = [] if run.streaming else read_manifest(config.train_manifest, config.audio_dir,
-                                                                allow_empty_text=True)
-    check_audio_exists(run.train_samples, config.train_manifest)
-    run.dev_samples = read_manifest(config.dev_manifest, config.audio_dir) if config.dev_manifest else []
-    check_audio_exists(run.dev_samples, config.dev_manifest)
-    run.retain_samples = read_retain_set(config)
-    run.metric = config.metric if config.metric != "auto" else default_metric(
-        run.language or next((s.language for s in run.train_samples + run.dev_samples if s.language), None))
+    language = language_code(config.language, "--language") if config.language else None
+    streaming = is_shard_dir(config.train_manifest)
+    train_samples = [] if streaming else read_manifest(config.train_manifest, config.audio_dir, allow_empty_text=True)
+    check_audio_exists(train_samples, config.train_manifest)
+    dev_samples = read_manifest(config.dev_manifest, config.audio_dir) if config.dev_manifest else []
+    check_audio_exists(dev_samples, config.dev_manifest)
+    retain_samples = read_retain_set(config)
+    metric = config.metric if config.metric != "auto" else default_metric(
+        language or next((s.language for s in train_samples + dev_samples if s.language), None))
+    augmenter = None
     if config.augment:
         from ..augment import Augmenter, load_augment_config
 
-        run.augmenter = Augmenter(load_augment_config(config.augment), config.seed)
-    run.feature_cache = FeatureCache(config.feature_cache) if config.feature_cache else None
-    run.quantization = check_quantisation(AdapterSpec.of(config))  # fails fast: no bitsandbytes, or too old
-    if run.feature_cache is not None and run.augmenter is not None and run.augmenter.changes_audio:
+        augmenter = Augmenter(load_augment_config(config.augment), config.seed)
+    feature_cache = FeatureCache(config.feature_cache) if config.feature_cache else None
+    quantization = check_quantisation(AdapterSpec.of(config))  # fails fast: no bitsandbytes, or too old
+    if feature_cache is not None and augmenter is not None and augmenter.changes_audio:
         raise UserError("--augment changes the waveform (speed/volume/noise/shift) but --feature-cache skips "
                         "decoding it; keep only spec_augment in the YAML, or drop --feature-cache", config.augment)
-    run.trackers = [name for name, wanted in (("tensorboard", config.tensorboard), ("wandb", config.wandb)) if wanted]
+    trackers = [name for name, wanted in (("tensorboard", config.tensorboard), ("wandb", config.wandb)) if wanted]
     if config.wandb:
         try:
             import wandb  # noqa: F401
         except ImportError:
             raise UserError("--wandb needs the wandb package: pip install 'whisper-lora[wandb]'") from None
+    return Inputs(language, metric, streaming, train_samples, dev_samples, retain_samples, augmenter, feature_cache,
+                  quantization, trackers)
 
 
-def start_processes(run: Run) -> None:
+def start_processes(config: TrainConfig, trackers: list[str]) -> tuple[object, Path]:
     """The accelerator (DDP or DeepSpeed across the launched processes, or one process) and the run folder."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, set_seed
 
-    config = run.config
     launched = int(os.environ.get("WORLD_SIZE", "1"))  # processes started by torchrun / accelerate launch
     deepspeed_plugin = None
     if config.deepspeed:
@@ -323,19 +362,19 @@ def start_processes(run: Run) -> None:
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
     accelerator = Accelerator(cpu=cpu, deepspeed_plugin=deepspeed_plugin, kwargs_handlers=handlers,
                               mixed_precision=resolve_precision(config.precision),
-                              gradient_accumulation_steps=config.grad_accum, log_with=run.trackers or None,
+                              gradient_accumulation_steps=config.grad_accum, log_with=trackers or None,
                               project_dir=str(Path(config.output_dir) / "tensorboard"))  # TensorBoard's folder
     if config.low_cpu_memory and accelerator.device.type == "cpu" and not return_freed_blocks_to_os():
         accelerator.print("--low-cpu-memory: this platform's allocator is not glibc; left as it is")
     if accelerator.num_processes != launched:
         raise UserError(f"launched as {launched} processes but the distributed backend joined "
                         f"{accelerator.num_processes}; check the launcher's settings (MASTER_ADDR, ports)")
-    run.out = Path(config.output_dir)
+    out = Path(config.output_dir)
     if accelerator.is_main_process:
-        prepare_run_dir(config, run.out, resume=config.resume, overwrite=config.overwrite)
+        prepare_run_dir(config, out, resume=config.resume, overwrite=config.overwrite)
     accelerator.wait_for_everyone()
     set_seed(config.seed)
-    run.accelerator = accelerator
+    return accelerator, out
 
 
 @contextmanager
@@ -359,92 +398,89 @@ def whole_weights_under_zero3(accelerator):
         set_hf_deepspeed_config(active)
 
 
-def build_model(run: Run) -> None:
-    config, accelerator = run.config, run.accelerator
+def build_model(config: TrainConfig, accelerator, quantization: str | None) -> Base:
     with accelerator.main_process_first():  # one rank converts/caches the model, the others reuse it
         resolved = resolve_model(config.model)
     if resolved.adapter is not None:
         raise UserError("--model is an adapter; train on its base model, or merge it first with "
                         "`whisper-lora merge`", config.model)
     with whole_weights_under_zero3(accelerator):
-        run.model, run.processor = load_model(resolved, device=accelerator.device if run.quantization else "cpu",
-                                              quantization=run.quantization)
-    run.base_spec = public_name(resolved.spec)  # adapters record a base that loads anywhere
+        model, processor = load_model(resolved, device=accelerator.device if quantization else "cpu",
+                                      quantization=quantization)
+    return Base(model, processor, public_name(resolved.spec))
 
 
-def build_datasets(run: Run) -> None:
+def build_datasets(config: TrainConfig, inputs: Inputs, accelerator, base: Base, out: Path) -> Data:
     """Labels, dev and retain clips, the training dataset (in memory or streamed), its loader and the
     step counts; bad samples are counted here, never swapped for others."""
-    config, accelerator, processor = run.config, run.accelerator, run.processor
-    generation_config = run.model.generation_config
-    builder = LabelBuilder(processor.tokenizer, generation_config, run.language, config.task, config.timestamps,
+    processor, generation_config = base.processor, base.model.generation_config
+    language = inputs.language
+    builder = LabelBuilder(processor.tokenizer, generation_config, language, config.task, config.timestamps,
                            config.timestamp_fraction, config.seed)
-    labels, skipped = build_labels(run.train_samples, processor, generation_config, run.language, config.task, builder)
-    if run.dev_samples:  # fail now, not after the first epoch, if dev rows lack a usable language
-        build_labels(run.dev_samples, processor, generation_config, run.language, config.task)
-    run.dev_clips, dev_problems = load_clips(run.dev_samples)  # decoded once; unreadable clips reported, not scored
+    labels, skipped = build_labels(inputs.train_samples, processor, generation_config, language, config.task, builder)
+    if inputs.dev_samples:  # fail now, not after the first epoch, if dev rows lack a usable language
+        build_labels(inputs.dev_samples, processor, generation_config, language, config.task)
+    dev_clips, dev_problems = load_clips(inputs.dev_samples)  # decoded once; unreadable clips reported, not scored
     skipped += [SkippedSample(-1, config.dev_manifest, problem) for problem in dev_problems]
-    retain_labels = check_retain_labels(run.retain_samples, processor, generation_config, config, builder)
-    run.retain_clips, retain_problems = load_clips(run.retain_samples)
+    retain_labels = check_retain_labels(inputs.retain_samples, processor, generation_config, config, builder)
+    retain_clips, retain_problems = load_clips(inputs.retain_samples)
     skipped += [SkippedSample(-1, config.retain_manifest, problem) for problem in retain_problems]
-    run.skipped = skipped
-    run.retain_metric = default_metric(run.retain_samples[0].language) if run.retain_samples else None
-    if run.streaming:
-        dataset = ShardStream(config.train_manifest, shard_item_maker(processor, builder, run.augmenter), config.seed,
-                              config.shuffle_buffer, accelerator.process_index, accelerator.num_processes,
-                              config.num_workers)
+    retain_metric = default_metric(inputs.retain_samples[0].language) if inputs.retain_samples else None
+    usable, replayable = [], []
+    if inputs.streaming:
+        dataset = ShardStream(config.train_manifest, shard_item_maker(processor, builder, inputs.augmenter),
+                              config.seed, config.shuffle_buffer, accelerator.process_index,
+                              accelerator.num_processes, config.num_workers)
     else:
-        run.usable = [s for s, label in zip(run.train_samples, labels) if label is not None]
-        replayable = [s for s, label in zip(run.retain_samples, retain_labels) if label is not None] \
+        usable = [s for s, label in zip(inputs.train_samples, labels) if label is not None]
+        replayable = [s for s, label in zip(inputs.retain_samples, retain_labels) if label is not None] \
             if config.replay_ratio else []
-        dataset = SpeechDataset(run.usable + replayable, processor, builder, run.augmenter, run.feature_cache)
-        if not run.usable:
+        dataset = SpeechDataset(usable + replayable, processor, builder, inputs.augmenter, inputs.feature_cache)
+        if not usable:
             raise UserError("no usable training samples (see the reasons above)", config.train_manifest)
     if config.pack:
         seconds = [sample_seconds(sample) for sample in dataset.samples]
         tokens = [builder.packed_tokens(sample) for sample in dataset.samples]
-        order = EpochShuffleSampler(len(run.usable), config.seed, replay=len(replayable),
-                                    replay_ratio=config.replay_ratio)
+        order = EpochShuffleSampler(len(usable), config.seed, replay=len(replayable), replay_ratio=config.replay_ratio)
 
         def order_for_epoch(epoch: int) -> list[int]:
             order.set_epoch(epoch)
             return list(order)
 
-        speed = run.augmenter.config.speed if run.augmenter is not None else None
+        speed = inputs.augmenter.config.speed if inputs.augmenter is not None else None
         # planned so that slowed-down speech still fits: the slowest speed factor stretches a window most
         budget = CHUNK_SECONDS * min(1.0, *speed.factors) if speed else CHUNK_SECONDS
         dataset = PackedDataset(dataset, order_for_epoch, seconds, tokens, config.seed, budget)
-    if config.freeze_encoder and not run.streaming and run.augmenter is None and not config.pack:
-        cache = EncoderCache(run.out / f"encoder_cache.rank{accelerator.process_index}.npy", dataset,
-                             run.model.to(accelerator.device).eval(), accelerator.device, config.eval_batch_size,
+    if config.freeze_encoder and not inputs.streaming and inputs.augmenter is None and not config.pack:
+        cache = EncoderCache(out / f"encoder_cache.rank{accelerator.process_index}.npy", dataset,
+                             base.model.to(accelerator.device).eval(), accelerator.device, config.eval_batch_size,
                              progress=accelerator.is_local_main_process)
         dataset = CachedEncoderDataset(dataset, cache)
-    if run.streaming:
-        run.loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, collate_fn=collate,
-                                                 num_workers=config.num_workers)
-        run.total_steps = config.max_steps
-        run.eval_steps = config.eval_steps or min(run.total_steps, STREAMING_EVAL_STEPS)
+    sampler = None
+    if inputs.streaming:
+        loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, collate_fn=collate,
+                                             num_workers=config.num_workers)
+        total_steps = config.max_steps
+        eval_steps = config.eval_steps or min(total_steps, STREAMING_EVAL_STEPS)
     else:
         if not config.pack:  # a packing plan is already in the epoch's order
-            run.sampler = EpochShuffleSampler(len(run.usable), config.seed, replay=len(replayable),
-                                              replay_ratio=config.replay_ratio)
-        run.loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, sampler=run.sampler,
-                                                 collate_fn=collate, num_workers=config.num_workers)
-        steps_per_epoch = math.ceil(len(run.loader) / accelerator.num_processes / config.grad_accum)
-        run.total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
-        run.eval_steps = config.eval_steps or steps_per_epoch
-    run.save_steps = config.save_steps or run.eval_steps
-    run.dataset = dataset
+            sampler = EpochShuffleSampler(len(usable), config.seed, replay=len(replayable),
+                                          replay_ratio=config.replay_ratio)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, sampler=sampler,
+                                             collate_fn=collate, num_workers=config.num_workers)
+        steps_per_epoch = math.ceil(len(loader) / accelerator.num_processes / config.grad_accum)
+        total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+        eval_steps = config.eval_steps or steps_per_epoch
+    return Data(dataset, loader, sampler, inputs.streaming, len(usable), dev_clips, retain_clips, retain_metric,
+                skipped, total_steps, eval_steps, config.save_steps or eval_steps)
 
 
-def build_optimizer(run: Run) -> None:
+def build_optimizer(config: TrainConfig, accelerator, model, data: Data) -> Prepared:
     """The adapter (or the whole model for `full`), AdamW, the warm-up schedule, all handed to accelerate."""
     from transformers import get_linear_schedule_with_warmup
 
-    config, accelerator = run.config, run.accelerator
-    model = run.model
     model.train()
-    model = apply_adapter(model, AdapterSpec.of(config), run.total_steps)  # LoRA/DoRA/AdaLoRA, or all weights
+    model = apply_adapter(model, AdapterSpec.of(config), data.total_steps)  # LoRA/DoRA/AdaLoRA, or all weights
     if config.method == "full" and config.learning_rate > 1e-4:
         accelerator.print(f"warning: --learning-rate {config.learning_rate:g} suits LoRA; full fine-tuning of "
                           "Whisper usually uses about 1e-5 (5e-6 to 4e-5), and rates this high wreck the "
@@ -456,21 +492,20 @@ def build_optimizer(run: Run) -> None:
                                   lr=config.learning_rate, weight_decay=config.weight_decay)
     # accelerate steps the scheduler once per process for each optimizer step, so count in those units.
     n = accelerator.num_processes
-    scheduler = get_linear_schedule_with_warmup(optimizer, min(config.warmup_steps, run.total_steps) * n,
-                                                run.total_steps * n)
-    if run.streaming:  # each rank reads its own shards, so the loader is not handed to accelerate to split
-        run.model, run.optimizer, run.scheduler = accelerator.prepare(model, optimizer, scheduler)
+    scheduler = get_linear_schedule_with_warmup(optimizer, min(config.warmup_steps, data.total_steps) * n,
+                                                data.total_steps * n)
+    loader = data.loader
+    if data.streamed:  # each rank reads its own shards, so the loader is not handed to accelerate to split
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     else:
-        run.model, run.optimizer, run.loader, run.scheduler = accelerator.prepare(model, optimizer, run.loader,
-                                                                                scheduler)
-    run.trainable = [p for p in run.model.parameters() if p.requires_grad]
+        model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    return Prepared(model, optimizer, scheduler, loader, [p for p in model.parameters() if p.requires_grad])
 
 
-def restore(run: Run) -> None:
+def restore(config: TrainConfig, accelerator, parts: Prepared, data: Data, out: Path, trackers: list[str]) -> Position:
     """The last checkpoint with --resume (step, optimizer, schedule, data position), trackers, the sample log."""
-    config, accelerator = run.config, run.accelerator
-    run.state = TrainState(skipped=[asdict(s) for s in run.skipped], num_processes=accelerator.num_processes)
-    checkpoints = list_checkpoints(run.out)
+    state = TrainState(skipped=[asdict(s) for s in data.skipped], num_processes=accelerator.num_processes)
+    checkpoints = list_checkpoints(out)
     if config.resume and checkpoints:
         last = checkpoints[-1]
         written_by = read_state(last).num_processes
@@ -483,61 +518,66 @@ def restore(run: Run) -> None:
                             "resume with the same setting", last)
         if deepspeed_written:
             accelerator.load_state(str(last / "deepspeed"), load_module_strict=False)  # frozen weights not saved
-            run.state = read_state(last)
+            state = read_state(last)
         else:
-            run.state = load_checkpoint(last, accelerator.unwrap_model(run.model), run.optimizer,
-                                        run.scheduler, accelerator.scaler)
-        accelerator.print(f"resuming from {last} (step {run.state.step}/{run.total_steps})")
+            state = load_checkpoint(last, accelerator.unwrap_model(parts.model), parts.optimizer, parts.scheduler,
+                                    accelerator.scaler)
+        accelerator.print(f"resuming from {last} (step {state.step}/{data.total_steps})")
     rank = accelerator.process_index
-    streams = run.state.streams
-    run.stream = streams[rank] if len(streams) > rank else {"epoch": 0, "consumed": {}}
-    run.stream["consumed"] = {int(k): v for k, v in run.stream["consumed"].items()}  # JSON made the keys strings
+    stream = state.streams[rank] if len(state.streams) > rank else {"epoch": 0, "consumed": {}}
+    stream["consumed"] = {int(k): v for k, v in stream["consumed"].items()}  # JSON made the keys strings
+    sample_log = None
     if config.sample_log:
-        logged = run.state.ids_logged[rank] if len(run.state.ids_logged) > rank else 0
-        run.sample_log = SampleLog(run.out / f"samples.rank{rank}.txt", logged)
-    if run.trackers:
+        logged = state.ids_logged[rank] if len(state.ids_logged) > rank else 0
+        sample_log = SampleLog(out / f"samples.rank{rank}.txt", logged)
+    if trackers:
         accelerator.init_trackers(
             config.wandb_project or os.environ.get("WANDB_PROJECT", "whisper-lora"),
             config={k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in asdict(config).items()},
-            init_kwargs={"wandb": {"name": config.run_name or run.out.resolve().name, "dir": str(run.out)},
+            init_kwargs={"wandb": {"name": config.run_name or out.resolve().name, "dir": str(out)},
                          "tensorboard": {}})
-    for s in run.skipped:
+    for s in data.skipped:
         accelerator.print(f"skipping {s.source}: {s.reason}")
+    return Position(state, stream, sample_log)
 
 
-def epoch_batches(run: Run):
+# ---- the step loop ------------------------------------------------------------------------------------
+
+def epoch_batches(loop: Loop):
     """This epoch's batches, the part already trained skipped on resume."""
-    state = run.state
-    if run.streaming:
-        run.dataset.epoch, run.dataset.skip = run.stream["epoch"], dict(run.stream["consumed"])
-        return run.loader
-    if hasattr(run.loader, "set_epoch"):
-        run.loader.set_epoch(state.epoch)
-    if run.sampler is not None:
-        run.sampler.set_epoch(state.epoch)
-    run.dataset.set_epoch(state.epoch)
+    state = loop.position.state
+    if loop.data.streamed:
+        stream = loop.position.stream
+        loop.data.dataset.epoch, loop.data.dataset.skip = stream["epoch"], dict(stream["consumed"])
+        return loop.parts.loader
+    if hasattr(loop.parts.loader, "set_epoch"):
+        loop.parts.loader.set_epoch(state.epoch)
+    if loop.data.sampler is not None:
+        loop.data.sampler.set_epoch(state.epoch)
+    loop.data.dataset.set_epoch(state.epoch)
     if state.batches_in_epoch:
-        return run.accelerator.skip_first_batches(run.loader, state.batches_in_epoch)
-    return run.loader
+        return loop.accelerator.skip_first_batches(loop.parts.loader, state.batches_in_epoch)
+    return loop.parts.loader
 
 
-def next_epoch(run: Run) -> None:
-    run.state.epoch += 1
-    run.state.batches_in_epoch = 0
-    run.stream = {"epoch": run.stream["epoch"] + 1, "consumed": {}}
+def next_epoch(loop: Loop) -> None:
+    loop.position.state.epoch += 1
+    loop.position.state.batches_in_epoch = 0
+    loop.position.stream = {"epoch": loop.position.stream["epoch"] + 1, "consumed": {}}
 
 
-def train_step(run: Run, batch: dict) -> bool:
+def train_step(loop: Loop, batch: dict) -> bool:
     """Forward and backward one micro-batch; True when that completed an optimizer step."""
-    config, accelerator, state, model = run.config, run.accelerator, run.state, run.model
+    config, accelerator, model, meter = loop.config, loop.accelerator, loop.parts.model, loop.meter
+    state, stream = loop.position.state, loop.position.stream
     # Dropout masks depend only on the position in training, not on how many RNG draws came
     # before (DataLoader iterators draw one each), so a resumed run repeats them exactly.
     torch.manual_seed(config.seed * 1_000_003 + state.epoch * 100_003 + state.batches_in_epoch)
     state.batches_in_epoch += 1
     for worker in batch["workers"]:
-        run.stream["consumed"][worker] = run.stream["consumed"].get(worker, 0) + 1
-    if run.sample_log is not None:
-        run.sample_log.write(run.stream["epoch"] if run.streaming else state.epoch, batch["ids"])
+        stream["consumed"][worker] = stream["consumed"].get(worker, 0) + 1
+    if loop.position.sample_log is not None:
+        loop.position.sample_log.write(stream["epoch"] if loop.data.streamed else state.epoch, batch["ids"])
     for s in batch["skipped"]:
         if asdict(s) not in state.skipped:  # each bad sample listed once, not once per epoch
             state.skipped.append(asdict(s))
@@ -553,124 +593,127 @@ def train_step(run: Run, batch: dict) -> bool:
                 inputs = {"encoder_outputs": (batch["encoder_hidden"].to(accelerator.device, torch.float32),)}
             else:
                 inputs = {"input_features": batch["input_features"].to(accelerator.device)}
-            distilled = torch.tensor([i >= len(run.usable) for i in batch["index"]], device=accelerator.device) \
+            distilled = torch.tensor([i >= loop.data.train_rows for i in batch["index"]], device=accelerator.device) \
                 if config.replay_loss == "distill" else None
             loss = training_loss(model, accelerator.unwrap_model(model), inputs, labels, distilled)
             accelerator.backward(loss)
-            run.running_loss, run.loss_count = run.running_loss + loss.item(), run.loss_count + 1
+            meter.running_loss, meter.loss_count = meter.running_loss + loss.item(), meter.loss_count + 1
             if not config.pack:
                 state.samples_seen += len(batch["index"]) * accelerator.num_processes
         else:
             # Every sample of this micro-batch was bad. Under DDP the other ranks still
             # all-reduce gradients, so join in with zeros instead of skipping backward (a hang).
-            accelerator.backward(sum((p * 0).sum() for p in run.trainable))
+            accelerator.backward(sum((p * 0).sum() for p in loop.parts.trainable))
         if accelerator.sync_gradients and config.max_grad_norm > 0:
-            run.grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-        run.optimizer.step()
-        run.scheduler.step()
+            loop.meter.grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        loop.parts.optimizer.step()
+        loop.parts.scheduler.step()
         # AdaLoRA reallocates ranks from this step's gradients, so between step and zero_grad; only
         # on real optimizer steps, and not after an fp16 overflow (inf sensitivities). Gradients are
         # all-reduced, so every rank prunes identically.
         if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
             adapter_step_hook(accelerator.unwrap_model(model), state.step + 1)
-        run.optimizer.zero_grad()
+        loop.parts.optimizer.zero_grad()
     if not accelerator.sync_gradients:
         return False
     state.step += 1
     return True
 
 
-def log_step(run: Run, progress) -> None:
-    config, accelerator, state = run.config, run.accelerator, run.state
-    if state.step % config.logging_steps and state.step != run.total_steps:
+def log_step(loop: Loop, progress) -> None:
+    config, accelerator, state = loop.config, loop.accelerator, loop.position.state
+    if state.step % config.logging_steps and state.step != loop.data.total_steps:
         return
     # The loss of every rank, averaged: what a single process with the global batch would log.
-    mean_loss = accelerator.reduce(torch.tensor([run.running_loss / max(1, run.loss_count)],
+    mean_loss = accelerator.reduce(torch.tensor([loop.meter.running_loss / max(1, loop.meter.loss_count)],
                                                 device=accelerator.device), "mean").item()
-    elapsed = time.time() - run.started
+    elapsed = time.time() - loop.meter.started
     record = {"step": state.step, "epoch": state.epoch, "loss": mean_loss,
-              "learning_rate": run.scheduler.get_last_lr()[0],
-              "samples_per_second": (state.samples_seen - run.samples_at_start) / elapsed,
+              "learning_rate": loop.parts.scheduler.get_last_lr()[0],
+              "samples_per_second": (state.samples_seen - loop.meter.samples_at_start) / elapsed,
               "elapsed_s": round(elapsed, 3)}
-    if config.max_grad_norm > 0 and run.grad_norm is not None:  # DeepSpeed clips inside its engine
-        record["grad_norm"] = float(run.grad_norm)
+    if config.max_grad_norm > 0 and loop.meter.grad_norm is not None:  # DeepSpeed clips inside its engine
+        record["grad_norm"] = float(loop.meter.grad_norm)
     record["memory_mb"] = peak_memory_mb(accelerator.device)
-    run.running_loss, run.loss_count = 0.0, 0
+    loop.meter.running_loss, loop.meter.loss_count = 0.0, 0
     state.history.append(record)
     accelerator.log({f"train/{k}": v for k, v in record.items() if k not in ("step", "epoch")}, step=state.step)
     progress.set_postfix(loss=f"{record['loss']:.3f}")
 
 
-def evaluate(run: Run, progress) -> dict | None:
+def evaluate(loop: Loop, progress) -> dict | None:
     """The dev set (and the forgetting guard's set) by generation, when due; the dev scores, or None."""
-    config, accelerator, state = run.config, run.accelerator, run.state
-    due = state.step % run.eval_steps == 0 or state.step == run.total_steps
-    if not (run.dev_clips or run.retain_clips) or not due:
+    config, accelerator, state = loop.config, loop.accelerator, loop.position.state
+    due = state.step % loop.data.eval_steps == 0 or state.step == loop.data.total_steps
+    if not (loop.data.dev_clips or loop.data.retain_clips) or not due:
         return None
     record, dev = {"step": state.step}, None
-    model = generation_model(run)
-    if run.dev_clips:
-        scores = evaluate_dev(accelerator, model, run.processor, run.dev_clips, config, run.language)
-        dev = {"metric": getattr(scores, run.metric), "cer": scores.cer, "wer": scores.wer}
-        record.update({f"dev_{run.metric}": dev["metric"], "dev_cer": dev["cer"], "dev_wer": dev["wer"]})
+    model = generation_model(loop)
+    if loop.data.dev_clips:
+        scores = evaluate_dev(accelerator, model, loop.base.processor, loop.data.dev_clips, config,
+                              loop.inputs.language)
+        dev = {"metric": getattr(scores, loop.inputs.metric), "cer": scores.cer, "wer": scores.wer}
+        record.update({f"dev_{loop.inputs.metric}": dev["metric"], "dev_cer": dev["cer"], "dev_wer": dev["wer"]})
         log_predictions(accelerator, scores, config.log_predictions, state.step)
-        progress.write(f"step {state.step}: dev {run.metric.upper()} {dev['metric']:.2%}")
-    if run.retain_clips:  # the forgetting guard, reported beside the main metric
-        kept = evaluate_dev(accelerator, model, run.processor, run.retain_clips, config, None)
-        record[f"retain_{run.retain_metric}"] = getattr(kept, run.retain_metric)
-        progress.write(f"step {state.step}: retain {run.retain_metric.upper()} "
-                       f"{record[f'retain_{run.retain_metric}']:.2%}")
+        progress.write(f"step {state.step}: dev {loop.inputs.metric.upper()} {dev['metric']:.2%}")
+    if loop.data.retain_clips:  # the forgetting guard, reported beside the main metric
+        kept = evaluate_dev(accelerator, model, loop.base.processor, loop.data.retain_clips, config, None)
+        record[f"retain_{loop.data.retain_metric}"] = getattr(kept, loop.data.retain_metric)
+        progress.write(f"step {state.step}: retain {loop.data.retain_metric.upper()} "
+                       f"{record[f'retain_{loop.data.retain_metric}']:.2%}")
     state.history.append(record)
     accelerator.log({k.replace("_", "/", 1): v for k, v in record.items() if k != "step"}, step=state.step)
     return dev
 
 
-def checkpoint(run: Run, dev: dict | None) -> None:
+def checkpoint(loop: Loop, dev: dict | None) -> None:
     """The best adapter (by the dev metric) and a resumable checkpoint, written by rank 0 with every rank's
     read position."""
     from accelerate.utils import gather_object
 
-    accelerator, state = run.accelerator, run.state
-    peft_model = accelerator.unwrap_model(run.model)
-    if run.sample_log is not None:
-        run.sample_log.flush()
-    state.streams = gather_object([run.stream]) if run.streaming else []
-    state.ids_logged = gather_object([run.sample_log.lines if run.sample_log is not None else 0])
+    accelerator, state = loop.accelerator, loop.position.state
+    peft_model = accelerator.unwrap_model(loop.parts.model)
+    if loop.position.sample_log is not None:
+        loop.position.sample_log.flush()
+    state.streams = gather_object([loop.position.stream]) if loop.data.streamed else []
+    state.ids_logged = gather_object([loop.position.sample_log.lines if loop.position.sample_log is not None else 0])
     improved = dev is not None and (state.best_metric is None or dev["metric"] < state.best_metric)
-    if improved or not run.dev_clips:
+    if improved or not loop.data.dev_clips:
         if dev is not None:
             state.best_metric, state.best_step = dev["metric"], state.step
-        with whole_parameters(run):
+        with whole_parameters(loop):
             if accelerator.is_main_process:
-                save_adapter(peft_model, run.processor, run.out / ADAPTER_DIR, run.base_spec)
+                save_adapter(peft_model, loop.base.processor, loop.out / ADAPTER_DIR, loop.base.spec)
     if deepspeed_stage(accelerator) is not None:
         # The optimizer state is sharded across the ranks: every rank writes its part (DeepSpeed's own
         # checkpoint), rank 0 the loop's state, and the folder becomes final only when all have.
-        partial = begin_checkpoint(run.out, state.step) if accelerator.is_main_process else None
+        partial = begin_checkpoint(loop.out, state.step) if accelerator.is_main_process else None
         accelerator.wait_for_everyone()
         # the base model's frozen weights are on disk already: the adapter and optimizer state suffice
-        accelerator.save_state(str(checkpoint_partial(run.out, state.step) / "deepspeed"),
+        accelerator.save_state(str(checkpoint_partial(loop.out, state.step) / "deepspeed"),
                                exclude_frozen_parameters=True)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            finish_checkpoint(run.out, partial, state, run.config.keep_checkpoints)
+            finish_checkpoint(loop.out, partial, state, loop.config.keep_checkpoints)
     elif accelerator.is_main_process:
-        save_checkpoint(run.out, peft_model, run.optimizer, run.scheduler, state, run.config.keep_checkpoints,
-                        accelerator.scaler)
+        save_checkpoint(loop.out, peft_model, loop.parts.optimizer, loop.parts.scheduler, state,
+                        loop.config.keep_checkpoints, accelerator.scaler)
     accelerator.wait_for_everyone()
 
 
-def save(run: Run) -> dict:
+def save(loop: Loop) -> dict:
     """The last adapter, metrics.json and the skipped samples; then the processes part in order."""
-    accelerator, state, out = run.accelerator, run.state, run.out
-    if run.sample_log is not None:
-        run.sample_log.close()
-    summary = {"metric": run.metric, "best_step": state.best_step, f"best_dev_{run.metric}": state.best_metric,
+    accelerator, state, out = loop.accelerator, loop.position.state, loop.out
+    if loop.position.sample_log is not None:
+        loop.position.sample_log.close()
+    metric = loop.inputs.metric
+    summary = {"metric": metric, "best_step": state.best_step, f"best_dev_{metric}": state.best_metric,
                "steps": state.step, "samples_seen": state.samples_seen, "skipped_samples": len(state.skipped),
-               "train_runtime_s": round(time.time() - run.started, 1), "history": state.history}
-    with whole_parameters(run):
+               "train_runtime_s": round(time.time() - loop.meter.started, 1), "history": state.history}
+    with whole_parameters(loop):
         if accelerator.is_main_process:
-            save_adapter(accelerator.unwrap_model(run.model), run.processor, out / LAST_ADAPTER_DIR, run.base_spec)
+            save_adapter(accelerator.unwrap_model(loop.parts.model), loop.base.processor, out / LAST_ADAPTER_DIR,
+                         loop.base.spec)
     if accelerator.is_main_process:
         if not (out / ADAPTER_DIR).is_dir():
             shutil.copytree(out / LAST_ADAPTER_DIR, out / ADAPTER_DIR)
@@ -680,7 +723,7 @@ def save(run: Run) -> dict:
         if state.skipped:
             accelerator.print(f"{len(state.skipped)} samples skipped; see {out / SKIPPED_FILE}")
     # the DDP wrapper must go before its process group
-    run.model = run.optimizer = run.scheduler = run.loader = run.trainable = None
+    loop.parts = None
     end_training(accelerator)
     return summary
 
@@ -691,28 +734,28 @@ def deepspeed_stage(accelerator) -> int | None:
     return None if plugin is None else int(plugin.zero_stage)
 
 
-def whole_parameters(run: Run):
+def whole_parameters(loop: Loop):
     """Every rank holds every weight inside this (ZeRO-3 shards them): for generation and saving. A
     collective: all ranks enter it."""
     from contextlib import nullcontext
 
-    if deepspeed_stage(run.accelerator) != 3:
+    if deepspeed_stage(loop.accelerator) != 3:
         return nullcontext()
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters(list(run.accelerator.unwrap_model(run.model).parameters()),
+    return deepspeed.zero.GatheredParameters(list(loop.accelerator.unwrap_model(loop.parts.model).parameters()),
                                              modifier_rank=None)
 
 
-def generation_model(run: Run):
+def generation_model(loop: Loop):
     """The model to evaluate by generation. Under ZeRO-3 every rank holds a shard of each weight and gathers
     a layer's whole weights, a collective, as a forward pass reaches it; ranks decoding different clips to
     different lengths would wait on each other for ever (and the decoder reads weights directly, between
     those gathers). So they decode with a plain copy, consolidated once per evaluation, on this rank."""
-    unwrapped = run.accelerator.unwrap_model(run.model)
-    if deepspeed_stage(run.accelerator) != 3:
+    unwrapped = loop.accelerator.unwrap_model(loop.parts.model)
+    if deepspeed_stage(loop.accelerator) != 3:
         return unwrapped
-    with whole_parameters(run):
+    with whole_parameters(loop):
         weights = {name: tensor.detach().to("cpu", copy=True) for name, tensor in unwrapped.state_dict().items()}
     base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
     with torch.device("meta"):  # shapes only: the weights come from the shards
@@ -723,7 +766,7 @@ def generation_model(run: Run):
             copy = get_peft_model(copy, unwrapped.peft_config[unwrapped.active_adapter])
     copy.load_state_dict(weights, assign=True)
     copy.generation_config = base.generation_config
-    return copy.to(run.accelerator.device).eval()
+    return copy.to(loop.accelerator.device).eval()
 
 
 def end_training(accelerator) -> None:
