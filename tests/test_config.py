@@ -136,3 +136,17 @@ def test_deepspeed_configs_shipped_parse_and_bad_ones_are_refused_up_front(tmp_p
     with pytest.raises(UserError, match="--deepspeed and --load-in-8bit conflict"):
         build_config(TrainConfig, overrides={"train_manifest": "t", "load_in_8bit": True,
                                              "deepspeed": str(REPO / "configs" / "deepspeed" / "zero2.json")})
+
+
+def test_ui_passes_its_key_and_placement_to_the_server_it_starts(monkeypatch):
+    from whisper_lora.config import UIConfig
+    from whisper_lora.stages import serve, ui
+
+    started = []
+    monkeypatch.setattr(serve, "run", started.append)
+    ui.run(build_config(UIConfig, overrides={"api_key": "s3cret", "device": "cpu", "dtype": "bfloat16",
+                                             "browser": False, "port": 7999}))
+    (config,) = started
+    assert (config.api_key, config.device, config.dtype, config.port) == ("s3cret", "cpu", "bfloat16", 7999)
+    with pytest.raises(UserError, match="--device must be"):
+        build_config(UIConfig, overrides={"device": "gpu0"})

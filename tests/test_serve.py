@@ -6,6 +6,7 @@ import signal
 import threading
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -103,31 +104,43 @@ def test_an_adapter_chosen_by_name_transcribes_its_own_data_better(server, manda
     assert error_rate(references, tuned, "cer", ["zh"] * 2) < 0.5 * error_rate(references, base, "cer", ["zh"] * 2)
 
 
-@pytest.fixture
-def lockstep_server(adapters_dir):
-    """The same app in a uvicorn thread of this process, over a service whose batcher the test can pause
-    and whose partial batches wait for every request under way however long it takes (no clock)."""
-    import math
-
+@contextmanager
+def in_process_server(service, **app_options):
+    """The real app in a uvicorn thread of this process, so a test can reach the service (pause its batcher)
+    and stop the server as SIGTERM does (uvicorn's own handle_exit)."""
     import uvicorn
 
     from conftest import KEY, Server, free_port
     from whisper_lora.serve.api import create_app
-    from whisper_lora.serve.service import ModelPool, TranscriptionService
 
-    service = TranscriptionService(ModelPool(None, str(adapters_dir)), max_wait=math.inf)
     port = free_port()
-    app_server = uvicorn.Server(uvicorn.Config(create_app(lambda: service, api_key=KEY), host="127.0.0.1", port=port,
-                                               log_level="warning"))
+    app_server = uvicorn.Server(uvicorn.Config(create_app(lambda: service, api_key=KEY, **app_options),
+                                               host="127.0.0.1", port=port, log_level="warning",
+                                               timeout_graceful_shutdown=None))
     thread = threading.Thread(target=app_server.run, daemon=True)
     thread.start()
     server = Server(f"http://127.0.0.1:{port}", None, None)
     while server_status(server) != 200:
         assert thread.is_alive(), "the in-process server stopped"
         time.sleep(0.2)
-    yield server, service
-    app_server.should_exit = True
-    thread.join(timeout=60)
+    try:
+        yield server, app_server, thread
+    finally:
+        app_server.should_exit = True
+        thread.join(timeout=60)
+
+
+@pytest.fixture
+def lockstep_server(adapters_dir):
+    """The server over a service whose batcher the test can pause and whose partial batches wait for every
+    request under way however long it takes (no clock)."""
+    import math
+
+    from whisper_lora.serve.service import ModelPool, TranscriptionService
+
+    service = TranscriptionService(ModelPool(None, str(adapters_dir)), max_wait=math.inf)
+    with in_process_server(service) as (server, _, _):
+        yield server, service
 
 
 def server_status(server) -> int | None:
@@ -210,41 +223,36 @@ def test_metrics_in_prometheus_text(server):
     assert seconds and float(seconds[0].split()[-1]) > 20
 
 
-def long_noise(tmp_path: Path, seconds: float) -> Path:
-    import numpy as np
-    import soundfile as sf
+def test_a_full_queue_answers_429_and_shutdown_finishes_the_request_in_flight(tiny_model_dir):
+    """max_queue 1: a second request while one is in flight gets 429 with Retry-After; shutting down (what
+    uvicorn does on SIGTERM) lets the request in flight finish with its answer before the server exits. The
+    first request is held in the paused batcher, so "in flight" does not depend on how long it takes."""
+    from whisper_lora.serve.service import ModelPool, TranscriptionService
 
-    path = tmp_path / "noise.flac"
-    sf.write(path, (np.random.default_rng(0).standard_normal(int(16000 * seconds)) * 0.1).astype("float32"), 16000)
-    return path
-
-
-def test_a_full_queue_answers_429_and_sigterm_finishes_the_request_in_flight(tiny_model_dir, tmp_path):
-    """--max-queue 1: a second request while one is in flight gets 429 with Retry-After. SIGTERM then lets
-    the request in flight finish with its answer before the process exits."""
-    server = start_server(tmp_path, "--model", str(tiny_model_dir), "--max-queue", "1")
-    try:
+    service = TranscriptionService(ModelPool(str(tiny_model_dir)), max_wait=0.05, max_queue=1)
+    with in_process_server(service, max_queue=1) as (server, app_server, thread):
         client = server.client()
-        # the random tiny model decodes each window to its token limit: seconds of work per window
-        noise = long_noise(tmp_path, 25)
         answers = []
-        worker = threading.Thread(target=lambda: answers.append(client.audio.transcriptions.create(
-            file=open(noise, "rb"), model="whisper-1", language="en", temperature=0.5)))  # one temperature
-        worker.start()
-        deadline = time.time() + 60
-        while server.metric("whisper_lora_requests_in_flight") < 1 and time.time() < deadline:
-            time.sleep(0.05)
-        with pytest.raises(openai.RateLimitError) as exc:
-            client.audio.transcriptions.create(file=open(ARCTIC, "rb"), model="whisper-1")
-        assert int(exc.value.response.headers["retry-after"]) >= 1
-        server.process.send_signal(signal.SIGTERM)
+        with service.batcher.paused():
+            worker = threading.Thread(target=lambda: answers.append(client.audio.transcriptions.create(
+                file=open(ARCTIC, "rb"), model="whisper-1", language="en", temperature=0.5)))
+            worker.start()
+            assert service.batcher.wait_until(lambda b: b.depth == 1, timeout=120)  # admitted, its work queued
+            with pytest.raises(openai.RateLimitError) as exc:
+                client.audio.transcriptions.create(file=open(ARCTIC, "rb"), model="whisper-1")
+            assert int(exc.value.response.headers["retry-after"]) >= 1
+            app_server.handle_exit(signal.SIGTERM, None)  # uvicorn's SIGTERM handler
+            thread.join(timeout=2)
+            assert thread.is_alive() and not answers  # still serving the request it holds
         worker.join(timeout=120)
+        thread.join(timeout=60)
         assert len(answers) == 1 and isinstance(answers[0].text, str)  # answered, not cut off
-        # uvicorn exits by the signal it caught, once it has shut down in order
-        assert server.process.wait(timeout=60) in (0, -signal.SIGTERM)
-        log = server.log.read_text()
-        assert log.index("Shutting down") < log.index('"POST /v1/audio/transcriptions HTTP/1.1" 200')
-        assert "Application shutdown complete" in log
-    finally:
-        server.stop()
-    assert "Traceback" not in server.log.read_text()
+        assert not thread.is_alive()  # and then the server is gone
+
+
+def test_sigterm_stops_an_idle_server_in_order(tiny_model_dir, tmp_path):
+    server = start_server(tmp_path, "--model", str(tiny_model_dir))
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(timeout=60) in (0, -signal.SIGTERM)  # uvicorn exits by the signal it caught
+    log = server.log.read_text()
+    assert "Shutting down" in log and "Application shutdown complete" in log and "Traceback" not in log
