@@ -44,3 +44,15 @@ def test_demo_report_on_a_mini_corpus(base_model_dir, tmp_path, capsys):
     assert report["english_wer_base"] < 0.2
     table = capsys.readouterr().out
     assert "Mandarin test CER" in table and "English WER (forgetting)" in table
+
+
+def test_a_missing_english_folder_stops_the_demo_before_it_writes_anything(tmp_path):
+    import pytest
+
+    from whisper_lora.errors import UserError
+
+    corpus = mini_corpus(tmp_path, {"train": 1, "dev": 1, "test": 1, "test_new_words": 1})
+    with pytest.raises(UserError, match="nowhere: no English clips with a transcripts.json"):
+        demo.run(build_config(DemoConfig, overrides={"output_dir": str(tmp_path / "out"), "corpus_dir": str(corpus),
+                                                     "english_dir": str(tmp_path / "nowhere")}))
+    assert not (tmp_path / "out").exists()

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from whisper_lora.devices import check_device, ct2_placement, resolve_device, resolve_dtype
+from whisper_lora.devices import check_device, ct2_compute_type, ct2_placement, resolve_device, resolve_dtype
 from whisper_lora.errors import UserError
 
 
@@ -30,10 +30,24 @@ def test_dtype_defaults_follow_the_device():
 
 
 def test_ct2_compute_type_defaults_per_device_and_an_explicit_one_wins():
-    assert ct2_placement("cuda:1", None, "default") == ("cuda", 1, "float16")
-    assert ct2_placement("cuda", "auto", "int8_float16") == ("cuda", 0, "int8_float16")
-    assert ct2_placement("cpu", "auto", "default") == ("cpu", 0, "default")  # as stored, computed as the CPU can
+    assert ct2_compute_type("cuda", None) == ct2_compute_type("cuda", "auto") == "float16"
+    assert ct2_compute_type("cuda", "auto", "int8_float16") == "int8_float16"
+    assert ct2_compute_type("cpu", "auto") == "default"  # as stored, computed as the CPU can
+    assert ct2_compute_type("cpu", "bfloat16") == "bfloat16"
+    assert ct2_compute_type("cpu", "float32", "int8") == "int8"
     assert ct2_placement("cpu", "bfloat16", "default") == ("cpu", 0, "bfloat16")
-    assert ct2_placement("cpu", "float32", "int8") == ("cpu", 0, "int8")
     with pytest.raises(UserError, match="CTranslate2 runs on CPUs and CUDA GPUs only"):
         ct2_placement("mps", None, "default")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only case")
+def test_a_missing_gpu_is_refused_in_one_line_before_a_server_starts(capsys):
+    from conftest import cli_here
+
+    for args in (["--device", "cuda:1"], ["--backend", "ct2", "--device", "cuda"]):
+        result = cli_here(capsys, "serve", "--port", "8999", *args)
+        assert result.returncode == 2, result.stderr
+        (line,) = result.stderr.strip().splitlines()
+        assert "--device cuda" in line and "docs/gpu.md" in line
+    with pytest.raises(UserError, match=r"CTranslate2 sees 0 CUDA device\(s\)"):
+        ct2_placement("cuda:0", None, "default")

@@ -59,7 +59,7 @@ def run_together(service: TranscriptionService, calls) -> list:
 
 
 def test_concurrent_calls_for_different_adapters_each_get_their_own_text(tiny_model_dir, adapters, clips):
-    pool = ModelPool(str(tiny_model_dir), str(adapters), max_adapters=4)
+    pool = ModelPool(str(tiny_model_dir), str(adapters), max_adapters=4, device="cpu")
     service = TranscriptionService(pool, max_queue=16, mixed_adapters=True, max_wait=math.inf)  # the harder path
     try:
         names = [None, "one", "two", "three"]
@@ -85,7 +85,7 @@ def test_concurrent_calls_for_different_adapters_each_get_their_own_text(tiny_mo
 def test_a_partial_batch_waits_for_the_calls_under_way_not_for_the_clock(tiny_model_dir, clips):
     """Two calls on the base model, the worker paused until both queued: one batch of two, then none of
     one. Without a time limit the second call's work is always waited for, however late it comes."""
-    service = TranscriptionService(ModelPool(str(tiny_model_dir)), max_wait=math.inf)
+    service = TranscriptionService(ModelPool(str(tiny_model_dir), device="cpu"), max_wait=math.inf)
     try:
         def run(clip):
             segments, info = service.transcribe(clip, None, "en", OPTIONS)
@@ -149,7 +149,7 @@ def test_an_adapter_of_another_base_is_refused(tiny_model_dir, adapters, tmp_pat
 def test_a_full_house_refuses_with_busy_and_a_failed_batch_fails_only_its_calls(tiny_model_dir, clips):
     from whisper_lora.serve.service import Busy
 
-    pool = ModelPool(str(tiny_model_dir))
+    pool = ModelPool(str(tiny_model_dir), device="cpu")
     service = TranscriptionService(pool, max_wait=0.05, max_queue=1)
     try:
         segments, info = service.transcribe(clips[0], None, "en", OPTIONS)

@@ -60,20 +60,32 @@ def resolve_dtype(dtype: str | None, device: str):
 
 
 def ct2_placement(device: str | None, dtype: str | None, compute_type: str = "default") -> tuple[str, int, str]:
-    """(device, device_index, compute_type) for CTranslate2. An explicit --compute-type wins; else an
-    explicit --dtype names it; else float16 on a GPU and the stored type on the CPU (faster-whisper's
-    'default', which on a CPU computes an fp16 model in float32)."""
+    """(device, device_index, compute_type) for CTranslate2, a GPU that it cannot see refused in one line.
+    The compute type as `ct2_compute_type` says ('default' on a CPU: faster-whisper's own, which computes an
+    fp16 model in float32 there)."""
     device = device or "auto"
     check_device(device)
     if device == "mps":
         raise UserError("--device mps: CTranslate2 runs on CPUs and CUDA GPUs only; use --backend transformers")
     kind, _, index = device.partition(":")
-    if kind == "auto":
+    try:
         import ctranslate2
+    except ImportError:
+        raise UserError("--backend ct2 needs faster-whisper: pip install 'whisper-lora[ct2]'") from None
+    gpus = ctranslate2.get_cuda_device_count()
+    if kind == "auto":
+        kind = "cuda" if gpus > 0 else "cpu"
+    elif kind == "cuda" and int(index or 0) >= gpus:
+        why = "" if gpus else " (a CPU-only build, or no GPU)"
+        raise UserError(f"--device {device}: CTranslate2 sees {gpus} CUDA device(s){why}; {GPU_DOCS}")
+    return kind, int(index or 0), ct2_compute_type(kind, dtype, compute_type)
 
-        kind = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
-    if compute_type == "default" and dtype not in (None, "auto"):
-        compute_type = dtype
-    elif compute_type == "default" and kind == "cuda":
-        compute_type = CT2_GPU_DEFAULT
-    return kind, int(index or 0), compute_type
+
+def ct2_compute_type(kind: str, dtype: str | None, compute_type: str = "default") -> str:
+    """CTranslate2's compute type on a device kind ('cpu' or 'cuda'): an explicit --compute-type wins; else an
+    explicit --dtype names it; else float16 on a GPU and the stored type on the CPU."""
+    if compute_type != "default":
+        return compute_type
+    if dtype not in (None, "auto"):
+        return dtype
+    return CT2_GPU_DEFAULT if kind == "cuda" else "default"

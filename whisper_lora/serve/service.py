@@ -124,24 +124,28 @@ class ModelPool:
         of every listing, kept in `refused` with the reason, and logged once."""
         if self.adapters_dir is None:
             return {}
-        found = {}
+        found, refused = {}, {}
         for folder in sorted(self.adapters_dir.iterdir()):
             if folder.is_dir() and (folder / "adapter_config.json").is_file() and ADAPTER_NAME.match(folder.name) \
                     and folder.name not in (OPENAI_MODEL, self.base_name):
                 reason = self._refusal(folder)
                 if reason is None:
                     found[folder.name] = folder
-                    self.refused.pop(folder.name, None)
-                elif self.refused.get(folder.name) != reason:
-                    self.refused[folder.name] = reason
-                    log.warning("not serving %s: %s", folder, reason)
+                else:
+                    refused[folder.name] = reason
+                    if self.refused.get(folder.name) != reason:
+                        log.warning("not serving %s: %s", folder, reason)
+        self.refused = refused  # a folder removed from disk is no longer named as refused either
         return found
 
     def _refusal(self, folder: Path) -> str | None:
         """Why an adapter folder cannot be served, from its adapter_config.json alone (read again only when
         the file changes); None when it can."""
         config_file = folder / "adapter_config.json"
-        key = (folder, config_file.stat().st_mtime_ns)
+        try:
+            key = (folder, config_file.stat().st_mtime_ns)
+        except OSError as exc:  # removed since the folder was listed
+            return f"adapter_config.json cannot be read ({exc})"
         if key not in self._refusals:
             try:
                 config = json.loads(config_file.read_text())
@@ -206,7 +210,10 @@ class ModelPool:
             if name in self.refused:
                 raise UserError(self.refused[name], self.adapters_dir / name)
             raise UnknownModel(f"model '{name}' does not exist")
-        config = json.loads((path / "adapter_config.json").read_text())
+        try:  # read again: it may have been rewritten since it was listed
+            config = json.loads((path / "adapter_config.json").read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UserError(f"adapter_config.json cannot be read ({exc})", path) from None
         from peft import PeftModel
 
         try:
@@ -377,6 +384,11 @@ class Batcher:
 
     def _loop(self) -> None:
         while (group := self._take()) is not None:
+            # counted before any caller is answered: a caller reading the counts after its call returned
+            # sees the batch that answered it
+            self.batches += 1
+            self.batched_rows += sum(w.rows for w in group)
+            self.recent.append((group[0].op, tuple(w.adapter for w in group for _ in range(w.rows))))
             try:
                 with self.pool.lock:
                     results = self._run(group)
@@ -386,9 +398,6 @@ class Batcher:
                 for work in group:
                     if not work.future.done():
                         work.future.set_exception(exc)
-            self.batches += 1
-            self.batched_rows += sum(w.rows for w in group)
-            self.recent.append((group[0].op, tuple(w.adapter for w in group for _ in range(w.rows))))
 
     def _adapters(self, group: list[_Work]) -> list[str] | None:
         if self.pool.peft is None:

@@ -51,14 +51,14 @@ def run(config: DemoConfig) -> dict:
     for split in ("train", "dev", "test", "test_new_words"):
         if not (corpus / f"{split}.jsonl").is_file():
             raise UserError(f"demo corpus has no {split}.jsonl (regenerate with demo/make_corpus.py)", corpus)
-    out = prepare_run_dir(config, config.output_dir, overwrite=config.overwrite)
-    test_samples = read_manifest(corpus / "test.jsonl") + read_manifest(corpus / "test_new_words.jsonl")
-    new_word_paths = {str(s.audio_path) for s in read_manifest(corpus / "test_new_words.jsonl")}
-    zh_clips, _ = load_clips(test_samples)
     # The forgetting row is half the demo's point: a missing folder is an error, not a quietly shorter table.
     en_clips, _ = load_clips(english_samples(english_dir)) if english_dir.is_dir() else ([], [])
     if not en_clips:
         raise UserError("no English clips with a transcripts.json for the forgetting check", english_dir)
+    out = prepare_run_dir(config, config.output_dir, overwrite=config.overwrite)
+    test_samples = read_manifest(corpus / "test.jsonl") + read_manifest(corpus / "test_new_words.jsonl")
+    new_word_paths = {str(s.audio_path) for s in read_manifest(corpus / "test_new_words.jsonl")}
+    zh_clips, _ = load_clips(test_samples)
 
     # ---- base model, fine-tune, fine-tuned model
     print("scoring the base model …")

@@ -28,11 +28,22 @@ def create_app(config: ServeConfig):
                   max_queue=config.max_queue, sentiment_model=config.sentiment_model, ui=config.ui)
 
 
+def check_placement(config: ServeConfig) -> None:
+    """A GPU that is not there is refused in one line now, not by /health once the loader thread has run."""
+    from ..devices import ct2_placement, resolve_device
+
+    if config.backend == "ct2":
+        ct2_placement(config.device, config.dtype, config.compute_type)
+    else:
+        resolve_device(config.device)
+
+
 def run(config: ServeConfig) -> int:
     try:
         import uvicorn
     except ImportError:
         raise UserError(f"serve needs uvicorn: {SERVE_PIP}") from None
+    check_placement(config)
     app = create_app(config)
     print(f"whisper-lora: serving on http://{config.host}:{config.port} (OpenAI API under /v1; /health says when "
           "the model is loaded)", flush=True)
