@@ -7,7 +7,6 @@ import threading
 import time
 import warnings
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 

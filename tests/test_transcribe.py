@@ -85,7 +85,7 @@ def test_long_audio_to_every_format_with_valid_timestamps(base_model_dir, tmp_pa
                      "--output-dir", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr[-2000:]
     produced = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert produced == ["long.json", "long.srt", "long.tsv", "long.txt", "long.vtt"]
+    assert produced == ["long.json", "long.srt", "long.tsv", "long.txt", "long.vtt", "transcribe_config.yaml"]
     cues = list(srt.parse((tmp_path / "out" / "long.srt").read_text()))
     assert len(cues) >= 4
     starts = [c.start.total_seconds() for c in cues]
