@@ -59,6 +59,12 @@ def resolve_dtype(dtype: str | None, device: str):
     return getattr(torch, dtype)
 
 
+def torch_placement(device: str | None, dtype: str | None):
+    """(device, torch dtype) for the transformers backend: `--device` and `--dtype` resolved together."""
+    device = resolve_device(device)
+    return device, resolve_dtype(dtype, device)
+
+
 def ct2_placement(device: str | None, dtype: str | None, compute_type: str = "default") -> tuple[str, int, str]:
     """(device, device_index, compute_type) for CTranslate2, a GPU that it cannot see refused in one line.
     The compute type as `ct2_compute_type` says ('default' on a CPU: faster-whisper's own, which computes an

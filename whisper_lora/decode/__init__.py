@@ -23,14 +23,13 @@ def load_backend(model: str | None = None, backend: str = "transformers", comput
     """The backend for `--model` as users pass it: an adapter is merged into a private copy of its base
     (identical output, no LoRA matmuls); `ct2` needs a CTranslate2 folder (or the embedded default).
     `device` and `dtype` as `--device` and `--dtype` take them (see devices.py)."""
-    from ..devices import ct2_placement, resolve_device, resolve_dtype
+    from ..devices import torch_placement
     from ..models import ct2_model_dir, load_model
 
     if backend == "ct2":
-        kind, index, compute = ct2_placement(device, dtype, compute_type)
-        return CT2Backend(ct2_model_dir(model), compute, kind, device_index=index)
-    device = resolve_device(device)
-    loaded, processor = load_model(model, device=device, dtype=resolve_dtype(dtype, device), merge_adapter=True)
+        return CT2Backend(ct2_model_dir(model), compute_type, device or "auto", dtype=dtype)
+    device, torch_dtype = torch_placement(device, dtype)
+    loaded, processor = load_model(model, device=device, dtype=torch_dtype, merge_adapter=True)
     return TransformersBackend(loaded, processor, device=device, compile=compile)
 
 

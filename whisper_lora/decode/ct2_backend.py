@@ -11,6 +11,7 @@ from typing import Iterator
 import numpy as np
 
 from ..constants import CHUNK_SECONDS, MAX_NEW_TOKENS, MAX_TARGET_TOKENS, TASK_PROMPT_TOKENS
+from ..devices import ct2_placement
 from ..errors import UserError
 from . import longform
 from .types import GREEDY, DecodeOptions, Segment, TranscriptionInfo, Word
@@ -21,13 +22,15 @@ ADAPTERS_REFUSED = ("CTranslate2 models cannot load LoRA adapters; merge each ad
 
 class CT2Backend:
     def __init__(self, model_dir: str, compute_type: str = "default", device: str = "auto", workers: int = 1,
-                 device_index: int = 0):
+                 dtype: str | None = None):
+        """`device`, `dtype` and `compute_type` as the CLI takes them (`--device cuda:1`); see devices.py."""
         try:
             from faster_whisper import WhisperModel
         except ImportError:
             raise UserError("--backend ct2 needs faster-whisper: pip install 'whisper-lora[ct2]'") from None
+        kind, index, compute_type = ct2_placement(device, dtype, compute_type)
         try:
-            self.model = WhisperModel(model_dir, device=device, device_index=device_index, compute_type=compute_type,
+            self.model = WhisperModel(model_dir, device=kind, device_index=index, compute_type=compute_type,
                                       num_workers=workers)
         except ValueError as exc:  # e.g. float16 on a CPU
             raise UserError(f"cannot load with --compute-type {compute_type}: {exc}", model_dir) from None

@@ -35,7 +35,7 @@ from ..decode import CT2Backend, DecodeOptions, Segment, TranscriptionInfo, Tran
 from ..decode.ct2_backend import ADAPTERS_REFUSED
 from ..decode.search import WindowResult
 from ..decode.timing import WordTiming
-from ..devices import ct2_placement, resolve_device, resolve_dtype
+from ..devices import torch_placement
 from ..errors import UserError
 from ..models import ct2_model_dir, load_model, public_name, resolve_model
 
@@ -96,13 +96,12 @@ class ModelPool:
         self.lock = threading.RLock()  # held by every forward pass and by every adapter load or unload
         self._loaded: OrderedDict[str, _Adapter] = OrderedDict()  # least recently used first
         self.refused: dict[str, str] = {}  # adapter folders that cannot be served, with the reason
-        self._refusals: dict[tuple[Path, int], str | None] = {}
+        self._configs: dict[tuple[Path, int], tuple[dict | None, str | None]] = {}  # by (folder, file mtime)
         self.peft = None  # the PeftModel wrapping the base once an adapter is loaded
         if backend == "ct2":
             if self.adapters_dir is not None:
                 raise UserError(f"--adapters and --backend ct2 conflict: {ADAPTERS_REFUSED}")
-            kind, index, compute = ct2_placement(device, dtype, compute_type)
-            self.backend = CT2Backend(ct2_model_dir(model), compute, kind, workers=2, device_index=index)
+            self.backend = CT2Backend(ct2_model_dir(model), compute_type, device or "auto", workers=2, dtype=dtype)
             self.base_location = None
             return
         if self.adapters_dir is not None:
@@ -112,8 +111,8 @@ class ModelPool:
             raise UserError("--model is an adapter: serve its base with --model and put the adapter's folder "
                             "under --adapters (it is then served under the folder's name)", model)
         self.base_location = resolved.location
-        device = resolve_device(device)
-        loaded, processor = load_model(resolved, device=device, dtype=resolve_dtype(dtype, device))
+        device, torch_dtype = torch_placement(device, dtype)
+        loaded, processor = load_model(resolved, device=device, dtype=torch_dtype)
         self.backend = TransformersBackend(loaded, processor, device=device)
 
     # ---- names ------------------------------------------------------------------------------------------
@@ -128,7 +127,7 @@ class ModelPool:
         for folder in sorted(self.adapters_dir.iterdir()):
             if folder.is_dir() and (folder / "adapter_config.json").is_file() and ADAPTER_NAME.match(folder.name) \
                     and folder.name not in (OPENAI_MODEL, self.base_name):
-                reason = self._refusal(folder)
+                _, reason = self._inspect(folder)
                 if reason is None:
                     found[folder.name] = folder
                 else:
@@ -138,23 +137,22 @@ class ModelPool:
         self.refused = refused  # a folder removed from disk is no longer named as refused either
         return found
 
-    def _refusal(self, folder: Path) -> str | None:
-        """Why an adapter folder cannot be served, from its adapter_config.json alone (read again only when
-        the file changes); None when it can."""
+    def _inspect(self, folder: Path) -> tuple[dict | None, str | None]:
+        """An adapter folder's adapter_config.json, and why the folder cannot be served from what it says
+        (None when it can); read again only when the file changes."""
         config_file = folder / "adapter_config.json"
         try:
             key = (folder, config_file.stat().st_mtime_ns)
         except OSError as exc:  # removed since the folder was listed
-            return f"adapter_config.json cannot be read ({exc})"
-        if key not in self._refusals:
+            return None, f"adapter_config.json cannot be read ({exc})"
+        if key not in self._configs:
             try:
                 config = json.loads(config_file.read_text())
             except (OSError, json.JSONDecodeError) as exc:
-                reason = f"adapter_config.json cannot be read ({exc})"
+                self._configs[key] = None, f"adapter_config.json cannot be read ({exc})"
             else:
-                reason = self._not_servable(folder.name, config)
-            self._refusals[key] = reason
-        return self._refusals[key]
+                self._configs[key] = config, self._not_servable(folder.name, config)
+        return self._configs[key]
 
     def _not_servable(self, name: str, config: dict) -> str | None:
         if config.get("peft_type") != "LORA":
@@ -210,10 +208,9 @@ class ModelPool:
             if name in self.refused:
                 raise UserError(self.refused[name], self.adapters_dir / name)
             raise UnknownModel(f"model '{name}' does not exist")
-        try:  # read again: it may have been rewritten since it was listed
-            config = json.loads((path / "adapter_config.json").read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UserError(f"adapter_config.json cannot be read ({exc})", path) from None
+        config, reason = self._inspect(path)
+        if reason is not None:  # rewritten into something unservable since it was listed
+            raise UserError(reason, path)
         from peft import PeftModel
 
         try:

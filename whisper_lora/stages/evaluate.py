@@ -10,7 +10,7 @@ from pathlib import Path
 from ..config import EvaluateConfig
 from ..decode import GREEDY, TransformersBackend
 from ..errors import UserError
-from ..devices import resolve_device, resolve_dtype
+from ..devices import torch_placement
 from ..manifest import check_audio_exists, language_code, read_manifest
 from ..models import load_model
 from ..report import format_table
@@ -32,8 +32,7 @@ def run(config: EvaluateConfig) -> list[ModelScore]:
         language or next((s.language for s in samples if s.language), None))
 
     # ---- loop: one model at a time, so only one is in memory
-    device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
+    device, dtype = torch_placement(config.device, config.dtype)
     scores = []
     for spec in config.models:
         model, processor = load_model(spec, device=device, dtype=dtype)
