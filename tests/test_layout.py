@@ -14,7 +14,8 @@ PACKAGE = REPO / "whisper_lora"
 # the order of the modules is the order of the layers (types before kv before rules ...).
 LAYERS: list[tuple[str, set[str]]] = [
     ("facts", {"constants", "errors"}),
-    ("basics", {"audio", "text", "manifest", "tokens", "vad", "settings", "rundir", "devices", "report", "allocator"}),
+    ("basics", {"audio", "audio_ctx", "text", "manifest", "tokens", "vad", "settings", "rundir", "devices", "report",
+                "allocator"}),
     ("domain", {"models", "ct2", "lora", "data", "features", "shards", "augment", "sources", "doctor", "checkpoint",
                 "sagemaker_rules"}),
     ("decode: types", {"decode.types"}),

@@ -38,6 +38,9 @@ def test_every_response_format_as_the_client_parses_it(server, tmp_path):
     text = client.audio.transcriptions.create(file=open(ARCTIC, "rb"), model="whisper-1", language="en",
                                               response_format="text")
     assert isinstance(text, str) and text.strip() == plain.text
+    fitted = client.audio.transcriptions.create(file=open(ARCTIC, "rb"), model="whisper-1", language="en",
+                                                extra_body={"audio_ctx": "auto"})  # ours: a 10 s encoder context
+    assert fitted.text == plain.text
     cues = list(srt.parse(client.audio.transcriptions.create(file=open(clip, "rb"), model="whisper-1", language="en",
                                                              response_format="srt")))
     assert [round(c.start.total_seconds()) for c in cues] == [round(t) for t in onsets]
@@ -195,7 +198,8 @@ def test_errors_come_in_openai_shape_as_the_clients_own_exceptions(server, tmp_p
         client.audio.transcriptions.create(file=open(tmp_path / "broken.wav", "rb"), model="whisper-1")
     assert exc.value.param == "file" and "broken.wav" in exc.value.message and "upload-" not in exc.value.message
     for bad, param in ((dict(language="xx"), "language"), (dict(response_format="docx"), "response_format"),
-                       (dict(temperature=3.0), "temperature"), (dict(timestamp_granularities=["word"]), "timestamp_granularities")):
+                       (dict(temperature=3.0), "temperature"), (dict(timestamp_granularities=["word"]), "timestamp_granularities"),
+                       (dict(extra_body={"audio_ctx": "half"}), "audio_ctx")):
         with pytest.raises(openai.BadRequestError) as exc:
             client.audio.transcriptions.create(file=open(ARCTIC, "rb"), model="whisper-1", **bad)
         assert exc.value.param == param

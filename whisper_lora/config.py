@@ -23,6 +23,14 @@ from .settings import option, read_value, read_yaml_mapping
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+AUDIO_CTX_HELP = ("encoder context: full (30 s, as Whisper), auto (fitted to the audio: a short clip's encoder "
+                  "work drops ~3x), or seconds, auto's floor (see docs/short-audio.md)")
+
+
+def check_audio_ctx(value: str) -> None:
+    from .audio_ctx import parse_audio_ctx  # constants only behind it
+
+    parse_audio_ctx(value)
 
 
 def require_path(path: str | None, what: str) -> None:
@@ -334,6 +342,7 @@ class TranscribeConfig:
                                                      "context, but a loop can carry over)")
     word_timestamps: bool = option(False, "word-level timestamps (cross-attention alignment heads + DTW, as "
                                           "openai/whisper), written to json/jsonl as each segment's words")
+    audio_ctx: str = option("full", AUDIO_CTX_HELP)
     compile: bool = option(False, "torch.compile the transformers model's encoder (slow start, faster long runs)")
     sentiment: bool = option(False, "add the sentiment (positive, negative, neutral, with a score) of every segment "
                                     "and of the whole text to json/jsonl (a column in tsv); offline defaults for "
@@ -348,6 +357,7 @@ class TranscribeConfig:
 
     def validate(self) -> None:
         check_device(self.device)
+        check_audio_ctx(self.audio_ctx)
         if not self.inputs:
             raise UserError("transcribe needs at least one audio file, folder or list file")
         if self.output and self.output_dir:
@@ -405,6 +415,7 @@ class ServeConfig:
     batch_wait_ms: float = option(50.0, "how long a partial batch waits for the work of other requests under way, "
                                         "in ms (about one log-mel spectrogram's time; 0 = never waits). Only "
                                         "concurrent requests wait: a lone one starts at once")
+    audio_ctx: str = option("full", AUDIO_CTX_HELP + "; a request's audio_ctx field overrides it")
     mixed_adapters: bool = option(False, "decode windows of different LoRA adapters in one batch (peft's mixed "
                                          "batches) instead of a batch per adapter (which measured faster on the CPU)")
     sentiment_model: str | None = option(None, "Hugging Face text-classification model for sentiment=true requests "
@@ -414,6 +425,7 @@ class ServeConfig:
 
     def validate(self) -> None:
         check_device(self.device)
+        check_audio_ctx(self.audio_ctx)
         if not 0 < self.port < 65536:
             raise UserError(f"--port must lie in 1-65535, got {self.port}")
         for name in ("max_upload_mb", "max_adapters", "max_queue", "max_batch"):
@@ -442,10 +454,12 @@ class UIConfig:
                                        "none = open)")
     device: str = option("auto", DEVICE_HELP)
     dtype: str = option("auto", DTYPE_HELP, choices=DTYPES)
+    audio_ctx: str = option("full", AUDIO_CTX_HELP + "; for every tab, live included")
     browser: bool = option(True, "open the page in the default browser once the model is loaded")
 
     def validate(self) -> None:
         check_device(self.device)
+        check_audio_ctx(self.audio_ctx)
         if not 0 < self.port < 65536:
             raise UserError(f"--port must lie in 1-65535, got {self.port}")
         if self.adapters and not Path(self.adapters).is_dir():
@@ -466,10 +480,12 @@ class RealtimeConfig:
     input_device: str | None = option(None, "microphone (sounddevice name or number; default: the system's)")
     device: str = option("auto", "locally: " + DEVICE_HELP)
     dtype: str = option("auto", "locally: " + DTYPE_HELP, choices=DTYPES)
+    audio_ctx: str = option("full", "locally: " + AUDIO_CTX_HELP)
     output: str | None = option(None, "write the confirmed segments to this .srt, .vtt, .json or .txt file at the end")
 
     def validate(self) -> None:
         check_device(self.device)
+        check_audio_ctx(self.audio_ctx)
         if self.speed <= 0:
             raise UserError(f"--speed must be positive, got {self.speed}")
         if self.speed != 1.0 and not self.file:

@@ -53,6 +53,7 @@ class StreamOptions:
     # tokenizer splits finely (Hindi, Tamil: ~2.7x English) must not lose their last words to it.
     tokens_per_second: float = 12.0
     tokens_floor: int = 16
+    audio_ctx: str | float | None = None  # encoder context of each decode (audio_ctx.py); None: the service's
 
 
 # ---- events ------------------------------------------------------------------------------------------
@@ -248,7 +249,7 @@ class StreamingTranscriber:
         options = DecodeOptions(temperature=self.options.temperature, without_timestamps=True, word_timestamps=True,
                                 max_new_tokens=min(MAX_NEW_TOKENS, limit),
                                 initial_prompt=self.context[-self.options.prompt_chars:] or None,
-                                prefix=forced or None)
+                                prefix=forced or None, audio_ctx=self.options.audio_ctx)
         started = time.perf_counter()
         segments = self.decode_fn(self.buffer, options)
         self.last_decode_seconds = time.perf_counter() - started

@@ -2,22 +2,50 @@
 
 Models come from `whisper-lora export --format ct2`, any faster-whisper folder, or the embedded default
 (already CTranslate2). LoRA adapters cannot be applied to a CTranslate2 model: merge and export them.
+
+`--audio-ctx`: CTranslate2's encoder takes fewer than 3,000 frames (its output then has half as many
+positions), but faster-whisper pads every window to 3,000 before encoding and has no setting for it, so
+its `encode` is overridden to keep the first frames of the window. Which window it encodes is not known
+there; the context is set per input from its length, so it applies to input of at most 30 s (one
+window: clips, requests, realtime buffers) and longer input stays at `full`.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Iterator
 
+import threading
+from contextlib import contextmanager
+
 import numpy as np
 
-from ..constants import CHUNK_SECONDS, MAX_NEW_TOKENS, MAX_TARGET_TOKENS, TASK_PROMPT_TOKENS
+from ..constants import (CHUNK_SECONDS, FRAMES_PER_SECOND, MAX_NEW_TOKENS, MAX_TARGET_TOKENS, N_FRAMES, SAMPLE_RATE,
+                         TASK_PROMPT_TOKENS)
 from ..devices import ct2_placement
 from ..errors import UserError
 from . import longform
+from ..audio_ctx import FULL, encoder_frames
 from .types import GREEDY, DecodeOptions, Segment, TranscriptionInfo, Word
 
 ADAPTERS_REFUSED = ("CTranslate2 models cannot load LoRA adapters; merge each adapter (`whisper-lora merge`), "
                     "export it (`whisper-lora export`) and serve it as its own model, or use the transformers backend")
+
+
+_context = threading.local()  # .frames: encoder frames for the input this thread is transcribing
+
+
+def _model_class():
+    """faster-whisper's WhisperModel, its encoder fed only `_context.frames` of each padded window."""
+    from faster_whisper import WhisperModel
+
+    class FittedContextModel(WhisperModel):
+        def encode(self, features):
+            frames = getattr(_context, "frames", None)
+            if frames is not None:
+                features = np.ascontiguousarray(features[..., :frames])
+            return super().encode(features)
+
+    return FittedContextModel
 
 
 class CT2Backend:
@@ -25,7 +53,7 @@ class CT2Backend:
                  dtype: str | None = None):
         """`device`, `dtype` and `compute_type` as the CLI takes them (`--device cuda:1`); see devices.py."""
         try:
-            from faster_whisper import WhisperModel
+            WhisperModel = _model_class()
         except ImportError:
             raise UserError("--backend ct2 needs faster-whisper: pip install 'whisper-lora[ct2]'") from None
         kind, index, compute_type = ct2_placement(device, dtype, compute_type)
@@ -36,6 +64,34 @@ class CT2Backend:
             raise UserError(f"cannot load with --compute-type {compute_type}: {exc}", model_dir) from None
         self.multilingual = self.model.model.is_multilingual
         self.languages = set(self.model.supported_languages)
+
+    @staticmethod
+    def _frames(audio_seconds: float, options: DecodeOptions) -> int | None:
+        """Encoder frames for an input of this length; None: faster-whisper's own 3,000."""
+        frames = round(audio_seconds * FRAMES_PER_SECOND)
+        if options.audio_ctx in (None, FULL) or frames > N_FRAMES:
+            return None
+        return encoder_frames(frames, options.audio_ctx)
+
+    @staticmethod
+    @contextmanager
+    def _fitted(frames: int | None):
+        previous, _context.frames = getattr(_context, "frames", None), frames
+        try:
+            yield
+        finally:
+            _context.frames = previous
+
+    def _segments(self, segments, frames: int | None):
+        """faster-whisper's lazy segments, each pulled with this input's context set: the caller may
+        interleave several inputs' generators in one thread."""
+        iterator = iter(segments)
+        while True:
+            with self._fitted(frames):
+                segment = next(iterator, None)
+            if segment is None:
+                return
+            yield segment
 
     @staticmethod
     def _check(adapter: str | None) -> None:
@@ -85,12 +141,14 @@ class CT2Backend:
         self._check(adapter)
         out = []
         for audio, language in zip(audios, languages or [None] * len(audios)):
-            seconds = round(len(audio) / 16000, 3)
+            seconds = round(len(audio) / SAMPLE_RATE, 3)
             if longform.is_silent(audio):
                 out.append(([], TranscriptionInfo(language if self.multilingual else "en", None, seconds)))
                 continue
-            segments, info = self.model.transcribe(audio, language=language, **self._kwargs(options))
-            converted = [self._convert(s, 0.0, 0) for s in segments if s.text.strip()]
+            frames = self._frames(len(audio) / SAMPLE_RATE, options)
+            with self._fitted(frames):  # language detection encodes too
+                segments, info = self.model.transcribe(audio, language=language, **self._kwargs(options))
+            converted = [self._convert(s, 0.0, 0) for s in self._segments(segments, frames) if s.text.strip()]
             for n, segment in enumerate(converted):
                 segment.id = n
             out.append((converted, TranscriptionInfo(info.language, info.language_probability, seconds)))
@@ -103,7 +161,8 @@ class CT2Backend:
         source, duration = longform.open_source(audio)
         if language is None and self.multilingual:
             head = longform.read_block(source, 0.0, min(duration, CHUNK_SECONDS))
-            language, prob, _ = self.model.detect_language(head)
+            with self._fitted(self._frames(duration, options)):
+                language, prob, _ = self.model.detect_language(head)
         else:
             prob = None if self.multilingual else 1.0
         info = TranscriptionInfo(language if self.multilingual else "en", prob, duration)
@@ -121,8 +180,9 @@ class CT2Backend:
             block = longform.read_block(source, position, end)
             held = None
             if not longform.is_silent(block):
+                frames = self._frames(duration, options)
                 segments, _ = self.model.transcribe(block, language=language, vad_filter=vad, **self._kwargs(options))
-                for s in segments:
+                for s in self._segments(segments, frames):
                     if not s.text.strip():
                         continue
                     if held is not None:

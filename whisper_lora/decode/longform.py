@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from ..audio import audio_duration, load_audio
-from ..constants import FRAMES_PER_SECOND, N_FRAMES, SAMPLE_RATE, TIME_PRECISION
+from ..constants import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, SAMPLE_RATE, TIME_PRECISION
 from ..tokens import SpecialTokens
+from ..audio_ctx import AudioContext, encoder_frames
 from .search import WindowResult, is_silence
 from .timing import WordTiming, assign_words
 from .types import DecodeOptions, Segment, TranscriptionInfo, Word
@@ -55,6 +56,17 @@ class WindowModel(Protocol):
 
     def align(self, encoded: torch.Tensor, text_tokens: list[int], language: str | None, task: str,
               num_frames: int, adapter: str | None) -> list[WordTiming]: ...
+
+
+def content_frames(audio: np.ndarray) -> int:
+    """Log-mel frames that hold the clip's audio (the rest of its 30 s window is padding)."""
+    return min(N_FRAMES, -(-len(audio) // HOP_LENGTH))
+
+
+def clip_context(audios: list[np.ndarray], audio_ctx: AudioContext | None) -> int:
+    """Frames to encode for clips batched together: the longest one's context (a row given more context
+    than it needs reads as it would at a larger floor; rows of one batch must share a length)."""
+    return max(encoder_frames(content_frames(a), audio_ctx) for a in audios)
 
 
 def is_silent(audio: np.ndarray) -> bool:
@@ -168,7 +180,8 @@ def sequential(model: WindowModel, source: np.ndarray | Path, duration: float, l
             if first_window is not None and position == 0 and seek == 0:
                 encoded = first_window[1]
             else:
-                encoded = model.encode(F.pad(mel[:, seek:seek + size], (0, N_FRAMES - size))[None], adapter)
+                context = encoder_frames(size, options.audio_ctx)
+                encoded = model.encode(F.pad(mel[:, seek:seek + size], (0, context - size))[None], adapter)
             if language is None:
                 language = model.detect(encoded, adapter)[0][0]
             prefix = tokens.prefix(language, options.task, True, history[reset_since:])
@@ -228,7 +241,8 @@ def clips(model: WindowModel, audios: list[np.ndarray], languages: list[str | No
         return out
     timestamps = not options.without_timestamps
     if encoded is None:
-        encoded = model.encode(model.features([audios[i] for i in voiced]), adapter)
+        heard = [audios[i] for i in voiced]
+        encoded = model.encode(model.features(heard)[..., :clip_context(heard, options.audio_ctx)], adapter)
     resolved = _resolve_languages(model, encoded, [languages[i] for i in voiced], adapter)
     prompt = tokens.prompt_ids(options.initial_prompt)
     forced = tokens.prompt_ids(options.prefix) if not timestamps else []  # decoded as given, not searched
@@ -292,7 +306,7 @@ def _decode_vad_batch(model: WindowModel, windows: list, block: np.ndarray, offs
     segments: list[Segment] = []
     for attempt in range(VAD_RETRY_ROUNDS + 1):
         clips_ = [w.samples(block) for w in windows]
-        encoded = model.encode(model.features(clips_), adapter)
+        encoded = model.encode(model.features(clips_)[..., :clip_context(clips_, options.audio_ctx)], adapter)
         lang = language or model.detect(encoded[:1], adapter)[0][0]
         prefix = tokens.prefix(lang, options.task, True, prompt)
         results = model.decode(encoded, [prefix] * len(windows), options, True, adapter)

@@ -23,7 +23,10 @@ class LogitRules:
         mask[[t for t in token_ids if 0 <= t < vocab_size]] = True
         return mask.to(device)
 
-    def apply(self, logits: torch.Tensor, sampled: list[list[int]], first: bool, timestamps: bool) -> torch.Tensor:
+    def apply(self, logits: torch.Tensor, sampled: list[list[int]], first: bool, timestamps: bool,
+              last_timestamp: int | None = None) -> torch.Tensor:
+        """`last_timestamp`: the latest timestamp index (0.02 s steps) the window may write: the encoder's
+        output positions; with a context shorter than 30 s there is no audio to stamp beyond it."""
         inf = float("-inf")
         logits = logits.masked_fill(self.suppress, inf)
         if first:
@@ -32,6 +35,8 @@ class LogitRules:
             return logits
         begin = self.tokens.timestamp_begin
         logits[:, self.tokens.no_timestamps] = inf
+        if last_timestamp is not None:
+            logits[:, begin + last_timestamp + 1:] = inf
         if first:  # a window starts with a timestamp, at most max_initial_timestamp in
             logits[:, :begin] = inf
             if self.max_initial_timestamp_index is not None:

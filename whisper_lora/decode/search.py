@@ -77,7 +77,7 @@ class Search:
         generators = [torch.Generator(device=net.device).manual_seed(SAMPLING_SEED) for _ in range(rows)] \
             if temperature > 0 else []
         for step in range(max_new):
-            logits = self.rules.apply(logits, [sampled[i] for i in active], step == 0, timestamps)
+            logits = self.rules.apply(logits, [sampled[i] for i in active], step == 0, timestamps, encoded.shape[1])
             if temperature > 0:
                 probs = (logits / temperature).softmax(-1)
                 chosen = torch.cat([torch.multinomial(p, 1, generator=generators[i]) for p, i in zip(probs, active)])
@@ -114,7 +114,7 @@ class Search:
         totals = [0.0] * (audios * beams)
         finished: list[dict[tuple[int, ...], float]] = [{} for _ in range(audios)]
         for step in range(max_new):
-            logprobs = self.rules.apply(logits, sampled, step == 0, timestamps).log_softmax(-1)
+            logprobs = self.rules.apply(logits, sampled, step == 0, timestamps, encoded.shape[1]).log_softmax(-1)
             top_logprobs, top_tokens = (t.tolist() for t in logprobs.topk(beams + 1, dim=-1))
             next_sampled, next_totals, sources = [], [], []
             for audio in range(audios):

@@ -25,6 +25,7 @@ from ..constants import CHUNK_SECONDS, N_FRAMES, SAMPLE_RATE
 from ..audio import log_mel
 from ..tokens import SpecialTokens
 from . import longform
+from ..audio_ctx import encoder_frames
 from .kv import Network
 from .rules import LogitRules
 from .search import Search, WindowResult
@@ -148,11 +149,14 @@ class TransformersBackend:
         if detect:
             head = longform.read_block(source, 0.0, min(duration, CHUNK_SECONDS))
             if not longform.is_silent(head):
-                if vad or (short and options.without_timestamps):
-                    features = model.features([head])  # the audio padded to 30 s, as those paths decode it
+                if vad:
+                    features = model.features([head])  # a VAD window's context is set by its speech, later
+                elif short and options.without_timestamps:  # the audio padded to 30 s, as `clips` decodes it
+                    features = model.features([head])[..., :longform.clip_context([head], options.audio_ctx)]
                 else:
                     mel, content = model.block_features(head)  # the spectrogram padded, as `sequential` does
-                    features = F.pad(mel[:, :content], (0, N_FRAMES - content))[None]
+                    size = min(N_FRAMES, content)
+                    features = F.pad(mel[:, :size], (0, encoder_frames(size, options.audio_ctx) - size))[None]
                 first_window = (features, model.encode(features, adapter))
                 (lang, prob), = model.detect(first_window[1], adapter)
         info = TranscriptionInfo(lang, prob, duration)

@@ -69,6 +69,9 @@ class DecodeOptions:
     word_timestamps: bool = False
     without_timestamps: bool = False  # one segment per clip of up to 30 s (cheaper); longer audio always has them
     max_new_tokens: int = MAX_NEW_TOKENS
+    # encoder context (audio_ctx.py): "full" (30 s, as Whisper), "auto" (fitted to the audio), a floor in s;
+    # None: whoever runs the model decides (the server's --audio-ctx; full for a backend called directly)
+    audio_ctx: str | float | None = None
 
 
 # Evaluation must be deterministic and comparable: greedy, no sampling fallback, no silence skipping.

@@ -27,6 +27,7 @@ from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.requests import HTTPConnection
 
 from .. import __version__
+from ..audio_ctx import FULL, AudioContext, parse_audio_ctx
 from ..decode import DecodeOptions, Segment, TranscriptionInfo, join_text
 from ..errors import UserError
 from ..manifest import language_code
@@ -74,6 +75,7 @@ class AudioForm:
     include: list[str]
     chunking_strategy: str | None
     sentiment: bool  # ours: a sentiment label beside the text
+    audio_ctx: str | None  # ours: the encoder context (full, auto, seconds); empty: the server's --audio-ctx
 
 
 def audio_form(file: Annotated[UploadFile | None, File()] = None,
@@ -88,17 +90,20 @@ def audio_form(file: Annotated[UploadFile | None, File()] = None,
                include: Annotated[list[str], Form(alias="include[]")] = [],
                chunking_strategy: Annotated[str | None, Form()] = None,
                chunking_strategy_type: Annotated[str | None, Form(alias="chunking_strategy[type]")] = None,
-               sentiment: Annotated[bool, Form()] = False) -> AudioForm:
+               sentiment: Annotated[bool, Form()] = False,
+               audio_ctx: Annotated[str | None, Form()] = None) -> AudioForm:
     def text(value: str | None) -> str | None:
         return (value or "").strip() or None
 
     return AudioForm(file, text(model), text(language), text(prompt), text(response_format), temperature,
                      [*timestamp_granularities, *timestamp_granularities_plain], stream, include,
-                     text(chunking_strategy) or text(chunking_strategy_type), sentiment)
+                     text(chunking_strategy) or text(chunking_strategy_type), sentiment, text(audio_ctx))
 
 
-def parse_request(form: AudioForm, task: str, languages: set[str]) -> TranscriptionRequest:
-    """The fields checked against each other and the model; every refusal names its field."""
+def parse_request(form: AudioForm, task: str, languages: set[str], audio_ctx: AudioContext = FULL
+                  ) -> TranscriptionRequest:
+    """The fields checked against each other and the model; every refusal names its field. `audio_ctx`:
+    the server's, for requests that do not set theirs."""
     if form.model is None:
         raise APIError(400, "you must provide a model parameter", param="model", code="missing_required_parameter")
     response_format = form.response_format or "json"
@@ -132,8 +137,13 @@ def parse_request(form: AudioForm, task: str, languages: set[str]) -> Transcript
                        param="chunking_strategy")
     if form.stream and task == "translate":
         raise APIError(400, "stream is available for transcriptions only", param="stream")
+    if form.audio_ctx is not None:
+        try:
+            audio_ctx = parse_audio_ctx(form.audio_ctx)
+        except UserError as exc:
+            raise APIError(400, str(exc).replace("--audio-ctx", "audio_ctx"), param="audio_ctx") from None
     words = "word" in granularities
-    options = DecodeOptions(task=task, temperature=(temperature,) if temperature > 0 else DEFAULT_TEMPERATURES,
+    options = DecodeOptions(task=task, audio_ctx=audio_ctx, temperature=(temperature,) if temperature > 0 else DEFAULT_TEMPERATURES,
                             initial_prompt=form.prompt, word_timestamps=words,
                             # segment times are only needed for the formats that show them, and to stream a
                             # clip segment by segment
@@ -358,7 +368,7 @@ async def transcribe_upload(form: AudioForm, task: str, service: TranscriptionSe
     if form.file is None:
         raise APIError(400, "you must provide a file parameter (multipart form field 'file')", param="file",
                        code="missing_required_parameter")
-    parsed = parse_request(form, task, service.backend.languages)
+    parsed = parse_request(form, task, service.backend.languages, service.audio_ctx)
     service.resolve(parsed.model)  # an unknown model is a 404 before any audio is decoded
     stored = await run_in_threadpool(_Upload, form.file)
     try:

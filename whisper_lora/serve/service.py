@@ -25,12 +25,13 @@ import time
 from collections import OrderedDict, deque
 from concurrent.futures import Future
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
+from ..audio_ctx import FULL, AudioContext, parse_audio_ctx
 from ..decode import CT2Backend, DecodeOptions, Segment, TranscriptionInfo, TransformersBackend
 from ..decode.ct2_backend import ADAPTERS_REFUSED
 from ..decode.search import WindowResult
@@ -450,11 +451,14 @@ class BatchedWindowModel:
                                    adapter)
 
     def detect(self, encoded, adapter: str | None) -> list[tuple[str, float]]:
-        return self.batcher.submit("detect", None, (encoded,), len(encoded), adapter)
+        # rows of one batch share an encoder length (`--audio-ctx auto` gives windows several): grouped by it
+        return self.batcher.submit("detect", encoded.shape[1], (encoded,), len(encoded), adapter)
 
     def decode(self, encoded, prefixes: list[list[int]], options: DecodeOptions, timestamps: bool,
                adapter: str | None) -> list[WindowResult]:
-        return self.batcher.submit("decode", (options, timestamps, len(prefixes[0])), (encoded, prefixes),
+        # the context setting has done its work once encoded: windows of any setting but one length batch
+        key = (replace(options, audio_ctx=None), timestamps, len(prefixes[0]), encoded.shape[1])
+        return self.batcher.submit("decode", key, (encoded, prefixes),
                                    len(prefixes), adapter)
 
     def align(self, encoded, text_tokens: list[int], language: str | None, task: str, num_frames: int,
@@ -466,8 +470,9 @@ class TranscriptionService:
     """What the server, the web UI and realtime streams call: many threads at once, one model."""
 
     def __init__(self, pool: ModelPool, max_wait: float, max_queue: int = 64, max_batch: int = 8,
-                 mixed_adapters: bool = False):
+                 mixed_adapters: bool = False, audio_ctx: AudioContext = FULL):
         self.pool, self.max_queue = pool, max_queue
+        self.audio_ctx = parse_audio_ctx(audio_ctx)  # for calls whose options leave it to the server
         self.batcher = None
         self.backend = pool.backend
         if isinstance(pool.backend, TransformersBackend):
@@ -522,6 +527,8 @@ class TranscriptionService:
         adapter = self.resolve(model)
         if language and language not in self.backend.languages:
             raise UserError(f"the model has no language '{language}'")
+        if options.audio_ctx is None:
+            options = replace(options, audio_ctx=self.audio_ctx)
         admission = self.admitted()
         admission.__enter__()
         using = self.pool.using(adapter)

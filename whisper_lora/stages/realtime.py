@@ -117,14 +117,16 @@ def _drain(chunks: queue.Queue) -> tuple[np.ndarray | None, bool]:
 
 def run_local(config: RealtimeConfig, chunks: queue.Queue, printer: Printer, language: str | None) -> list[Segment]:
     from ..decode import load_backend
-    from ..streaming import Confirmed, Partial, SpeechStopped, StreamingTranscriber
+    from ..audio_ctx import parse_audio_ctx
+    from ..streaming import Confirmed, Partial, SpeechStopped, StreamingTranscriber, StreamOptions
 
     backend = load_backend(config.model, device=config.device, dtype=config.dtype)
 
     def decode(audio, options):
         return list(backend.transcribe(audio, language, options)[0])
 
-    stream = StreamingTranscriber(decode, language, config.prompt)
+    stream = StreamingTranscriber(decode, language, config.prompt,
+                                  StreamOptions(audio_ctx=parse_audio_ctx(config.audio_ctx)))
     segments: list[Segment] = []
     while True:
         audio, ended = _drain(chunks)

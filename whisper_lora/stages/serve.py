@@ -15,7 +15,8 @@ def build_service(config: ServeConfig):
     pool = ModelPool(config.model, config.adapters, config.max_adapters, config.backend, config.compute_type,
                      config.device, config.dtype)
     return TranscriptionService(pool, max_wait=config.batch_wait_ms / 1000, max_queue=config.max_queue,
-                                max_batch=config.max_batch, mixed_adapters=config.mixed_adapters)
+                                max_batch=config.max_batch, mixed_adapters=config.mixed_adapters,
+                                audio_ctx=config.audio_ctx)
 
 
 def create_app(config: ServeConfig):

@@ -10,6 +10,7 @@ from typing import Iterator
 import numpy as np
 
 from ..audio import audio_duration, load_audio
+from ..audio_ctx import parse_audio_ctx
 from ..config import TranscribeConfig
 from ..constants import AUDIO_SUFFIXES, CHUNK_SECONDS
 from ..decode import Backend, DecodeOptions, Segment, TranscriptionInfo, join_text, load_backend
@@ -44,7 +45,7 @@ def decode_options(config: TranscribeConfig) -> DecodeOptions:
                          log_prob_threshold=config.log_prob_threshold, no_speech_threshold=config.no_speech_threshold,
                          initial_prompt=config.initial_prompt,
                          condition_on_previous_text=config.condition_on_previous_text,
-                         word_timestamps=config.word_timestamps,
+                         word_timestamps=config.word_timestamps, audio_ctx=parse_audio_ctx(config.audio_ctx),
                          # plain text needs no segment times: a clip of up to 30 s is then one segment
                          without_timestamps=config.output_format == "txt" and not config.word_timestamps)
 

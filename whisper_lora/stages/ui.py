@@ -29,4 +29,5 @@ def run(config: UIConfig) -> int:
         threading.Thread(target=_open_when_ready, args=(url,), daemon=True).start()
     print(f"whisper-lora: the web UI is at {url}", flush=True)
     return serve.run(ServeConfig(host=config.host, port=config.port, model=config.model, adapters=config.adapters,
-                                 api_key=config.api_key, device=config.device, dtype=config.dtype))
+                                 api_key=config.api_key, device=config.device, dtype=config.dtype,
+                                 audio_ctx=config.audio_ctx))
