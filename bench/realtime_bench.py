@@ -48,21 +48,19 @@ def rss_mb() -> float:
     return int(fields["VmRSS"].split()[0]) / 1024
 
 
-def make_stream(service, model: str | None):
-    from whisper_lora.streaming import StreamingTranscriber
+def make_stream(service, model: str | None, policy: str = "alignatt", audio_ctx: str | None = None):
+    from whisper_lora.streaming import StreamOptions
 
-    def decode(audio, options):
-        return list(service.transcribe(audio, model, "en", options)[0])
-
-    return StreamingTranscriber(decode, "en")
+    return service.open_stream(model, "en", options=StreamOptions(policy=policy, audio_ctx=audio_ctx))
 
 
-def stream_realtime(service, model: str | None, audio: np.ndarray, speed: float = 1.0) -> dict:
+def stream_realtime(service, model: str | None, audio: np.ndarray, speed: float = 1.0, policy: str = "alignatt",
+                    audio_ctx: str | None = None) -> dict:
     """Feed `audio` on the wall clock (times `speed`); returns confirmed words with the wall time of their
     confirmation (in audio seconds since the stream began), and the transcripts."""
     from whisper_lora.streaming import Confirmed, SpeechStopped
 
-    stream = make_stream(service, model)
+    stream = make_stream(service, model, policy, audio_ctx)
     pieces: queue.Queue = queue.Queue()
     size = int(CHUNK * 16000)
     started = time.monotonic()
@@ -124,6 +122,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--soak-minutes", type=float, default=30.0, help="0: no soak, no silence and noise runs")
     parser.add_argument("--models", nargs="+", default=["base", "adapter"], choices=("base", "adapter"))
+    parser.add_argument("--streams", nargs="+", default=["alignatt/auto", "alignatt/full", "local-agreement/full"],
+                        help="POLICY/AUDIO_CTX of each stream (the policies and --audio-ctx values of realtime)")
+    parser.add_argument("--files", nargs="+", default=["long_0", "long_1", "long_0+1"], choices=("long_0", "long_1", "long_0+1"))
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / f"realtime_{platform.node()}.json")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -146,11 +147,13 @@ def main() -> None:
     service = TranscriptionService(ModelPool(None, str(work / "adapters")), max_wait=ServeConfig.batch_wait_ms / 1000)
     rows, results = [], {}
     for model in [{"base": None, "adapter": "alpha"}[m] for m in args.models]:
-        for name in ("long_0", "long_1", "long_0+1"):
+        for name, setting in ((n, s) for n in args.files for s in args.streams):
+            policy, audio_ctx = setting.split("/")
             offline, offline_text = offline_words(service, model, audio[name])
-            run = stream_realtime(service, model, audio[name])
+            run = stream_realtime(service, model, audio[name], policy=policy, audio_ctx=audio_ctx)
             lat = latencies(run["confirmed"], offline)
-            row = {"model": model or "base", "file": name, "audio_s": round(run["audio_s"], 1),
+            row = {"model": model or "base", "policy": policy, "audio_ctx": audio_ctx, "file": name,
+                   "audio_s": round(run["audio_s"], 1),
                    "p50_latency_s": round(float(np.percentile(lat, 50)), 2),
                    "p95_latency_s": round(float(np.percentile(lat, 95)), 2),
                    "wer_stream": round(error_rate([references[name]], [run["text"]], "wer", ["en"]) * 100, 2),
@@ -175,7 +178,8 @@ def main() -> None:
     soak_audio = np.concatenate(soak)[: int(args.soak_minutes * 60 * 16000)]
     from whisper_lora.streaming import Confirmed
 
-    stream = make_stream(service, None)
+    policy, audio_ctx = args.streams[0].split("/")  # the soak and the quiet runs: the first setting
+    stream = make_stream(service, None, policy, audio_ctx)
     samples, size, minute = [], int(CHUNK * 16000) * 30, 0  # fed 3 s at a time: a decode per 3 s, ~2x real time
     decode_marks = []
     for first in range(0, len(soak_audio), size):
@@ -189,7 +193,7 @@ def main() -> None:
     stream.commit()
     per_decode = np.array(decode_marks)
     tenth = max(1, len(per_decode) // 10)
-    results["soak"] = {"minutes": args.soak_minutes, "memory": samples,
+    results["soak"] = {"minutes": args.soak_minutes, "stream": args.streams[0], "memory": samples,
                        "rss_first_mb": samples[1]["rss_mb"] if len(samples) > 1 else samples[0]["rss_mb"],
                        "rss_last_mb": samples[-1]["rss_mb"],
                        "decode_s_first_tenth": round(float(per_decode[:tenth, 1].mean()), 3),
@@ -198,7 +202,7 @@ def main() -> None:
     quiet = {}
     for name, signal in (("silence", np.zeros(16000 * 60, np.float32)),
                          ("noise", (rng.standard_normal(16000 * 60) * 0.03).astype(np.float32))):
-        stream = make_stream(service, None)
+        stream = make_stream(service, None, policy, audio_ctx)
         events = []
         for first in range(0, len(signal), 1600):
             events += stream.feed(signal[first:first + 1600])
@@ -214,15 +218,21 @@ def main() -> None:
 
 def save(out: Path, results: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": platform.node(), "cpus": os.cpu_count(), **results}, indent=2))
+    from whisper_lora.report import machine
+
+    out.write_text(json.dumps({"machine": machine(), "cpus": os.cpu_count(), **results}, indent=2))
 
 
 def report(rows: list[dict], soak: dict | None, quiet: dict | None) -> None:
-    print(f"\nstreaming at real-time speed; {platform.processor() or platform.machine()}, {os.cpu_count()} cores\n")
-    print("| model | audio | p50 latency | p95 latency | WER stream | WER offline | RTF | done after audio end |")
-    print("|---|---|---|---|---|---|---|---|")
+    from whisper_lora.report import machine
+
+    print(f"\nstreaming at real-time speed; {machine()}\n")
+    print("| model | policy | encoder context | audio | p50 latency | p95 latency | WER stream | WER offline | RTF "
+          "| done after audio end |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['file']} ({r['audio_s']:.0f} s) | {r['p50_latency_s']:.2f} s | {r['p95_latency_s']:.2f} s "
+        print(f"| {r['model']} | {r['policy']} | {r['audio_ctx']} | {r['file']} ({r['audio_s']:.0f} s) "
+              f"| {r['p50_latency_s']:.2f} s | {r['p95_latency_s']:.2f} s "
               f"| {r['wer_stream']:.2f}% | {r['wer_offline']:.2f}% | {r['rtf']:.2f} | {r['finished_after_audio_s']:.1f} s |")
     if soak is None:
         return

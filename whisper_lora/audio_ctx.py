@@ -27,8 +27,10 @@ from .errors import UserError
 FULL, AUTO = "full", "auto"
 AudioContext = str | float  # "full", "auto", or a floor in seconds
 
-# Chosen by measurement (bench/context_bench.py): with whisper-base as released, 10 s keeps WER within
-# about a point of `full` on the English clips; 5 s and below cost more words than they save time.
+# Chosen by measurement (bench/context_bench.py, bench/results/context_vm.json: 55 English clips of 2-9 s,
+# each alone, whisper-base as released, AMD EPYC, 2 cores): 10 s and 8 s read the 7 real clips exactly as
+# `full` (15.0% WER both) at 0.35x / 0.29x its time; at 5 s the real clips fall into repetition loops
+# (332% WER). 10 s keeps a step of margin above where it broke.
 AUTO_FLOOR_SECONDS = 10.0
 MARGIN_SECONDS = 1.0  # heard after the audio's end: the decoder sees that the speech stopped
 STEP_SECONDS = 1.0  # contexts are rounded up to this, so windows of similar length batch together

@@ -27,6 +27,12 @@ AUDIO_CTX_HELP = ("encoder context: full (30 s, as Whisper), auto (fitted to the
                   "work drops ~3x), or seconds, auto's floor (see docs/short-audio.md)")
 
 
+STREAM_POLICIES = ("alignatt", "local-agreement")  # streaming.POLICIES, without importing torch here
+POLICY_HELP = ("when a streamed word is final: alignatt (one decode per chunk, stopped where the decoder's "
+               "cross-attention reaches the end of the audio heard) or local-agreement (two decodes agree); "
+               "CTranslate2 streams with local-agreement")
+
+
 def check_audio_ctx(value: str) -> None:
     from .audio_ctx import parse_audio_ctx  # constants only behind it
 
@@ -416,6 +422,7 @@ class ServeConfig:
                                         "in ms (about one log-mel spectrogram's time; 0 = never waits). Only "
                                         "concurrent requests wait: a lone one starts at once")
     audio_ctx: str = option("full", AUDIO_CTX_HELP + "; a request's audio_ctx field overrides it")
+    policy: str = option("alignatt", "/v1/realtime and the UI's live tab: " + POLICY_HELP, choices=STREAM_POLICIES)
     mixed_adapters: bool = option(False, "decode windows of different LoRA adapters in one batch (peft's mixed "
                                          "batches) instead of a batch per adapter (which measured faster on the CPU)")
     sentiment_model: str | None = option(None, "Hugging Face text-classification model for sentiment=true requests "
@@ -455,6 +462,7 @@ class UIConfig:
     device: str = option("auto", DEVICE_HELP)
     dtype: str = option("auto", DTYPE_HELP, choices=DTYPES)
     audio_ctx: str = option("full", AUDIO_CTX_HELP + "; for every tab, live included")
+    policy: str = option("alignatt", "the live tab: " + POLICY_HELP, choices=STREAM_POLICIES)
     browser: bool = option(True, "open the page in the default browser once the model is loaded")
 
     def validate(self) -> None:
@@ -481,6 +489,7 @@ class RealtimeConfig:
     device: str = option("auto", "locally: " + DEVICE_HELP)
     dtype: str = option("auto", "locally: " + DTYPE_HELP, choices=DTYPES)
     audio_ctx: str = option("full", "locally: " + AUDIO_CTX_HELP)
+    policy: str = option("alignatt", "locally: " + POLICY_HELP, choices=STREAM_POLICIES)
     output: str | None = option(None, "write the confirmed segments to this .srt, .vtt, .json or .txt file at the end")
 
     def validate(self) -> None:

@@ -13,3 +13,18 @@ def _fmt(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.2%}"
     return str(value)
+
+
+def machine() -> str:
+    """The CPU that measured a benchmark, named beside its figures: machines of one kind differ (AMD EPYC,
+    Intel Xeon with AVX-512), and only figures from one run on one CPU compare."""
+    import os
+    import platform
+
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            name = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{os.cpu_count()} CPU cores ({name})"

@@ -1,7 +1,16 @@
 """Streaming transcription: audio in pieces -> partial text and confirmed segments while the speech goes on.
 
-The policy is whisper_streaming's (Macháček et al., "Turning Whisper into Real-Time Transcription
-System", with its VAD-gated mode), on any model or adapter the service serves:
+The frame is whisper_streaming's (Macháček et al., "Turning Whisper into Real-Time Transcription
+System", with its VAD-gated mode), on any model or adapter the service serves, with two policies for
+when a word is confirmed:
+
+* `local-agreement` (LocalAgreement-2, below): a word is confirmed when two consecutive decodes agree on
+  it, so it waits for two decodes.
+* `alignatt` (decode/alignatt.py, SimulStreaming's policy): one decode per chunk, stopped where the
+  decoder's cross-attention reaches the end of the audio heard so far; what came before is confirmed at
+  once, the last word is held back until the next chunk (or the end of the utterance).
+
+The rest is shared:
 
 * Silero VAD runs on every piece. Silence is never decoded (so no "Thank you." out of nothing); an
   utterance starts with speech (plus `prefix_padding` of what came before) and ends after `silence` s
@@ -19,7 +28,7 @@ from __future__ import annotations
 
 import string
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -45,6 +54,11 @@ class StreamOptions:
     trim_after: float = 12.0  # s of buffer after which it is cut at a confirmed sentence end
     max_buffer: float = 25.0  # s: past this, cut at the last confirmed word; Whisper's window is 30 s
     prompt_chars: int = 200  # confirmed text before the buffer given as the prompt
+    # Whether an utterance's text primes the next one. Off: each utterance is primed by the session's prompt
+    # (and, within a long utterance, by what was cut from its buffer) only; on, a run of short utterances
+    # ("eight of spades", "five five") led Whisper to open the next sentence with "8-5." (measured in
+    # bench/realtime_bench.py), as offline decoding without conditioning on previous text does not.
+    carry_context: bool = False
     temperature: tuple[float, ...] = (0.0, 0.4, 0.8)  # a short ladder: a live decode cannot wait for six
     # Tokens a decode may write per s of buffer (plus `tokens_floor`): far above speech (~3-8 tokens/s in
     # English or Mandarin), far below a loop. Whisper loops on some partial buffers; uncapped, such a
@@ -54,6 +68,7 @@ class StreamOptions:
     tokens_per_second: float = 12.0
     tokens_floor: int = 16
     audio_ctx: str | float | None = None  # encoder context of each decode (audio_ctx.py); None: the service's
+    policy: str = "alignatt"  # or "local-agreement": when a word is confirmed (see the module's docstring)
 
 
 # ---- events ------------------------------------------------------------------------------------------
@@ -123,6 +138,10 @@ class LocalAgreement:
 # ---- the stream --------------------------------------------------------------------------------------
 
 Decoder = Callable[[np.ndarray, DecodeOptions], list[Segment]]
+# AlignAtt: (buffer, options, final, where the committed text ends in s) -> (committed words, held words,
+# why the decode stopped), times in the buffer; the service's `stream_step` for a model or adapter
+Stepper = Callable[[np.ndarray, DecodeOptions, bool, float], tuple[list[Word], list[Word], str]]
+POLICIES = ("local-agreement", "alignatt")
 
 
 class StreamingTranscriber:
@@ -130,12 +149,17 @@ class StreamingTranscriber:
     segments with words, times in the buffer: the service's `transcribe` for a model or adapter."""
 
     def __init__(self, decode: Decoder, language: str | None = None, prompt: str | None = None,
-                 options: StreamOptions = StreamOptions(), detector=None):
+                 options: StreamOptions = StreamOptions(), detector=None, step: Stepper | None = None):
         from .vad import SpeechDetector
 
-        self.decode_fn, self.language, self.options = decode, language, options
+        if options.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {options.policy!r}")
+        if options.policy == "alignatt" and step is None:
+            raise ValueError("the alignatt policy needs a `step` function (the service's stream_step)")
+        self.decode_fn, self.step_fn, self.language, self.options = decode, step, language, options
         self.detector = detector or SpeechDetector()
-        self.context = (prompt or "").strip()  # confirmed text before the buffer (and the session's prompt)
+        self.prompt = (prompt or "").strip()  # the session's
+        self.context = self.prompt  # confirmed text before the buffer (and the session's prompt)
         self.samples = 0  # fed so far: stream time = samples / SAMPLE_RATE
         self.utterance = 0
         self.in_speech = False
@@ -154,6 +178,7 @@ class StreamingTranscriber:
         self.utterance_words: list[Word] = []  # every confirmed word of the utterance
         self.utterance_segments: list[Segment] = []
         self.agreement = LocalAgreement()
+        self.tentative: list[Word] = []  # decoded, not confirmed: the partial text
 
     @property
     def now(self) -> float:
@@ -237,37 +262,60 @@ class StreamingTranscriber:
         text = "".join(w.word for w in self.utterance_words).strip()
         events.append(SpeechStopped(self.utterance, round(at, 3), text, list(self.utterance_segments)))
         self.in_speech, self.silence_run = False, 0.0
-        self.context = (self.context + " " + text).strip()[-self.options.prompt_chars:] if text else self.context
+        if text and self.options.carry_context:
+            self.context = (self.context + " " + text).strip()[-self.options.prompt_chars:]
+        elif not self.options.carry_context:
+            self.context = self.prompt
         self._reset_buffer()
         return events
 
-    def _decode(self, final: bool = False) -> list[Word]:
-        """The buffer's words (stream times) after the confirmed ones, from one decode."""
+    def _options(self, final: bool) -> DecodeOptions:
         forced = "".join(w.word for w in self.kept).strip()
         rate = self.options.tokens_per_second * (2 if final else 1)
         limit = int(self.options.tokens_floor + rate * len(self.buffer) / SAMPLE_RATE)
-        options = DecodeOptions(temperature=self.options.temperature, without_timestamps=True, word_timestamps=True,
-                                max_new_tokens=min(MAX_NEW_TOKENS, limit),
-                                initial_prompt=self.context[-self.options.prompt_chars:] or None,
-                                prefix=forced or None, audio_ctx=self.options.audio_ctx)
+        return DecodeOptions(temperature=self.options.temperature, without_timestamps=True, word_timestamps=True,
+                             max_new_tokens=min(MAX_NEW_TOKENS, limit),
+                             initial_prompt=self.context[-self.options.prompt_chars:] or None,
+                             prefix=forced or None, audio_ctx=self.options.audio_ctx)
+
+    def _timed(self, run):
         started = time.perf_counter()
-        segments = self.decode_fn(self.buffer, options)
+        result = run()
         self.last_decode_seconds = time.perf_counter() - started
         self.decode_seconds += self.last_decode_seconds
         self.decodes += 1
         self.decoded_until = len(self.buffer) / SAMPLE_RATE
-        words = [w for s in segments for w in (s.words or [])]
+        return result
+
+    def _in_stream(self, words: list[Word]) -> list[Word]:
         offset = self.buffer_start
-        shifted = [Word(round(w.start + offset, 3), round(w.end + offset, 3), w.word, w.probability) for w in words]
+        return [Word(round(w.start + offset, 3), round(w.end + offset, 3), w.word, w.probability) for w in words]
+
+    def _decode(self, final: bool = False) -> list[Word]:
+        """The buffer's words (stream times) after the confirmed ones, from one decode."""
+        segments = self._timed(lambda: self.decode_fn(self.buffer, self._options(final)))
+        shifted = self._in_stream([w for s in segments for w in (s.words or [])])
         return shifted[len(self.kept):] if len(shifted) >= len(self.kept) else []
+
+    def _step(self, final: bool) -> tuple[list[Word], list[Word]]:
+        """AlignAtt: one decode; (words confirmed now, words held back), stream times."""
+        options = replace(self._options(final), temperature=(0.0,))  # one pass: no fallback ladder
+        start = self.kept[-1].end - self.buffer_start if self.kept else 0.0
+        committed, held, _ = self._timed(lambda: self.step_fn(self.buffer, options, final, start))
+        return self._in_stream(committed), self._in_stream(held)
 
     def _update(self, final: bool = False) -> list[Event]:
         if len(self.buffer) == 0:
             return []
-        hypothesis = self._decode(final)
-        confirmed, partial = (hypothesis, []) if final else self.agreement.update(hypothesis)
+        if self.options.policy == "alignatt":
+            confirmed, partial = self._step(final)
+        else:
+            hypothesis = self._decode(final)
+            confirmed, partial = (hypothesis, []) if final else self.agreement.update(hypothesis)
         if final:
             self.agreement.reset()
+            partial = []
+        self.tentative = partial
         events: list[Event] = []
         if confirmed:
             events.append(self._confirm(confirmed))
@@ -297,9 +345,10 @@ class StreamingTranscriber:
         cut = next((i for i in range(len(self.kept) - 1, -1, -1) if self.kept[i].word.strip().endswith(SENTENCE_ENDS)),
                    None)
         if cut is None and seconds >= self.options.max_buffer:
-            if self.agreement.previous:
-                events += [self._confirm(self.agreement.previous), Partial(self.utterance, "")]
+            if self.tentative:
+                events += [self._confirm(self.tentative), Partial(self.utterance, "")]
                 self.agreement.reset()
+                self.tentative = []
             if not self.kept:  # nothing recognisable in 25 s of "speech" (music, noise): keep the last seconds
                 self._drop(len(self.buffer) - int(self.options.trim_after * SAMPLE_RATE))
                 return events

@@ -171,9 +171,11 @@ class Network:
                         adapters)
         return caches, self._run(ids, caches, alignment_heads)
 
-    def step(self, ids: torch.Tensor, caches: Caches) -> torch.Tensor:
-        """One more token per row (batch, 1) -> its hidden state (batch, d_model)."""
-        return self._run(ids, caches)[:, -1]
+    def step(self, ids: torch.Tensor, caches: Caches, alignment_heads: dict[int, list[int]] | None = None
+             ) -> torch.Tensor:
+        """One more token per row (batch, 1) -> its hidden state (batch, d_model); with `alignment_heads`,
+        `caches.attention` holds their cross-attention for it (heads, 1, frames) of row 0."""
+        return self._run(ids, caches, alignment_heads)[:, -1]
 
     def _run(self, ids: torch.Tensor, caches: Caches, alignment_heads: dict[int, list[int]] | None = None) -> torch.Tensor:
         start, count = caches.length, ids.shape[1]

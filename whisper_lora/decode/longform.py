@@ -24,6 +24,7 @@ from ..audio import audio_duration, load_audio
 from ..constants import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, SAMPLE_RATE, TIME_PRECISION
 from ..tokens import SpecialTokens
 from ..audio_ctx import AudioContext, encoder_frames
+from .alignatt import AlignAttResult
 from .search import WindowResult, is_silence
 from .timing import WordTiming, assign_words
 from .types import DecodeOptions, Segment, TranscriptionInfo, Word
@@ -56,6 +57,10 @@ class WindowModel(Protocol):
 
     def align(self, encoded: torch.Tensor, text_tokens: list[int], language: str | None, task: str,
               num_frames: int, adapter: str | None) -> list[WordTiming]: ...
+
+    def alignatt(self, encoded: torch.Tensor, prefix: list[int], forced: int, content: int, final: bool,
+                 max_new: int, language: str | None, start_position: int, threshold: int,
+                 adapter: str | None) -> AlignAttResult: ...
 
 
 def content_frames(audio: np.ndarray) -> int:

@@ -21,16 +21,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..constants import CHUNK_SECONDS, N_FRAMES, SAMPLE_RATE
+from ..constants import CHUNK_SECONDS, FRAMES_PER_SECOND, MAX_TARGET_TOKENS, N_FRAMES, SAMPLE_RATE, TIME_PRECISION
 from ..audio import log_mel
 from ..tokens import SpecialTokens
 from . import longform
 from ..audio_ctx import encoder_frames
+from .alignatt import FRONTIER_POSITIONS, AlignAttDecoder, AlignAttResult
 from .kv import Network
 from .rules import LogitRules
 from .search import Search, WindowResult
 from .timing import WordTiming, alignment_heads, find_alignment
-from .types import GREEDY, DecodeOptions, Segment, TranscriptionInfo
+from .types import GREEDY, DecodeOptions, Segment, TranscriptionInfo, Word
 
 
 def default_device() -> str:
@@ -54,6 +55,7 @@ class TransformersBackend:
         self.search = Search(self.network, self.tokens,
                              LogitRules(self.tokens, self.generation_config, self.network.vocab_size, self.device))
         self.alignment_heads = alignment_heads(self.generation_config, base.config)
+        self.alignatt_decoder = AlignAttDecoder(self.network, self.tokens, self.search.rules, self.alignment_heads)
         self.multilingual = self.tokens.multilingual
         self.languages = self.tokens.languages
         self.window_model: longform.WindowModel = self
@@ -99,6 +101,12 @@ class TransformersBackend:
         return find_alignment(self.network, self.tokens, self.alignment_heads, encoded, text_tokens, language, task,
                               num_frames, adapter)
 
+    def alignatt_row(self, encoded: torch.Tensor, prefix: list[int], forced: int, content: int, final: bool,
+                     max_new: int, language: str | None, start_position: int, threshold: int,
+                     adapter: str | None) -> AlignAttResult:
+        return self.alignatt_decoder.decode(encoded, prefix, forced, content, final, max_new, language, adapter,
+                                            start_position, threshold)
+
     # ---- the WindowModel protocol, run directly -------------------------------------------------------
 
     @staticmethod
@@ -119,7 +127,35 @@ class TransformersBackend:
               adapter: str | None = None) -> list[WordTiming]:
         return self.align_row(encoded, text_tokens, language, task, num_frames, adapter)
 
+    def alignatt(self, encoded: torch.Tensor, prefix: list[int], forced: int, content: int, final: bool, max_new: int,
+                 language: str | None, start_position: int, threshold: int, adapter: str | None = None
+                 ) -> AlignAttResult:
+        return self.alignatt_row(encoded, prefix, forced, content, final, max_new, language, start_position,
+                                 threshold, adapter)
+
     # ---- the Backend protocol -------------------------------------------------------------------------
+
+    def stream_step(self, audio: np.ndarray, language: str | None, options: DecodeOptions, final: bool,
+                    start: float = 0.0, threshold: int = FRONTIER_POSITIONS, adapter: str | None = None
+                    ) -> tuple[list[Word], list[Word], str]:
+        """One AlignAtt decode of a streaming buffer (alignatt.py): (committed words, held-back words, why it
+        stopped), times in the buffer. `options.prefix` is the text already committed inside the buffer,
+        `options.initial_prompt` what came before it; `start` (s) where the committed text ends."""
+        model, tokens = self.window_model, self.tokens
+        context = longform.clip_context([audio], options.audio_ctx)
+        encoded = model.encode(model.features([audio])[..., :context], adapter)
+        lang = (language or model.detect(encoded, adapter)[0][0]) if self.multilingual else "en"
+        forced = tokens.prompt_ids(options.prefix)
+        prefix = tokens.prefix(lang, options.task, False, tokens.prompt_ids(options.initial_prompt)) + forced
+        max_new = max(1, min(options.max_new_tokens, MAX_TARGET_TOKENS - len(prefix) - 1))
+        content = -(-len(audio) * FRAMES_PER_SECOND // (SAMPLE_RATE * 2))  # encoder positions holding audio
+        result = model.alignatt(encoded, prefix, len(forced), content, final, max_new, lang,
+                                round(start / TIME_PRECISION), threshold, adapter)
+
+        def words(timed) -> list[Word]:
+            return [Word(round(w.start, 3), round(w.end, 3), w.word, round(w.probability, 4)) for w in timed]
+
+        return words(result.committed), words(result.held), result.stop
 
     def transcribe_batch(self, audios: list[np.ndarray], languages: list[str | None] | None = None,
                          options: DecodeOptions = GREEDY, adapter: str | None = None

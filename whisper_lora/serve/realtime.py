@@ -17,7 +17,6 @@ import binascii
 import collections
 import json
 import secrets
-import time
 import uuid
 from dataclasses import dataclass, field
 
@@ -152,21 +151,9 @@ class Connection:
     # ---- the stream -----------------------------------------------------------------------------------
 
     def _new_stream(self) -> StreamingTranscriber:
-        service, session = self.service, self.session
-        model, language = session.model, session.language
-
-        def decode(audio, options):
-            deadline = time.monotonic() + BUSY_PATIENCE
-            while True:  # a live stream waits its turn rather than lose its words
-                try:
-                    segments, _ = service.transcribe(audio, model, language, options)
-                    return list(segments)
-                except Busy:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.05)
-
-        return StreamingTranscriber(decode, language, session.prompt, session.stream_options())
+        session = self.session
+        return self.service.open_stream(session.model, session.language, session.prompt, session.stream_options(),
+                                        patience=BUSY_PATIENCE)
 
     def _pcm(self, data: str) -> np.ndarray:
         try:

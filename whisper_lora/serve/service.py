@@ -34,6 +34,7 @@ import numpy as np
 from ..audio_ctx import FULL, AudioContext, parse_audio_ctx
 from ..decode import CT2Backend, DecodeOptions, Segment, TranscriptionInfo, TransformersBackend
 from ..decode.ct2_backend import ADAPTERS_REFUSED
+from ..decode.alignatt import AlignAttResult
 from ..decode.search import WindowResult
 from ..decode.timing import WordTiming
 from ..devices import torch_placement
@@ -255,7 +256,7 @@ class ModelPool:
 
 @dataclass
 class _Work:
-    op: str  # encode | detect | decode | align
+    op: str  # encode | detect | decode | align | alignatt
     key: object  # work with equal keys can share a batch
     args: tuple
     rows: int
@@ -337,7 +338,7 @@ class Batcher:
     # ---- the worker -------------------------------------------------------------------------------------
 
     def _compatible(self, first: _Work, other: _Work) -> bool:
-        if other.op != first.op or other.key != first.key or first.op == "align":
+        if other.op != first.op or other.key != first.key or first.op in ("align", "alignatt"):
             return other is first
         if first.adapter == other.adapter:
             return True
@@ -410,9 +411,10 @@ class Batcher:
         if group[0].adapter != BASE and not self.pool.is_mixable(group[0].adapter):
             self.pool.peft.set_adapter(group[0].adapter)  # DoRA: one adapter per batch, chosen here
             adapters = None
-        if op == "align":
+        if op in ("align", "alignatt"):  # one row each: a decoder pass over one window's own tokens
             (work,) = group
-            return [backend.align_row(*work.args, adapter=None if adapters is None else adapters[0])]
+            run = backend.align_row if op == "align" else backend.alignatt_row
+            return [run(*work.args, adapter=None if adapters is None else adapters[0])]
         if op == "encode":
             encoded = backend.encode_rows(torch.cat([w.args[0] for w in group]), adapters)
             return list(torch.split(encoded, [w.rows for w in group]))
@@ -465,14 +467,20 @@ class BatchedWindowModel:
               adapter: str | None) -> list[WordTiming]:
         return self.batcher.submit("align", None, (encoded, text_tokens, language, task, num_frames), 1, adapter)
 
+    def alignatt(self, encoded, prefix: list[int], forced: int, content: int, final: bool, max_new: int,
+                 language: str | None, start_position: int, threshold: int, adapter: str | None) -> AlignAttResult:
+        return self.batcher.submit("alignatt", None, (encoded, prefix, forced, content, final, max_new, language,
+                                                      start_position, threshold), 1, adapter)
+
 
 class TranscriptionService:
     """What the server, the web UI and realtime streams call: many threads at once, one model."""
 
     def __init__(self, pool: ModelPool, max_wait: float, max_queue: int = 64, max_batch: int = 8,
-                 mixed_adapters: bool = False, audio_ctx: AudioContext = FULL):
+                 mixed_adapters: bool = False, audio_ctx: AudioContext = FULL, stream_policy: str | None = None):
         self.pool, self.max_queue = pool, max_queue
         self.audio_ctx = parse_audio_ctx(audio_ctx)  # for calls whose options leave it to the server
+        self.stream_policy = stream_policy  # of realtime streams (streaming.POLICIES); None: StreamOptions' default
         self.batcher = None
         self.backend = pool.backend
         if isinstance(pool.backend, TransformersBackend):
@@ -548,3 +556,52 @@ class TranscriptionService:
                 admission.__exit__(None, None, None)
 
         return held(), info
+
+    def open_stream(self, model: str | None, language: str | None, prompt: str | None = None, options=None,
+                    patience: float = 0.0):
+        """A StreamingTranscriber decoding through this service (the server's policy and encoder context).
+        `patience`: seconds a decode keeps retrying while the house is full, instead of failing at once
+        (a live stream waits its turn rather than lose its words)."""
+        from ..streaming import StreamingTranscriber, StreamOptions
+
+        options = options or StreamOptions()
+        policy = self.stream_policy or options.policy
+        if policy == "alignatt" and not self.streams_alignatt:
+            policy = "local-agreement"  # CTranslate2: no cross-attention to read
+        options = replace(options, policy=policy)
+
+        def patiently(call):
+            deadline = time.monotonic() + patience
+            while True:
+                try:
+                    return call()
+                except Busy:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+
+        def decode(audio, decode_options):
+            return patiently(lambda: list(self.transcribe(audio, model, language, decode_options)[0]))
+
+        def step(audio, decode_options, final, start):
+            return patiently(lambda: self.stream_step(audio, model, language, decode_options, final, start))
+
+        return StreamingTranscriber(decode, language, prompt, options, step=step)
+
+    @property
+    def streams_alignatt(self) -> bool:
+        """AlignAtt reads the decoder's cross-attention: our decoding loop has it, CTranslate2's does not."""
+        return isinstance(self.backend, TransformersBackend)
+
+    def stream_step(self, audio: np.ndarray, model: str | None, language: str | None, options: DecodeOptions,
+                    final: bool, start: float = 0.0) -> tuple[list, list, str]:
+        """One AlignAtt decode of a streaming buffer (TransformersBackend.stream_step), for a model or adapter
+        by name, holding an admission slot and the adapter while it runs."""
+        if not self.streams_alignatt:
+            raise UserError("the alignatt streaming policy needs --backend transformers (CTranslate2 does not "
+                            "expose cross-attention); use local-agreement")
+        adapter = self.resolve(model)
+        if options.audio_ctx is None:
+            options = replace(options, audio_ctx=self.audio_ctx)
+        with self.admitted(), self.pool.using(adapter):
+            return self.backend.stream_step(audio, language, options, final, start, adapter=adapter)

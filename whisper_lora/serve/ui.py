@@ -172,12 +172,7 @@ class LiveSession:
 
     @classmethod
     def start(cls, service, model: str, language: str | None) -> LiveSession:
-        from ..streaming import StreamingTranscriber
-
-        def decode(audio, options):
-            return list(service.transcribe(audio, model, language, options)[0])
-
-        return cls(StreamingTranscriber(decode, language))
+        return cls(service.open_stream(model, language))
 
     def feed(self, rate: int, samples: np.ndarray) -> None:
         audio = samples.astype(np.float32)

@@ -125,8 +125,12 @@ def run_local(config: RealtimeConfig, chunks: queue.Queue, printer: Printer, lan
     def decode(audio, options):
         return list(backend.transcribe(audio, language, options)[0])
 
+    def step(audio, options, final, start):
+        return backend.stream_step(audio, language, options, final, start)
+
+    policy = config.policy if hasattr(backend, "stream_step") else "local-agreement"  # CTranslate2: no attention
     stream = StreamingTranscriber(decode, language, config.prompt,
-                                  StreamOptions(audio_ctx=parse_audio_ctx(config.audio_ctx)))
+                                  StreamOptions(audio_ctx=parse_audio_ctx(config.audio_ctx), policy=policy), step=step)
     segments: list[Segment] = []
     while True:
         audio, ended = _drain(chunks)

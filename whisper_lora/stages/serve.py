@@ -16,7 +16,7 @@ def build_service(config: ServeConfig):
                      config.device, config.dtype)
     return TranscriptionService(pool, max_wait=config.batch_wait_ms / 1000, max_queue=config.max_queue,
                                 max_batch=config.max_batch, mixed_adapters=config.mixed_adapters,
-                                audio_ctx=config.audio_ctx)
+                                audio_ctx=config.audio_ctx, stream_policy=config.policy)
 
 
 def create_app(config: ServeConfig):

@@ -30,4 +30,4 @@ def run(config: UIConfig) -> int:
     print(f"whisper-lora: the web UI is at {url}", flush=True)
     return serve.run(ServeConfig(host=config.host, port=config.port, model=config.model, adapters=config.adapters,
                                  api_key=config.api_key, device=config.device, dtype=config.dtype,
-                                 audio_ctx=config.audio_ctx))
+                                 audio_ctx=config.audio_ctx, policy=config.policy))
