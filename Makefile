@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed-stamp
 # imports instead of 9).
 FIND_LINKS ?= $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
 
-.PHONY: install demo test clean corpus
+.PHONY: install demo test clean corpus acft
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,12 @@ demo: install
 # the suite's tests take ~12.5 min (12m37s with another process keeping one core busy) instead of ~21.5 as one process. `pytest` alone runs in one process, for one file.
 test: install
 	$(BIN)/python -m pytest -n auto --maxprocesses 4 --dist worksteal
+
+# The ready short-context adapter for the embedded whisper-base (configs/acft-base.yaml, ~20 min on two
+# cores), then its table of encoder contexts beside the base model's (bench/context_bench.py).
+acft: install
+	$(BIN)/whisper-lora train --config configs/acft-base.yaml --overwrite
+	$(BIN)/python bench/context_bench.py --model runs/acft-base/adapter --out bench/results/context_vm_acft.json
 
 # Regenerate the committed Mandarin demo corpus (needs espeak-ng from apt).
 corpus: install

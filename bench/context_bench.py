@@ -21,7 +21,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-SETTINGS = ["full", 15.0, 10.0, 8.0, 5.0, 3.0]
+SETTINGS = ["full", 15.0, 10.0, 8.0, 5.0, 3.0, 2.0]
 
 
 def clips(synthetic: int) -> list[tuple[str, object, str]]:

@@ -39,7 +39,8 @@ def test_contexts_cover_the_audio_in_whole_seconds_above_the_floor():
 
 
 def test_settings_are_read_as_users_type_them_and_nonsense_is_refused_in_one_line(capsys):
-    assert parse_audio_ctx(" Auto ") == AUTO and parse_audio_ctx("full") == FULL and parse_audio_ctx(None) == FULL
+    assert parse_audio_ctx(" Auto ") == AUTO and parse_audio_ctx("full") == FULL
+    assert parse_audio_ctx("default") is None and parse_audio_ctx(None) is None  # each path's own default
     assert parse_audio_ctx("7.5") == 7.5 and parse_audio_ctx("10s") == 10.0 and parse_audio_ctx(5) == 5.0
     for bad in ("half", "0.5", "31", "nan", "-3"):
         with pytest.raises(UserError, match="audio-ctx"):

@@ -23,6 +23,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("decode: rules", {"decode.rules"}),
     ("decode: search", {"decode.search"}),
     ("decode: timing", {"decode.timing"}),
+    ("decode: alignatt", {"decode.alignatt"}),
     ("decode: longform", {"decode.longform"}),
     ("decode: backends", {"decode.transformers_backend", "decode.ct2_backend", "decode"}),
     ("runtime", {"serve.service", "streaming", "sentiment", "writers", "scoring"}),

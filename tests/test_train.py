@@ -421,3 +421,58 @@ def test_quantised_base_trains_saves_merges_and_transcribes_with_real_weights(bi
     assert result.returncode == 0, result.stderr[-2000:]
     cer = json.loads(report.read_text())["models"][0]["cer"]
     assert cer < 0.25, cer
+
+
+def test_acft_draws_short_contexts_that_still_hold_the_audio():
+    torch.manual_seed(0)
+    drawn = [train.acft_context([2.4, 3.7]) for _ in range(200)]
+    assert min(drawn) == 500 and max(drawn) == 3000  # 3.7 s + 1 s, rounded up to whole seconds ... 30 s
+    assert len(set(drawn)) > 10 and all(d % 100 == 0 for d in drawn)
+    assert all(train.acft_context([29.5]) == 3000 for _ in range(5))  # a full window has no shorter context
+
+
+def test_acft_pulls_the_short_context_reading_onto_the_full_one(tiny_model_dir, tiny_corpus, monkeypatch):
+    """The adapter starts as the identity: at 30 s the student is the teacher (KL 0), at a short context it
+    is not (the encoder sees less), and the gradient reaches the adapter."""
+    torch.manual_seed(0)
+    model = tiny_lora(tiny_model_dir, tiny_corpus).train()
+    features = torch.randn(2, 80, 3000)
+    labels = torch.tensor([[50258, 50260, 400, 401, 50257], [50258, 50260, 402, 50257, -100]])
+    monkeypatch.setattr(train, "acft_context", lambda seconds: 3000)
+    assert train.acft_loss(model, model, features, labels, [3.0, 2.0], 1.0).item() == pytest.approx(0.0, abs=1e-5)
+    monkeypatch.setattr(train, "acft_context", lambda seconds: 400)
+    kl = train.acft_loss(model, model, features, labels, [3.0, 2.0], 1.0)
+    assert kl.item() > 1e-3
+    mixed = train.acft_loss(model, model, features, labels, [3.0, 2.0], 0.5)
+    from whisper_lora.decode.kv import Network
+
+    ce = model(encoder_outputs=(Network(model).encode(features[..., :400]),), labels=labels).loss
+    assert mixed.item() == pytest.approx(0.5 * ce.item() + 0.5 * kl.item(), rel=1e-4)
+    kl.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+
+
+def test_acft_trains_records_itself_and_is_read_at_its_floor(tiny_model_dir, tiny_corpus, tmp_path):
+    from whisper_lora.audio_ctx import ACFT_FLOOR_SECONDS
+    from whisper_lora.decode import DecodeOptions, load_backend
+    from whisper_lora.errors import UserError
+
+    out = tmp_path / "run"
+    summary = train.run(tiny_train_config(tiny_model_dir, tiny_corpus, out, max_steps=2, eval_steps=2, acft=True))
+    assert all(np.isfinite(h["loss"]) for h in summary["history"] if "loss" in h)
+    recorded = json.loads((out / "adapter" / "decoding.json").read_text())
+    assert recorded["audio_ctx"] == ACFT_FLOOR_SECONDS and recorded["trained_with"] == "acft"
+    backend = load_backend(str(out / "adapter"), device="cpu")
+    assert backend.model_audio_ctx == ACFT_FLOOR_SECONDS
+    frames = []
+    encode = backend.encode
+    backend.encode = lambda features, adapter=None: frames.append(features.shape[-1]) or encode(features, adapter)
+    clip = np.random.default_rng(0).standard_normal(16000 * 2).astype(np.float32) * 0.1
+    backend.transcribe_batch([clip], ["zh"], DecodeOptions(temperature=(0.0,), max_new_tokens=4, without_timestamps=True))
+    assert frames == [300]  # 2 s + 1 s: the adapter's floor (2 s) is below it, the base's 10 s is not used
+    backend.transcribe_batch([clip], ["zh"], DecodeOptions(temperature=(0.0,), max_new_tokens=4, without_timestamps=True,
+                                                           audio_ctx="full"))
+    assert frames[-1] == 3000  # a command that says otherwise wins
+    for conflict in (dict(pack=True), dict(method="full"), dict(acft_weight=0.0)):
+        with pytest.raises(UserError, match="--acft"):
+            tiny_train_config(tiny_model_dir, tiny_corpus, tmp_path / "x", acft=True, **conflict)

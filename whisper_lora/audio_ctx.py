@@ -13,6 +13,9 @@ this `audio_ctx` (`-ac`, counted in encoder positions, 50 per second: `-ac 512` 
   model (bench/results/context_vm.json), and an adapter trained with `train --acft` reads shorter ones.
 * a number: `auto` with that floor in seconds (`--audio-ctx 5`). Speech is never cut: a window holding
   more audio than the number gets the context its audio needs.
+* `default` (the flag's default): `full` for files and requests, which then read exactly as Whisper
+  reads them everywhere else, and `auto` for live streams, whose buffers are short and whose latency is
+  the point (bench/results/realtime_vm.json).
 
 Contexts are whole seconds so that windows of similar length share a shape: the server batches
 encoder work by shape (it groups, it does not pad: a padded row would just be a longer context).
@@ -24,31 +27,38 @@ import math
 from .constants import FRAMES_PER_SECOND, N_FRAMES
 from .errors import UserError
 
-FULL, AUTO = "full", "auto"
+FULL, AUTO, DEFAULT = "full", "auto", "default"
 AudioContext = str | float  # "full", "auto", or a floor in seconds
+STREAM_DEFAULT = AUTO  # what `default` means for a live stream
 
 # Chosen by measurement (bench/context_bench.py, bench/results/context_vm.json: 55 English clips of 2-9 s,
 # each alone, whisper-base as released, AMD EPYC, 2 cores): 10 s and 8 s read the 7 real clips exactly as
 # `full` (15.0% WER both) at 0.35x / 0.29x its time; at 5 s the real clips fall into repetition loops
 # (332% WER). 10 s keeps a step of margin above where it broke.
 AUTO_FLOOR_SECONDS = 10.0
+# An adapter trained with `train --acft` learned contexts down to the audio plus the margin; it records this
+# floor (decoding.json) and every command reads it at that floor unless told otherwise.
+ACFT_FLOOR_SECONDS = 2.0
 MARGIN_SECONDS = 1.0  # heard after the audio's end: the decoder sees that the speech stopped
 STEP_SECONDS = 1.0  # contexts are rounded up to this, so windows of similar length batch together
 MIN_SECONDS = 1.0  # below this a context is too short to hold a word
 
 
-def parse_audio_ctx(value: AudioContext | int | None) -> AudioContext:
-    """`--audio-ctx` as users type it (`full`, `auto`, `10`, `7.5`), checked, in its canonical form."""
+def parse_audio_ctx(value: AudioContext | int | None) -> AudioContext | None:
+    """`--audio-ctx` as users type it (`full`, `auto`, `10`, `7.5`, `default`), checked, in its canonical
+    form; `default` (or None) is None: each path's own default."""
     if value is None:
-        return FULL
+        return None
     if isinstance(value, str):
         text = value.strip().lower()
         if text in (FULL, AUTO):
             return text
+        if text == DEFAULT:
+            return None
         try:
             value = float(text.removesuffix("s"))
         except ValueError:
-            raise UserError(f"--audio-ctx must be full, auto or a number of seconds, not {value!r}") from None
+            raise UserError(f"--audio-ctx must be full, auto, default or a number of seconds, not {value!r}") from None
     seconds = float(value)
     if not math.isfinite(seconds) or not MIN_SECONDS <= seconds <= N_FRAMES / FRAMES_PER_SECOND:
         raise UserError(f"--audio-ctx {value}: give seconds between {MIN_SECONDS:g} and "
@@ -68,5 +78,5 @@ def encoder_frames(content_frames: int, audio_ctx: AudioContext | None) -> int:
     return min(N_FRAMES, frames + frames % 2)
 
 
-def describe(audio_ctx: AudioContext) -> str:
-    return audio_ctx if isinstance(audio_ctx, str) else f"{audio_ctx:g}"
+def describe(audio_ctx: AudioContext | None) -> str:
+    return DEFAULT if audio_ctx is None else audio_ctx if isinstance(audio_ctx, str) else f"{audio_ctx:g}"

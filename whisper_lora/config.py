@@ -24,7 +24,8 @@ from .settings import option, read_value, read_yaml_mapping
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 AUDIO_CTX_HELP = ("encoder context: full (30 s, as Whisper), auto (fitted to the audio: a short clip's encoder "
-                  "work drops ~3x), or seconds, auto's floor (see docs/short-audio.md)")
+                  "work drops ~3x), seconds (auto's floor), or default: full for files and requests, auto for "
+                  "live streams (see docs/short-audio.md)")
 
 
 STREAM_POLICIES = ("alignatt", "local-agreement")  # streaming.POLICIES, without importing torch here
@@ -152,6 +153,13 @@ class TrainConfig:
     replay_loss: str = option("labels", "how replayed samples train: labels = cross-entropy on their text; distill = "
                                         "KL divergence to the base model's own predictions on them (adapters "
                                         "switched off; learning without forgetting)", choices=REPLAY_LOSSES)
+    acft: bool = option(False, "audio-context fine-tuning (FUTO's ACFT): the adapter also learns to read the audio "
+                               "at short encoder contexts (random, down to the audio plus 1 s) as the base model "
+                               "reads it at 30 s, so `--audio-ctx auto` can go below its 10 s floor; the adapter "
+                               "records it and every command then reads at auto by default (docs/short-audio.md)")
+    acft_weight: float = option(0.5, "with --acft: loss = (1 - w) * cross-entropy on the labels + w * KL(base at 30 s "
+                                     "|| adapter at a short context); 1 = self-distillation only, the labels then only "
+                                     "choose the tokens compared")
     seed: int = option(42, "seed for data order, dropout and LoRA initialisation")
     timestamps: bool = option(False, "train timestamp tokens (0.02 s grid) from rows' `sentences`, or the whole "
                                      "clip as one segment; rows with empty text train as no-speech samples")
@@ -219,6 +227,18 @@ class TrainConfig:
         if self.replay_loss == "distill" and self.method == "full":
             raise UserError("--replay-loss distill and --method full conflict: distillation compares with the base "
                             "model, which an adapter keeps intact and full fine-tuning overwrites")
+        if self.acft:
+            if not 0 < self.acft_weight <= 1:
+                raise UserError(f"--acft-weight must lie in (0, 1], got {self.acft_weight}")
+            if self.method == "full":
+                raise UserError("--acft and --method full conflict: the teacher is the base model, which an adapter "
+                                "keeps intact and full fine-tuning overwrites")
+            if self.pack:
+                raise UserError("--acft and --pack conflict: a packed window is 30 s of audio, there is no shorter "
+                                "context to learn")
+            if self.deepspeed and check_deepspeed_config(self.deepspeed)["zero_optimization"]["stage"] == 3:
+                raise UserError("--acft and ZeRO-3 conflict: the short-context encoder pass reads whole weights "
+                                "(use zero2.json)", self.deepspeed)
         if self.log_predictions < 0:
             raise UserError(f"--log-predictions must be >= 0, got {self.log_predictions}")
         if not 0 <= self.timestamp_fraction <= 1:
@@ -348,7 +368,7 @@ class TranscribeConfig:
                                                      "context, but a loop can carry over)")
     word_timestamps: bool = option(False, "word-level timestamps (cross-attention alignment heads + DTW, as "
                                           "openai/whisper), written to json/jsonl as each segment's words")
-    audio_ctx: str = option("full", AUDIO_CTX_HELP)
+    audio_ctx: str = option("default", AUDIO_CTX_HELP)
     compile: bool = option(False, "torch.compile the transformers model's encoder (slow start, faster long runs)")
     sentiment: bool = option(False, "add the sentiment (positive, negative, neutral, with a score) of every segment "
                                     "and of the whole text to json/jsonl (a column in tsv); offline defaults for "
@@ -421,7 +441,7 @@ class ServeConfig:
     batch_wait_ms: float = option(50.0, "how long a partial batch waits for the work of other requests under way, "
                                         "in ms (about one log-mel spectrogram's time; 0 = never waits). Only "
                                         "concurrent requests wait: a lone one starts at once")
-    audio_ctx: str = option("full", AUDIO_CTX_HELP + "; a request's audio_ctx field overrides it")
+    audio_ctx: str = option("default", AUDIO_CTX_HELP + "; a request's audio_ctx field overrides it")
     policy: str = option("alignatt", "/v1/realtime and the UI's live tab: " + POLICY_HELP, choices=STREAM_POLICIES)
     mixed_adapters: bool = option(False, "decode windows of different LoRA adapters in one batch (peft's mixed "
                                          "batches) instead of a batch per adapter (which measured faster on the CPU)")
@@ -461,7 +481,7 @@ class UIConfig:
                                        "none = open)")
     device: str = option("auto", DEVICE_HELP)
     dtype: str = option("auto", DTYPE_HELP, choices=DTYPES)
-    audio_ctx: str = option("full", AUDIO_CTX_HELP + "; for every tab, live included")
+    audio_ctx: str = option("default", AUDIO_CTX_HELP + "; for every tab, live included")
     policy: str = option("alignatt", "the live tab: " + POLICY_HELP, choices=STREAM_POLICIES)
     browser: bool = option(True, "open the page in the default browser once the model is loaded")
 
@@ -488,7 +508,7 @@ class RealtimeConfig:
     input_device: str | None = option(None, "microphone (sounddevice name or number; default: the system's)")
     device: str = option("auto", "locally: " + DEVICE_HELP)
     dtype: str = option("auto", "locally: " + DTYPE_HELP, choices=DTYPES)
-    audio_ctx: str = option("full", "locally: " + AUDIO_CTX_HELP)
+    audio_ctx: str = option("default", "locally: " + AUDIO_CTX_HELP)
     policy: str = option("alignatt", "locally: " + POLICY_HELP, choices=STREAM_POLICIES)
     output: str | None = option(None, "write the confirmed segments to this .srt, .vtt, .json or .txt file at the end")
 

@@ -313,6 +313,7 @@ def collate(items: list[dict]) -> dict:
         return batch
     key = "encoder_hidden" if "encoder_hidden" in good[0] else "input_features"
     batch[key] = torch.from_numpy(np.stack([it[key] for it in good]))
+    batch["seconds"] = [it.get("seconds", CHUNK_SECONDS) for it in good]  # of audio in each 30 s window
     longest = max(len(it["labels"]) for it in good)
     labels = torch.full((len(good), longest), LABEL_PAD, dtype=torch.long)
     for row, it in enumerate(good):

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .models import save_processor
+from .models import DECODING_FILE, save_processor
 
 # Whisper's linear layers by role (names as in transformers' WhisperAttention / WhisperEncoderLayer).
 # Whisper has exactly one more linear layer, proj_out, the output head; it shares its weight with the
@@ -183,7 +183,7 @@ def _swap_in(staging: Path, folder: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_adapter(model, processor, folder: Path, base_model_spec: str) -> None:
+def save_adapter(model, processor, folder: Path, base_model_spec: str, decoding: dict | None = None) -> None:
     """What training produces, loadable by every whisper-lora command.
 
     For a peft model: an adapter folder that `PeftModel.from_pretrained` loads. The recorded base
@@ -213,6 +213,10 @@ def save_adapter(model, processor, folder: Path, base_model_spec: str) -> None:
         finally:
             peft_config.base_model_name_or_path = previous
     save_processor(processor, staging)
+    if decoding:  # how the adapter wants to be read (an --acft adapter: its encoder context floor)
+        import json
+
+        (staging / DECODING_FILE).write_text(json.dumps(decoding, indent=2))
     _swap_in(staging, folder)
 
 

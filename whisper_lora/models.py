@@ -293,6 +293,19 @@ def bnb_config(quantization: str, device: str = "cpu"):
     raise ValueError(f"unknown quantization {quantization!r}")
 
 
+DECODING_FILE = "decoding.json"  # beside an adapter's weights: how it wants to be read ({"audio_ctx": ...})
+
+
+def recorded_audio_ctx(folder: str | Path | None) -> str | float | None:
+    """The encoder context an adapter or model folder was trained for (`train --acft`), or None."""
+    if folder is None or not (Path(folder) / DECODING_FILE).is_file():
+        return None
+    try:
+        return json.loads((Path(folder) / DECODING_FILE).read_text()).get("audio_ctx")
+    except (json.JSONDecodeError, AttributeError):
+        raise UserError(f"{DECODING_FILE} is not a JSON object", folder) from None
+
+
 def load_model(spec: str | ResolvedModel | None, device: str = "cpu", dtype=None, merge_adapter: bool = False,
                quantization: str | None = None):
     """Load (model, processor) for inference or training; raises UserError for anything the user can fix.

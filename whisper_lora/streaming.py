@@ -33,6 +33,7 @@ from typing import Callable
 
 import numpy as np
 
+from .audio_ctx import STREAM_DEFAULT
 from .constants import MAX_NEW_TOKENS, SAMPLE_RATE
 from .decode import DecodeOptions, Segment, Word
 from .vad import FRAME_SAMPLES as FRAME
@@ -67,7 +68,7 @@ class StreamOptions:
     # tokenizer splits finely (Hindi, Tamil: ~2.7x English) must not lose their last words to it.
     tokens_per_second: float = 12.0
     tokens_floor: int = 16
-    audio_ctx: str | float | None = None  # encoder context of each decode (audio_ctx.py); None: the service's
+    audio_ctx: str | float | None = STREAM_DEFAULT  # encoder context of each decode (audio_ctx.py)
     policy: str = "alignatt"  # or "local-agreement": when a word is confirmed (see the module's docstring)
 
 

@@ -24,13 +24,17 @@ def load_backend(model: str | None = None, backend: str = "transformers", comput
     (identical output, no LoRA matmuls); `ct2` needs a CTranslate2 folder (or the embedded default).
     `device` and `dtype` as `--device` and `--dtype` take them (see devices.py)."""
     from ..devices import torch_placement
-    from ..models import ct2_model_dir, load_model
+    from ..models import ct2_model_dir, load_model, recorded_audio_ctx, resolve_model
 
     if backend == "ct2":
         return CT2Backend(ct2_model_dir(model), compute_type, device or "auto", dtype=dtype)
     device, torch_dtype = torch_placement(device, dtype)
-    loaded, processor = load_model(model, device=device, dtype=torch_dtype, merge_adapter=True)
-    return TransformersBackend(loaded, processor, device=device, compile=compile)
+    resolved = resolve_model(model)
+    loaded, processor = load_model(resolved, device=device, dtype=torch_dtype, merge_adapter=True)
+    backend = TransformersBackend(loaded, processor, device=device, compile=compile)
+    # an adapter trained with --acft reads at its short-context floor unless a command says otherwise
+    backend.model_audio_ctx = recorded_audio_ctx(resolved.adapter or resolved.location)
+    return backend
 
 
 __all__ = ["Backend", "CT2Backend", "DecodeOptions", "GREEDY", "Segment", "Sentiment", "TranscriptionInfo", "TransformersBackend",

@@ -14,6 +14,7 @@ calls, for any adapters, together.
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
@@ -59,6 +60,7 @@ class TransformersBackend:
         self.multilingual = self.tokens.multilingual
         self.languages = self.tokens.languages
         self.window_model: longform.WindowModel = self
+        self.model_audio_ctx = None  # the model's own encoder context (an --acft adapter's), for options with None
 
     def batched(self, window_model: longform.WindowModel) -> TransformersBackend:
         """The same backend, its model work handed to `window_model` (the service's batcher)."""
@@ -141,7 +143,7 @@ class TransformersBackend:
         """One AlignAtt decode of a streaming buffer (alignatt.py): (committed words, held-back words, why it
         stopped), times in the buffer. `options.prefix` is the text already committed inside the buffer,
         `options.initial_prompt` what came before it; `start` (s) where the committed text ends."""
-        model, tokens = self.window_model, self.tokens
+        model, tokens, options = self.window_model, self.tokens, self._fitted(options)
         context = longform.clip_context([audio], options.audio_ctx)
         encoded = model.encode(model.features([audio])[..., :context], adapter)
         lang = (language or model.detect(encoded, adapter)[0][0]) if self.multilingual else "en"
@@ -157,10 +159,15 @@ class TransformersBackend:
 
         return words(result.committed), words(result.held), result.stop
 
+    def _fitted(self, options: DecodeOptions) -> DecodeOptions:
+        return replace(options, audio_ctx=self.model_audio_ctx) if options.audio_ctx is None and self.model_audio_ctx \
+            else options
+
     def transcribe_batch(self, audios: list[np.ndarray], languages: list[str | None] | None = None,
                          options: DecodeOptions = GREEDY, adapter: str | None = None
                          ) -> list[tuple[list[Segment], TranscriptionInfo]]:
         """Clips of at most 30 s decoded together (see longform.clips); silent clips give no segment."""
+        options = self._fitted(options)
         languages = list(languages or [None] * len(audios))
         return longform.clips(self.window_model, audios, languages, options, adapter)
 
@@ -176,7 +183,7 @@ class TransformersBackend:
         and its `words` when `options.word_timestamps` is set. The language is detected on the first
         window when not given; the encoder pass that detection needed is reused for decoding.
         """
-        model = self.window_model
+        model, options = self.window_model, self._fitted(options)
         source, duration = longform.open_source(audio)
         short = duration <= CHUNK_SECONDS
         detect = language is None and self.multilingual

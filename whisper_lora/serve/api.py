@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Callable, Iterator
 
@@ -27,7 +27,7 @@ from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.requests import HTTPConnection
 
 from .. import __version__
-from ..audio_ctx import FULL, AudioContext, parse_audio_ctx
+from ..audio_ctx import AudioContext, parse_audio_ctx
 from ..decode import DecodeOptions, Segment, TranscriptionInfo, join_text
 from ..errors import UserError
 from ..manifest import language_code
@@ -100,7 +100,7 @@ def audio_form(file: Annotated[UploadFile | None, File()] = None,
                      text(chunking_strategy) or text(chunking_strategy_type), sentiment, text(audio_ctx))
 
 
-def parse_request(form: AudioForm, task: str, languages: set[str], audio_ctx: AudioContext = FULL
+def parse_request(form: AudioForm, task: str, languages: set[str], audio_ctx: AudioContext | None = None
                   ) -> TranscriptionRequest:
     """The fields checked against each other and the model; every refusal names its field. `audio_ctx`:
     the server's, for requests that do not set theirs."""
@@ -280,6 +280,30 @@ class Gate:
         await self.app(scope, receive, counted_send)
 
 
+class ClientSecrets:
+    """Short-lived keys for browsers, OpenAI's ephemeral client secrets (`ek_...`): a page cannot set an
+    Authorization header on a WebSocket and must not hold the server's key, so it opens /v1/realtime with
+    one of these as the `openai-insecure-api-key.<key>` subprotocol, as OpenAI's browser clients do. They
+    open /v1/realtime only; minting one takes the real key (or the web UI's login)."""
+
+    DEFAULT_SECONDS, MIN_SECONDS, MAX_SECONDS = 600, 10, 7200  # OpenAI's default and limits
+
+    def __init__(self):
+        self._expiry: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def mint(self, seconds: int = DEFAULT_SECONDS) -> tuple[str, int]:
+        value, expires_at = "ek_" + secrets.token_urlsafe(24), int(time.time()) + seconds
+        with self._lock:
+            self._expiry = {k: t for k, t in self._expiry.items() if t > time.time()}  # forget spent ones
+            self._expiry[value] = expires_at
+        return value, expires_at
+
+    def valid(self, value: str) -> bool:
+        with self._lock:
+            return self._expiry.get(value, 0) > time.time()
+
+
 @dataclass
 class ServerState:
     """What the routes share: the service once it is loaded (or why loading failed), its metrics, and the
@@ -289,6 +313,17 @@ class ServerState:
     service: TranscriptionService | None = None
     metrics: Metrics | None = None
     error: BaseException | None = None
+    client_secrets: ClientSecrets = field(default_factory=ClientSecrets)
+
+    def opens_realtime(self, token: str) -> bool:
+        """The server's key, or a client secret it minted that has not expired, or anything when open."""
+        if self.api_key is None:
+            return True
+        return secrets.compare_digest(token.encode(), self.api_key.encode()) or self.client_secrets.valid(token)
+
+    def browser_secret(self) -> str:
+        """A client secret for the web UI's own page ("" when the server is open)."""
+        return "" if self.api_key is None else self.client_secrets.mint(ClientSecrets.MAX_SECONDS)[0]
 
     def load(self, load_service: Callable[[], TranscriptionService]) -> None:
         try:
@@ -352,6 +387,27 @@ async def get_model(model_id: str, service: Service):
         if model.id == model_id:
             return model_json(model)
     raise APIError(404, f"model '{model_id}' does not exist", param="model", code="model_not_found")
+
+
+@router.post("/v1/realtime/client_secrets")
+async def client_secrets(request: Request, state: State):
+    """OpenAI's ephemeral key for a browser's /v1/realtime connection. The body is optional;
+    `expires_after.seconds` (10-7200, default 600) is read, a `session` is echoed back as OpenAI does."""
+    body = {}
+    if await request.body():
+        try:
+            body = await request.json()
+        except ValueError:
+            raise APIError(400, "the body must be JSON") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the body must be a JSON object")
+    seconds = (body.get("expires_after") or {}).get("seconds", ClientSecrets.DEFAULT_SECONDS)
+    if not isinstance(seconds, int) or not ClientSecrets.MIN_SECONDS <= seconds <= ClientSecrets.MAX_SECONDS:
+        raise APIError(400, f"expires_after.seconds must be an integer from {ClientSecrets.MIN_SECONDS} to "
+                            f"{ClientSecrets.MAX_SECONDS}", param="expires_after.seconds")
+    value, expires_at = state.client_secrets.mint(seconds)
+    session = body.get("session") if isinstance(body.get("session"), dict) else {"type": "transcription"}
+    return {"value": value, "expires_at": expires_at, "session": session}
 
 
 @router.post("/v1/audio/transcriptions")
@@ -475,5 +531,6 @@ def create_app(load_service: Callable[[], TranscriptionService], api_key: str | 
         async def home():
             return RedirectResponse("/ui/")
 
-        app = mount(app, state.ready, api_key=api_key, sentiment_model=sentiment_model)
+        app = mount(app, state.ready, api_key=api_key, sentiment_model=sentiment_model,
+                    browser_secret=state.browser_secret)
     return app

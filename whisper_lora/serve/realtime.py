@@ -16,7 +16,6 @@ import base64
 import binascii
 import collections
 import json
-import secrets
 import uuid
 from dataclasses import dataclass, field
 
@@ -303,29 +302,34 @@ class Connection:
 
 
 router = APIRouter()
+KEY_PROTOCOL = "openai-insecure-api-key."
 
 
 @router.websocket("/v1/realtime")
 async def realtime(websocket: WebSocket):
     state = websocket.app.state.whisper  # api.ServerState
-    api_key = state.api_key
-    if api_key is not None:
-        header = websocket.headers.get("authorization", "")
-        token = header[7:].strip() if header.lower().startswith("bearer ") else ""
-        if not secrets.compare_digest(token.encode(), api_key.encode()):
-            await websocket.close(code=1008, reason="incorrect or missing API key")
-            return
+    # Browsers cannot set headers on a WebSocket: they offer the key as a subprotocol, as with OpenAI's
+    # `new WebSocket(url, ["realtime", "openai-insecure-api-key." + clientSecret])`, and need one of the
+    # offered subprotocols back.
+    offered = [p.strip() for p in websocket.headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
+    header = websocket.headers.get("authorization", "")
+    token = header[7:].strip() if header.lower().startswith("bearer ") else next(
+        (p[len(KEY_PROTOCOL):] for p in offered if p.startswith(KEY_PROTOCOL)), "")
+    if not state.opens_realtime(token):
+        await websocket.close(code=1008, reason="incorrect or missing API key")
+        return
+    subprotocol = "realtime" if "realtime" in offered else None
     intent = websocket.query_params.get("intent", "transcription")
     service = state.service
     if intent != "transcription" or service is None:
-        await websocket.accept()
+        await websocket.accept(subprotocol=subprotocol)
         reason = ("only intent=transcription is served" if intent != "transcription"
                   else "the model is still loading")
         await websocket.send_text(json.dumps({"event_id": _id("event"), "type": "error", "error": {
             "type": "invalid_request_error", "code": "unsupported", "message": reason, "param": "intent"}}))
         await websocket.close(code=1008, reason=reason)
         return
-    await websocket.accept()
+    await websocket.accept(subprotocol=subprotocol)
     beta = "realtime=v1" in websocket.headers.get("openai-beta", "")
     connection = Connection(websocket, service, beta)
     model = websocket.query_params.get("model")

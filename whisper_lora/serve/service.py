@@ -31,7 +31,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..audio_ctx import FULL, AudioContext, parse_audio_ctx
+from ..audio_ctx import FULL, STREAM_DEFAULT, AudioContext, parse_audio_ctx
 from ..decode import CT2Backend, DecodeOptions, Segment, TranscriptionInfo, TransformersBackend
 from ..decode.ct2_backend import ADAPTERS_REFUSED
 from ..decode.alignatt import AlignAttResult
@@ -39,7 +39,7 @@ from ..decode.search import WindowResult
 from ..decode.timing import WordTiming
 from ..devices import torch_placement
 from ..errors import UserError
-from ..models import ct2_model_dir, load_model, public_name, resolve_model
+from ..models import ct2_model_dir, load_model, public_name, recorded_audio_ctx, resolve_model
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 OPENAI_MODEL = "whisper-1"  # what clients of OpenAI's API send; always the base model here
@@ -116,6 +116,14 @@ class ModelPool:
         device, torch_dtype = torch_placement(device, dtype)
         loaded, processor = load_model(resolved, device=device, dtype=torch_dtype)
         self.backend = TransformersBackend(loaded, processor, device=device)
+        self.backend.model_audio_ctx = recorded_audio_ctx(resolved.location)  # a merged --acft model
+
+    def audio_ctx_of(self, adapter: str | None):
+        """The encoder context a served model was trained for (an --acft adapter's floor), or None."""
+        if adapter is None:
+            return getattr(self.backend, "model_audio_ctx", None)
+        folder = self.adapter_folders().get(adapter)
+        return recorded_audio_ctx(folder) if folder is not None else None
 
     # ---- names ------------------------------------------------------------------------------------------
 
@@ -477,9 +485,10 @@ class TranscriptionService:
     """What the server, the web UI and realtime streams call: many threads at once, one model."""
 
     def __init__(self, pool: ModelPool, max_wait: float, max_queue: int = 64, max_batch: int = 8,
-                 mixed_adapters: bool = False, audio_ctx: AudioContext = FULL, stream_policy: str | None = None):
+                 mixed_adapters: bool = False, audio_ctx: AudioContext | None = None, stream_policy: str | None = None):
         self.pool, self.max_queue = pool, max_queue
-        self.audio_ctx = parse_audio_ctx(audio_ctx)  # for calls whose options leave it to the server
+        # --audio-ctx: for calls whose options leave it to the server; None: full for requests, auto for streams
+        self.audio_ctx = parse_audio_ctx(audio_ctx)
         self.stream_policy = stream_policy  # of realtime streams (streaming.POLICIES); None: StreamOptions' default
         self.batcher = None
         self.backend = pool.backend
@@ -536,7 +545,7 @@ class TranscriptionService:
         if language and language not in self.backend.languages:
             raise UserError(f"the model has no language '{language}'")
         if options.audio_ctx is None:
-            options = replace(options, audio_ctx=self.audio_ctx)
+            options = replace(options, audio_ctx=self.audio_ctx or self.pool.audio_ctx_of(adapter) or FULL)
         admission = self.admitted()
         admission.__enter__()
         using = self.pool.using(adapter)
@@ -568,7 +577,9 @@ class TranscriptionService:
         policy = self.stream_policy or options.policy
         if policy == "alignatt" and not self.streams_alignatt:
             policy = "local-agreement"  # CTranslate2: no cross-attention to read
-        options = replace(options, policy=policy)
+        recorded = self.pool.audio_ctx_of(self.resolve(model))  # an --acft adapter's own floor
+        options = replace(options, policy=policy,
+                          audio_ctx=self.audio_ctx or recorded or options.audio_ctx or STREAM_DEFAULT)
 
         def patiently(call):
             deadline = time.monotonic() + patience
@@ -602,6 +613,6 @@ class TranscriptionService:
                             "expose cross-attention); use local-agreement")
         adapter = self.resolve(model)
         if options.audio_ctx is None:
-            options = replace(options, audio_ctx=self.audio_ctx)
+            options = replace(options, audio_ctx=self.audio_ctx or self.pool.audio_ctx_of(adapter) or STREAM_DEFAULT)
         with self.admitted(), self.pool.using(adapter):
             return self.backend.stream_step(audio, language, options, final, start, adapter=adapter)

@@ -13,7 +13,6 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 
 from ..decode import DecodeOptions, Segment, TranscriptionInfo, join_text
 from ..errors import UserError
@@ -29,8 +28,9 @@ AUTO = "auto (detect)"
 def UserMessage(message: str) -> gr.Error:
     """The one-line message the CLI would print, as a notice on the page (not a traceback in the server log)."""
     return gr.Error(message, duration=None, print_exception=False)
+
+
 DOWNLOADS = ("txt", "srt", "vtt", "json")
-LIVE_SAMPLE_RATE = 16_000
 
 
 def _table(segments: list[Segment]) -> list[list]:
@@ -70,8 +70,9 @@ def describe(info: TranscriptionInfo) -> str:
 class Actions:
     """What the page's buttons do, over the running service (`get_service()` raises while it loads)."""
 
-    def __init__(self, get_service: Callable[[], object], sentiment_model: str | None = None):
-        self.get_service, self.sentiment_model = get_service, sentiment_model
+    def __init__(self, get_service: Callable[[], object], sentiment_model: str | None = None,
+                 browser_secret: Callable[[], str] = lambda: ""):
+        self.get_service, self.sentiment_model, self.browser_secret = get_service, sentiment_model, browser_secret
 
     def service(self):
         try:
@@ -135,76 +136,13 @@ class Actions:
                                f"{error_rate([reference], [text], 'wer', [info.language]):.2%}"])
         return marked_a, marked_b, gr.update(value=scores, visible=bool(scores))
 
-    # ---- live microphone: the realtime streaming core, one stream per browser session ------------------
-
-    def live_chunk(self, chunk, live: LiveSession | None, model, language):
-        if chunk is None:
-            return live, gr.update()
-        if live is None:
-            live = LiveSession.start(self.service(), model, None if language == AUTO else language)
-        live.feed(*chunk)
-        return live, live.render()
-
-    @staticmethod
-    def live_stop(live: LiveSession | None):
-        if live is None:
-            return None, gr.update()
-        live.apply(live.stream.commit())
-        return None, live.render()
-
     def on_load(self):
         svc = self.service()
         ids = [m.id for m in svc.models()]
         languages = [AUTO] + sorted(svc.backend.languages)
         first, last = gr.update(choices=ids, value=ids[0]), gr.update(choices=ids, value=ids[-1])
         language = gr.update(choices=languages, value=AUTO)
-        return first, language, first, last, language, first, language
-
-
-class LiveSession:
-    """One browser tab's live stream: the streaming transcriber, the text so far, the resampler."""
-
-    def __init__(self, stream):
-        self.stream = stream
-        self.lines: list[str] = []  # finished utterances
-        self.line, self.partial = "", ""  # the utterance under way: confirmed text, and what is still open
-        self.resampler, self.rate = None, None
-
-    @classmethod
-    def start(cls, service, model: str, language: str | None) -> LiveSession:
-        return cls(service.open_stream(model, language))
-
-    def feed(self, rate: int, samples: np.ndarray) -> None:
-        audio = samples.astype(np.float32)
-        if samples.dtype.kind == "i":
-            audio /= float(np.iinfo(samples.dtype).max)
-        if audio.ndim > 1:
-            audio = audio.mean(axis=1)
-        if rate != LIVE_SAMPLE_RATE:
-            import soxr
-
-            if self.resampler is None or self.rate != rate:
-                self.resampler, self.rate = soxr.ResampleStream(rate, LIVE_SAMPLE_RATE, 1, dtype="float32"), rate
-            audio = self.resampler.resample_chunk(audio)
-        self.apply(self.stream.feed(audio))
-
-    def apply(self, events) -> None:
-        from ..streaming import Confirmed, Partial, SpeechStopped
-
-        for event in events:
-            if isinstance(event, Confirmed):
-                self.line += event.delta
-                self.partial = ""
-            elif isinstance(event, Partial):
-                self.partial = event.text
-            elif isinstance(event, SpeechStopped):
-                self.lines.append(event.text)
-                self.line, self.partial = "", ""
-
-    def render(self) -> str:
-        done = "\n".join(self.lines)
-        current = self.line + (f" *{self.partial}*" if self.partial else "")
-        return (done + "\n" + current).strip() if current.strip() else done
+        return first, language, first, last, language, first, language, self.browser_secret()
 
 
 # ---- the page, a tab at a time: each returns the dropdowns the page fills in once the models are known ----
@@ -252,23 +190,30 @@ def _compare_tab(actions: Actions) -> list:
     return [model_a, model_b, language]
 
 
+LIVE_SCRIPT = Path(__file__).with_name("static") / "live.js"
+LIVE_CSS = "#live-out p { margin: 0.3em 0; } #live-out .live-open { font-style: italic; opacity: 0.8; }"
+
+
 def _live_tab(actions: Actions) -> list:
-    gr.Markdown("Speak: confirmed text appears as you go, the words still being decided in *italics*.")
+    """The microphone streamed by the page itself over /v1/realtime (static/live.js says why not Gradio's
+    streaming audio); the page's login gives it a client secret for the WebSocket."""
+    gr.Markdown("Speak: each sentence appears as you go (still open in *italics*) and is final once you pause.")
     with gr.Row():
-        model = gr.Dropdown(label="Model or adapter", choices=["whisper-1"], value="whisper-1")
-        language = gr.Dropdown(label="Language", choices=[AUTO], value=AUTO)
-    microphone = gr.Audio(sources=["microphone"], streaming=True, label="Microphone", elem_id="live-mic")
-    text = gr.Markdown(elem_id="live-text")
-    live = gr.State(None)
-    microphone.stream(actions.live_chunk, [microphone, live, model, language], [live, text], stream_every=0.5,
-                      time_limit=None)
-    microphone.stop_recording(actions.live_stop, [live], [live, text])
-    return [model, language]
+        model = gr.Dropdown(label="Model or adapter", choices=["whisper-1"], value="whisper-1", elem_id="live-model")
+        language = gr.Dropdown(label="Language", choices=[AUTO], value=AUTO, elem_id="live-language")
+    with gr.Row():
+        gr.Button("Start", variant="primary", elem_id="live-start")
+        gr.Button("Stop", elem_id="live-stop")
+    token = gr.Textbox(visible="hidden", elem_id="live-token")
+    gr.HTML('<div id="live-status"></div><div id="live-out" data-transcript="" data-pending="0"></div>')
+    return [model, language, token]
 
 
-def build(get_service: Callable[[], object], sentiment_model: str | None = None) -> gr.Blocks:
-    """The Blocks app; `get_service()` returns the running TranscriptionService (or raises while loading)."""
-    actions = Actions(get_service, sentiment_model)
+def build(get_service: Callable[[], object], sentiment_model: str | None = None,
+          browser_secret: Callable[[], str] = lambda: "") -> gr.Blocks:
+    """The Blocks app; `get_service()` returns the running TranscriptionService (or raises while loading);
+    `browser_secret()` a client secret for the live tab's WebSocket ("" on an open server)."""
+    actions = Actions(get_service, sentiment_model, browser_secret)
     with gr.Blocks(title="whisper-lora") as page:
         gr.Markdown("# whisper-lora\nTry the served Whisper models and LoRA adapters on your own audio, compare "
                     "two of them, or talk to one live.")
@@ -282,13 +227,15 @@ def build(get_service: Callable[[], object], sentiment_model: str | None = None)
     return page
 
 
-def mount(app, get_service, path: str = "/ui", api_key: str | None = None, sentiment_model: str | None = None):
+def mount(app, get_service, path: str = "/ui", api_key: str | None = None, sentiment_model: str | None = None,
+          browser_secret: Callable[[], str] = lambda: ""):
     """Mount the UI in the FastAPI app. With an API key the page asks for it (any user name)."""
     import secrets
 
     theme = gr.themes.Soft(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])  # no web fonts
     auth = (lambda user, password: secrets.compare_digest(password.encode(), api_key.encode())) if api_key else None
-    return gr.mount_gradio_app(app, build(get_service, sentiment_model), path=path, ssr_mode=False, theme=theme,
+    return gr.mount_gradio_app(app, build(get_service, sentiment_model, browser_secret), path=path, ssr_mode=False,
+                               theme=theme, head=f"<script>{LIVE_SCRIPT.read_text()}</script>", css=LIVE_CSS,
                                auth=auth, auth_message="Log in with any name and the server's API key." if auth else None,
                                footer_links=["gradio"])
 

@@ -117,7 +117,7 @@ def _drain(chunks: queue.Queue) -> tuple[np.ndarray | None, bool]:
 
 def run_local(config: RealtimeConfig, chunks: queue.Queue, printer: Printer, language: str | None) -> list[Segment]:
     from ..decode import load_backend
-    from ..audio_ctx import parse_audio_ctx
+    from ..audio_ctx import STREAM_DEFAULT, parse_audio_ctx
     from ..streaming import Confirmed, Partial, SpeechStopped, StreamingTranscriber, StreamOptions
 
     backend = load_backend(config.model, device=config.device, dtype=config.dtype)
@@ -130,7 +130,8 @@ def run_local(config: RealtimeConfig, chunks: queue.Queue, printer: Printer, lan
 
     policy = config.policy if hasattr(backend, "stream_step") else "local-agreement"  # CTranslate2: no attention
     stream = StreamingTranscriber(decode, language, config.prompt,
-                                  StreamOptions(audio_ctx=parse_audio_ctx(config.audio_ctx), policy=policy), step=step)
+                                  StreamOptions(audio_ctx=parse_audio_ctx(config.audio_ctx) or STREAM_DEFAULT, policy=policy),
+                                  step=step)
     segments: list[Segment] = []
     while True:
         audio, ended = _drain(chunks)

@@ -23,7 +23,8 @@ from ..allocator import return_freed_blocks_to_os
 from ..checkpoint import (TrainState, begin_checkpoint, checkpoint_partial, finish_checkpoint, list_checkpoints,
                           load_checkpoint, read_state, save_checkpoint)
 from ..config import TrainConfig
-from ..constants import CHUNK_SECONDS
+from ..audio_ctx import ACFT_FLOOR_SECONDS, encoder_frames
+from ..constants import CHUNK_SECONDS, FRAMES_PER_SECOND
 from ..rundir import ADAPTER_DIR, LAST_ADAPTER_DIR, METRICS_FILE, SKIPPED_FILE, prepare_run_dir
 from ..data import (LABEL_PAD, CachedEncoderDataset, EncoderCache, LabelBuilder, PackedDataset, SkippedSample,
                     SpeechDataset, build_labels, collate, sample_seconds, shard_item_maker)
@@ -170,6 +171,44 @@ def training_loss(model, base_model, inputs: dict, labels: torch.Tensor, distill
     per_token = per_token.masked_scatter(distilled.unsqueeze(-1).expand_as(per_token), kl)
     counted = labels != LABEL_PAD
     return (per_token * counted).sum() / counted.sum()
+
+
+def acft_context(seconds: list[float]) -> int:
+    """The student's encoder frames for a batch: `--audio-ctx` with a floor drawn from 0-30 s, so from the
+    longest clip plus 1 s (whole seconds) up to Whisper's 30 s. Drawn from torch's generator, which each
+    micro-batch seeds from its position in training: a resumed run draws the same contexts."""
+    content = math.ceil(max(seconds) * FRAMES_PER_SECOND)
+    return encoder_frames(content, float(torch.rand(()) * CHUNK_SECONDS))
+
+
+def acft_loss(model, base_model, features: torch.Tensor, labels: torch.Tensor, seconds: list[float],
+              weight: float) -> torch.Tensor:
+    """Audio-context fine-tuning (FUTO's whisper-acft), as a LoRA objective.
+
+    The teacher is the base model (adapters off, no gradient) reading the batch at Whisper's 30 s; the
+    student is the adapted model reading the same audio at a shorter encoder context, drawn per batch as
+    `--audio-ctx` would cut it with a random floor (so from the audio plus 1 s up to 30 s), through the
+    encoder pass inference runs (kv.Network: positional embeddings sliced). The loss pulls the student's
+    next-token distributions onto the teacher's along the label tokens (KL, per token), mixed with the
+    usual cross-entropy: (1 - weight) * CE + weight * KL. With weight 1 the labels only pick the tokens
+    compared: any transcript-like text will do, the teacher says what each next token should be.
+    """
+    from ..decode.kv import Network
+
+    encoded = Network(base_model).encode(features[..., :acft_context(seconds)])
+    student = model(encoder_outputs=(encoded,), labels=labels)
+    with torch.no_grad(), base_model.disable_adapter():
+        teacher = base_model(input_features=features, labels=labels).logits.float().log_softmax(-1)
+    log_probs = student.logits.float().log_softmax(-1)
+    counted = labels != LABEL_PAD
+    kl = ((teacher.exp() * (teacher - log_probs)).sum(-1) * counted).sum() / counted.sum()
+    return kl if weight == 1 else (1 - weight) * student.loss + weight * kl
+
+
+def adapter_decoding(config: TrainConfig) -> dict | None:
+    """What the adapter records about how to read it: an --acft adapter reads short contexts."""
+    return {"audio_ctx": ACFT_FLOOR_SECONDS, "trained_with": "acft", "acft_weight": config.acft_weight} \
+        if config.acft else None
 
 
 def evaluate_dev(accelerator, model, processor, dev_clips, config: TrainConfig, language: str | None) -> ModelScore:
@@ -451,7 +490,9 @@ def build_datasets(config: TrainConfig, inputs: Inputs, accelerator, base: Base,
         # planned so that slowed-down speech still fits: the slowest speed factor stretches a window most
         budget = CHUNK_SECONDS * min(1.0, *speed.factors) if speed else CHUNK_SECONDS
         dataset = PackedDataset(dataset, order_for_epoch, seconds, tokens, config.seed, budget)
-    if config.freeze_encoder and not inputs.streaming and inputs.augmenter is None and not config.pack:
+    # --acft reads the audio at shortened contexts: it needs the features, not a 30 s encoder output
+    if config.freeze_encoder and not inputs.streaming and inputs.augmenter is None and not config.pack \
+            and not config.acft:
         cache = EncoderCache(out / f"encoder_cache.rank{accelerator.process_index}.npy", dataset,
                              base.model.to(accelerator.device).eval(), accelerator.device, config.eval_batch_size,
                              progress=accelerator.is_local_main_process)
@@ -595,7 +636,11 @@ def train_step(loop: Loop, batch: dict) -> bool:
                 inputs = {"input_features": batch["input_features"].to(accelerator.device)}
             distilled = torch.tensor([i >= loop.data.train_rows for i in batch["index"]], device=accelerator.device) \
                 if config.replay_loss == "distill" else None
-            loss = training_loss(model, accelerator.unwrap_model(model), inputs, labels, distilled)
+            if config.acft:
+                loss = acft_loss(model, accelerator.unwrap_model(model), inputs["input_features"], labels,
+                                 batch["seconds"], config.acft_weight)
+            else:
+                loss = training_loss(model, accelerator.unwrap_model(model), inputs, labels, distilled)
             accelerator.backward(loss)
             meter.running_loss, meter.loss_count = meter.running_loss + loss.item(), meter.loss_count + 1
             if not config.pack:
@@ -683,7 +728,8 @@ def checkpoint(loop: Loop, dev: dict | None) -> None:
             state.best_metric, state.best_step = dev["metric"], state.step
         with whole_parameters(loop):
             if accelerator.is_main_process:
-                save_adapter(peft_model, loop.base.processor, loop.out / ADAPTER_DIR, loop.base.spec)
+                save_adapter(peft_model, loop.base.processor, loop.out / ADAPTER_DIR, loop.base.spec,
+                             adapter_decoding(loop.config))
     if deepspeed_stage(accelerator) is not None:
         # The optimizer state is sharded across the ranks: every rank writes its part (DeepSpeed's own
         # checkpoint), rank 0 the loop's state, and the folder becomes final only when all have.
@@ -713,7 +759,7 @@ def save(loop: Loop) -> dict:
     with whole_parameters(loop):
         if accelerator.is_main_process:
             save_adapter(accelerator.unwrap_model(loop.parts.model), loop.base.processor, out / LAST_ADAPTER_DIR,
-                         loop.base.spec)
+                         loop.base.spec, adapter_decoding(loop.config))
     if accelerator.is_main_process:
         if not (out / ADAPTER_DIR).is_dir():
             shutil.copytree(out / LAST_ADAPTER_DIR, out / ADAPTER_DIR)
