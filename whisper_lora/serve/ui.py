@@ -199,8 +199,10 @@ def _live_tab(actions: Actions) -> list:
     streaming audio); the page's login gives it a client secret for the WebSocket."""
     gr.Markdown("Speak: each sentence appears as you go (still open in *italics*) and is final once you pause.")
     with gr.Row():
-        model = gr.Dropdown(label="Model or adapter", choices=["whisper-1"], value="whisper-1", elem_id="live-model")
-        language = gr.Dropdown(label="Language", choices=[AUTO], value=AUTO, elem_id="live-language")
+        # read by the page's script, not by a Gradio event: interactive must be said
+        model = gr.Dropdown(label="Model or adapter", choices=["whisper-1"], value="whisper-1", elem_id="live-model",
+                            interactive=True)
+        language = gr.Dropdown(label="Language", choices=[AUTO], value=AUTO, elem_id="live-language", interactive=True)
     with gr.Row():
         gr.Button("Start", variant="primary", elem_id="live-start")
         gr.Button("Stop", elem_id="live-stop")

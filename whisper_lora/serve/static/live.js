@@ -29,6 +29,7 @@
     }));
     out.dataset.transcript = live.order.map((id) => live.items.get(id).text.trim()).filter(Boolean).join(" ");
     out.dataset.pending = String(live.order.filter((id) => !live.items.get(id).done).length);
+    out.dataset.items = String(live.order.length);
   }
 
   function item(id) {
