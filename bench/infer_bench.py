@@ -10,6 +10,9 @@ previous-text conditioning, no VAD), language given, on the same files:
   transformers pipeline       pipeline("automatic-speech-recognition", chunk_length_s=30)
   transformers pipeline ts    the same with return_timestamps=True (chunks merged on timestamps)
   whisper-lora ct2 <type>     our CT2Backend (faster-whisper underneath, our block reader)
+  ... @auto, @default         a whisper-lora system at --audio-ctx auto (the encoder fed the audio plus 1 s,
+                              at least 10 s) or at the model's own context (an --acft adapter's floor);
+                              without either, at Whisper's full 30 s
   faster-whisper <type>       faster_whisper.WhisperModel.transcribe called directly
 Each system runs in its own process (model loading excluded from the time; peak RSS from GNU time
 includes it). Ratios compare systems measured in this same run. Time and WER are also given apart
@@ -35,9 +38,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SPEECH_EN = REPO / "demo" / "data" / "speech-en"
 from whisper_lora.constants import SAMPLE_RATE  # noqa: E402 (after the path above)
-SYSTEMS = ["whisper-lora transformers", "whisper-lora transformers vad", "transformers pipeline",
-           "transformers pipeline ts", "whisper-lora ct2 float32", "faster-whisper float32",
-           "whisper-lora ct2 int8", "faster-whisper int8"]
+SYSTEMS = ["whisper-lora transformers", "whisper-lora transformers @auto", "whisper-lora transformers vad",
+           "transformers pipeline", "transformers pipeline ts", "whisper-lora ct2 float32", "faster-whisper float32",
+           "whisper-lora ct2 int8", "whisper-lora ct2 int8 @auto", "faster-whisper int8"]
 
 
 def build_corpus(folder: Path) -> list[tuple[Path, str]]:
@@ -74,13 +77,17 @@ def join_with_pauses(clips: list[np.ndarray], rng: np.random.Generator) -> tuple
 
 def run_system(name: str, files: list[str], repeat: int = 1, model: str | None = None) -> dict:
     from whisper_lora.constants import MAX_NEW_TOKENS
-    from whisper_lora.decode import GREEDY, CT2Backend, TransformersBackend
-    from whisper_lora.models import ct2_model_dir, load_model
+    from whisper_lora.decode import GREEDY, CT2Backend
+    from whisper_lora.models import ct2_model_dir
 
     options = replace(GREEDY, max_new_tokens=MAX_NEW_TOKENS)
+    name, _, setting = name.partition(" @")  # "… @auto", "… @default" (the model's own: an --acft adapter's)
+    options = replace(options, audio_ctx={"": "full", "default": None}.get(setting, setting))
     compute = name.rsplit(" ", 1)[-1]
     if name.startswith("whisper-lora transformers"):
-        transcriber = TransformersBackend(*load_model(model), device="cpu")
+        from whisper_lora.decode import load_backend
+
+        transcriber = load_backend(model, device="cpu")  # as `transcribe` loads it: an adapter's recorded context
         vad = name.endswith("vad")  # speech regions packed into 30 s windows, decoded 8 at a time
         run = lambda f: " ".join(s.text for s in transcriber.transcribe(f, "en", options, vad=vad)[0])  # noqa: E731
     elif name.startswith("transformers pipeline"):
@@ -182,7 +189,9 @@ def main() -> None:
     print(format_table(["system", "wall s", "RTF", "peak MB", "WER", "clips s", "clips WER", "long s", "long WER"],
                        rows))
     ratios = {}
-    for ours, theirs in [("whisper-lora ct2 float32", "faster-whisper float32"), ("whisper-lora ct2 int8", "faster-whisper int8"),
+    for ours, theirs in [("whisper-lora transformers @auto", "whisper-lora transformers"),
+                         ("whisper-lora ct2 int8 @auto", "whisper-lora ct2 int8"),
+                         ("whisper-lora ct2 float32", "faster-whisper float32"), ("whisper-lora ct2 int8", "faster-whisper int8"),
                          ("whisper-lora transformers", "transformers pipeline"),
                          ("whisper-lora transformers vad", "transformers pipeline"),
                          ("whisper-lora transformers", "transformers pipeline ts")]:

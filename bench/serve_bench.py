@@ -17,6 +17,12 @@ audio seconds transcribed per wall second, p50/p95 latency, and the server's pea
   batched, 4 adapters     requests spread over four adapters, mixed in batches (--mixed-adapters: peft adapter_names)
   batched, 4 grouped      the same load batched per adapter (the default: a batch holds one adapter)
 
+`--short`: requests of ~5 s instead (one ARCTIC sentence, or cards joined to at least 4 s: what a
+voice assistant or a phone menu sends), at Whisper's 30 s encoder context and at `--audio-ctx auto`:
+
+  one at a time, full / batched, full    the server as it was (every window encoded as 30 s)
+  one at a time, auto / batched, auto    the encoder fed the audio plus 1 s, at least 10 s
+
 Memory: the server's resident set after a warm-up request with the base only, then after all four
 adapters were used, against base + 4 x adapter file size (+10%).
 """
@@ -62,6 +68,36 @@ def make_clips(folder: Path, count: int) -> list[Path]:
         paths.append(folder / f"clip_{n:02d}.wav")
         sf.write(paths[-1], np.concatenate(pieces), 16000)
     return paths
+
+
+def make_short_clips(folder: Path, count: int) -> tuple[list[Path], list[str]]:
+    """`count` files of 3-8 s (recordings joined with 0.5 s pauses until at least 4 s) and their texts."""
+    import soundfile as sf
+
+    from whisper_lora.audio import load_audio
+
+    texts = {}
+    for manifest in SPEECH_EN.rglob("transcripts.json"):
+        texts.update({str(manifest.parent / name): text for name, text in json.loads(manifest.read_text()).items()})
+    names = sorted(texts)
+    recordings = {name: load_audio(name) for name in names}
+    rng = np.random.default_rng(1)
+    paths, references = [], []
+    for n in range(count):
+        pieces, said, seconds = [], [], 0.0
+        while seconds < 4.0:
+            name = names[rng.integers(len(names))]
+            if name in said or seconds + len(recordings[name]) / 16000 > 8.0:
+                if seconds:
+                    break
+                continue
+            pieces += [recordings[name], np.zeros(8000, np.float32)]
+            said.append(name)
+            seconds += len(recordings[name]) / 16000 + 0.5
+        paths.append(folder / f"short_{n:02d}.wav")
+        sf.write(paths[-1], np.concatenate(pieces), 16000)
+        references.append(" ".join(texts[name] for name in said))
+    return paths, references
 
 
 def make_adapters(folder: Path) -> float:
@@ -152,10 +188,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=50)
     parser.add_argument("--timeout", type=float, default=1800, help="seconds one request may take")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / f"serve_{platform.node()}.json")
+    parser.add_argument("--short", action="store_true", help="~5 s requests at the full and the auto encoder context")
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    args.out = args.out or REPO / "bench" / "results" / f"serve_{platform.node()}{'_short' if args.short else ''}.json"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    if args.short:
+        return short_requests(args, work)
     clips = make_clips(work, args.requests)
     adapter_mb = make_adapters(work / "adapters")
     spread = [ADAPTERS[i % len(ADAPTERS)] for i in range(args.requests)]
@@ -200,6 +240,38 @@ def main() -> None:
                                     "results": {k: {kk: vv for kk, vv in v.items() if kk != "texts"}
                                                 for k, v in results.items()},
                                     "memory": memory}, indent=2))
+
+
+def short_requests(args, work: Path) -> None:
+    from whisper_lora.report import format_table, machine
+    from whisper_lora.text import error_rate
+
+    clips, references = make_short_clips(work, args.requests)
+    (work / "adapters").mkdir()
+    runs = [("one at a time, full", ["--max-batch", "1", "--audio-ctx", "full"]),
+            ("batched, full", ["--max-batch", "8", "--audio-ctx", "full"]),
+            ("one at a time, auto", ["--max-batch", "1", "--audio-ctx", "auto"]),
+            ("batched, auto", ["--max-batch", "8", "--audio-ctx", "auto"])]
+    results = {}
+    for name, flags in runs:
+        server = Server(work / "adapters", *flags)
+        try:
+            load(server, clips[:1], ["whisper-1"], args.timeout)  # warm-up
+            print(f"{name}: {args.requests} requests ...", flush=True)
+            results[name] = load(server, clips, ["whisper-1"] * args.requests, args.timeout)
+            results[name]["wer"] = error_rate(references, results[name].pop("texts"), "wer", ["en"] * len(clips))
+        finally:
+            server.stop()
+    baseline = results["batched, full"]["throughput"]
+    audio = results["batched, full"]["audio_s"]
+    print(f"\n{args.requests} concurrent requests of {audio / args.requests:.1f} s on average ({audio:.0f} s of speech); "
+          f"{machine()}\n")
+    print(format_table(["system", "audio s / wall s", "vs batched, full", "p50 latency", "p95 latency", "WER",
+                        "peak RSS"],
+                       [[name, f"{r['throughput']:.2f}", f"{r['throughput'] / baseline:.2f}x", f"{r['p50_s']:.1f} s",
+                         f"{r['p95_s']:.1f} s", r["wer"], f"{r['peak_rss_mb']} MB"] for name, r in results.items()]))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"machine": machine(), "requests": args.requests, "results": results}, indent=2))
 
 
 if __name__ == "__main__":
