@@ -223,3 +223,13 @@ def test_ct2_backend_takes_a_prompt_and_a_forced_prefix_as_transformers_does(bas
         text, words = " ".join(s.text for s in segments), [w.word.strip() for s in segments for w in s.words]
         assert text.lower().startswith("she walked"), (backend, [s.text for s in segments])
         assert words[:2] == ["She", "walked"] and len(words) > 3, (backend, words)
+
+
+def test_plain_text_of_long_audio_keeps_every_window_in_both_backends(base_transcriber, ct2_transcriber):
+    """GREEDY asks for no timestamps (one segment per clip); past 30 s both backends decode with them, or
+    faster-whisper reads each 30 s window as one segment and drops most of its words."""
+    audio = gregson_and_cards()
+    for backend in (base_transcriber, ct2_transcriber):
+        segments, _ = backend.transcribe(audio, "en", GREEDY)
+        text = " ".join(s.text for s in segments).lower()
+        assert text.count("gregson") >= 3 and "spades" in text, (type(backend).__name__, text)

@@ -469,7 +469,7 @@ def test_acft_trains_records_itself_and_is_read_at_its_floor(tiny_model_dir, tin
     backend.encode = lambda features, adapter=None: frames.append(features.shape[-1]) or encode(features, adapter)
     clip = np.random.default_rng(0).standard_normal(16000 * 2).astype(np.float32) * 0.1
     backend.transcribe_batch([clip], ["zh"], DecodeOptions(temperature=(0.0,), max_new_tokens=4, without_timestamps=True))
-    assert frames == [300]  # 2 s + 1 s: the adapter's floor (2 s) is below it, the base's 10 s is not used
+    assert frames == [round(ACFT_FLOOR_SECONDS * 100)]  # its floor (above a 2 s clip + 1 s), not the base's 10 s
     backend.transcribe_batch([clip], ["zh"], DecodeOptions(temperature=(0.0,), max_new_tokens=4, without_timestamps=True,
                                                            audio_ctx="full"))
     assert frames[-1] == 3000  # a command that says otherwise wins
