@@ -146,7 +146,7 @@ def main() -> None:
         return
 
     from whisper_lora.audio import audio_duration
-    from whisper_lora.report import format_table
+    from whisper_lora.report import format_table, machine
     from whisper_lora.text import error_rate
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -185,7 +185,7 @@ def main() -> None:
     clip_seconds = sum(durations[i] for i in groups["clips"])
     print(f"\n{len(items)} files, {seconds:.0f} s of audio ({len(groups['clips'])} clips, {clip_seconds:.0f} s; "
           f"{len(groups['long'])} long files, {seconds - clip_seconds:.0f} s); "
-          f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()})")
+          f"{machine()}")
     print(format_table(["system", "wall s", "RTF", "peak MB", "WER", "clips s", "clips WER", "long s", "long WER"],
                        rows))
     ratios = {}
@@ -203,8 +203,7 @@ def main() -> None:
                   f"(clips {ratios[f'{ours} / {theirs} (clips)']:.2f}x, long files {ratios[f'{ours} / {theirs} (long)']:.2f}x)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"audio_seconds": seconds, "files": len(items), "cpu_count": os.cpu_count(),
-                                          "machine": f"{os.cpu_count()} CPU cores "
-                                                     f"({platform.processor() or platform.machine()}), systems on CPU",
+                                          "machine": f"{machine()}, systems on CPU",
                                           "repeat": args.repeat, "model": args.model, "results": results, "ratios": ratios}, indent=2))
 
 
