@@ -87,3 +87,16 @@ def test_an_adapter_of_the_embedded_model_names_a_base_anyone_can_load(mandarin_
     with torch.no_grad():
         torch.testing.assert_close(ours(input_features=features, decoder_input_ids=ids).logits,
                                    theirs(input_features=features, decoder_input_ids=ids).logits)
+
+
+def test_a_recorded_encoder_context_is_read_and_a_bad_one_named(tmp_path):
+    from whisper_lora.errors import UserError
+    from whisper_lora.models import DECODING_FILE, recorded_audio_ctx
+
+    assert recorded_audio_ctx(tmp_path) is None  # nothing recorded: each command's own default
+    (tmp_path / DECODING_FILE).write_text('{"audio_ctx": 5.0, "trained_with": "acft"}')
+    assert recorded_audio_ctx(tmp_path) == 5.0
+    for bad in ('{"audio_ctx": "soon"}', '{"audio_ctx": 0.2}', '[5]', 'not json'):
+        (tmp_path / DECODING_FILE).write_text(bad)
+        with pytest.raises(UserError, match=DECODING_FILE):
+            recorded_audio_ctx(tmp_path)

@@ -222,6 +222,12 @@ def test_a_browser_opens_the_socket_with_a_client_secret_as_its_subprotocol(serv
         with pytest.raises(websockets.exceptions.InvalidStatus):
             websockets.sync.client.connect(url, subprotocols=["realtime", "openai-insecure-api-key." + wrong],
                                            open_timeout=10)
+    shapeless = urllib.request.Request(server.url + "/v1/realtime/client_secrets", method="POST",
+                                       data=json.dumps({"expires_after": 600}).encode(),
+                                       headers={"Authorization": f"Bearer {KEY}"})
+    with pytest.raises(urllib.error.HTTPError) as exc:
+        urllib.request.urlopen(shapeless, timeout=30)
+    assert exc.value.code == 400 and json.loads(exc.value.read())["error"]["param"] == "expires_after"
     refused = urllib.request.Request(server.url + "/v1/realtime/client_secrets", method="POST", data=b"{}",
                                      headers={"Authorization": f"Bearer {secret['value']}"})
     with pytest.raises(urllib.error.HTTPError) as exc:  # a client secret opens the socket, it mints nothing

@@ -476,3 +476,15 @@ def test_acft_trains_records_itself_and_is_read_at_its_floor(tiny_model_dir, tin
     for conflict in (dict(pack=True), dict(method="full"), dict(acft_weight=0.0)):
         with pytest.raises(UserError, match="--acft"):
             tiny_train_config(tiny_model_dir, tiny_corpus, tmp_path / "x", acft=True, **conflict)
+
+
+def test_acft_conflicts_with_distilled_replay_and_zero3_are_refused_in_one_line(tiny_model_dir, tiny_corpus, tmp_path):
+    from whisper_lora.errors import UserError
+
+    retain, _ = english_retain_set(tiny_corpus)
+    with pytest.raises(UserError, match="--acft and --replay-loss distill conflict"):
+        tiny_train_config(tiny_model_dir, tiny_corpus, tmp_path / "a", acft=True, retain_manifest=str(retain),
+                          replay_ratio=0.2, replay_loss="distill")
+    with pytest.raises(UserError, match="--acft and ZeRO-3 conflict"):
+        tiny_train_config(tiny_model_dir, tiny_corpus, tmp_path / "b", acft=True,
+                          deepspeed=str(REPO / "configs" / "deepspeed" / "zero3.json"))

@@ -4,7 +4,8 @@ Whisper's encoder encodes 3,000 log-mel frames (30 s) whatever the audio holds, 
 most of what a short clip costs. The encoder is a stack of self-attention layers over positions; given
 fewer frames (positional embeddings sliced to match, kv.Network.encode) it encodes just those, at a cost
 close to linear in their number, and the decoder cross-attends to fewer positions too. whisper.cpp calls
-this `audio_ctx` (`-ac`, counted in encoder positions, 50 per second: `-ac 512` is 10.24 s here).
+this `audio_ctx` (`-ac`, counted in encoder positions, 50 per second: `-ac 512` is 10.24 s; here contexts
+are whole seconds, so `--audio-ctx 10` is the nearest).
 
 * `full`: 3,000 frames, exactly what Whisper was trained on and what every other tool does.
 * `auto`: the frames that hold audio plus `MARGIN_SECONDS`, rounded up to whole `STEP_SECONDS`, and

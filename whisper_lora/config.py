@@ -236,7 +236,11 @@ class TrainConfig:
             if self.pack:
                 raise UserError("--acft and --pack conflict: a packed window is 30 s of audio, there is no shorter "
                                 "context to learn")
-            if self.deepspeed and check_deepspeed_config(self.deepspeed)["zero_optimization"]["stage"] == 3:
+            if self.replay_loss == "distill":
+                raise UserError("--acft and --replay-loss distill conflict: both replace the loss with a "
+                                "distillation from the base model; replay with labels, or train twice")
+            zero = check_deepspeed_config(self.deepspeed).get("zero_optimization", {}) if self.deepspeed else {}
+            if zero.get("stage", 0) == 3:
                 raise UserError("--acft and ZeRO-3 conflict: the short-context encoder pass reads whole weights "
                                 "(use zero2.json)", self.deepspeed)
         if self.log_predictions < 0:

@@ -300,10 +300,13 @@ def recorded_audio_ctx(folder: str | Path | None) -> str | float | None:
     """The encoder context an adapter or model folder was trained for (`train --acft`), or None."""
     if folder is None or not (Path(folder) / DECODING_FILE).is_file():
         return None
+    from .audio_ctx import parse_audio_ctx
+
     try:
-        return json.loads((Path(folder) / DECODING_FILE).read_text()).get("audio_ctx")
-    except (json.JSONDecodeError, AttributeError):
-        raise UserError(f"{DECODING_FILE} is not a JSON object", folder) from None
+        recorded = json.loads((Path(folder) / DECODING_FILE).read_text(encoding="utf-8")).get("audio_ctx")
+        return parse_audio_ctx(recorded)
+    except (ValueError, AttributeError, UserError) as exc:  # JSON, encoding, not an object, a bad value
+        raise UserError(f"{DECODING_FILE}: audio_ctx must be full, auto or seconds ({exc})", folder) from None
 
 
 def load_model(spec: str | ResolvedModel | None, device: str = "cpu", dtype=None, merge_adapter: bool = False,

@@ -132,10 +132,14 @@ class CT2Backend:
         return max(1, min(options.max_new_tokens, room))
 
     @staticmethod
-    def _convert(s, offset: float, frames_offset: int) -> Segment:
-        words = [Word(round(offset + w.start, 3), round(offset + w.end, 3), w.word, w.probability)
-                 for w in s.words] if s.words else None
-        return Segment(0, round(offset + s.start, 3), round(offset + s.end, 3), s.text.strip(), list(s.tokens),
+    def _convert(s, offset: float, frames_offset: int, audio_end: float) -> Segment:
+        """A faster-whisper segment in input seconds, its times inside the audio (at a short context
+        faster-whisper may write a timestamp past the audio: it has no setting to suppress them)."""
+        def at(t: float) -> float:
+            return round(min(float(offset + t), audio_end), 3)
+
+        words = [Word(at(w.start), at(w.end), w.word, w.probability) for w in s.words] if s.words else None
+        return Segment(0, at(s.start), at(s.end), s.text.strip(), list(s.tokens),
                        s.avg_logprob, s.no_speech_prob, words, seek=frames_offset + s.seek, temperature=s.temperature,
                        compression_ratio=s.compression_ratio)
 
@@ -153,7 +157,7 @@ class CT2Backend:
             with self._fitted(frames):  # language detection encodes too
                 segments, info = self.model.transcribe(audio, language=language,
                                                        **self._kwargs(options, len(audio) / SAMPLE_RATE))
-            converted = [self._convert(s, 0.0, 0) for s in self._segments(segments, frames) if s.text.strip()]
+            converted = [self._convert(s, 0.0, 0, seconds) for s in self._segments(segments, frames) if s.text.strip()]
             for n, segment in enumerate(converted):
                 segment.id = n
             out.append((converted, TranscriptionInfo(info.language, info.language_probability, seconds)))
@@ -194,7 +198,7 @@ class CT2Backend:
                     if held is not None:
                         held.id, next_id = next_id, next_id + 1
                         yield held
-                    held = self._convert(s, position, round(position * 100))
+                    held = self._convert(s, position, round(position * 100), end)
             if not final and held is not None and held.start > position + 1.0:
                 position = held.start  # the next block decodes it again, whole
                 continue

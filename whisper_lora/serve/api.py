@@ -292,8 +292,10 @@ class ClientSecrets:
         self._expiry: dict[str, float] = {}
         self._lock = threading.Lock()
 
-    def mint(self, seconds: int = DEFAULT_SECONDS) -> tuple[str, int]:
+    def mint(self, seconds: int = DEFAULT_SECONDS, keep: bool = True) -> tuple[str, int]:
         value, expires_at = "ek_" + secrets.token_urlsafe(24), int(time.time()) + seconds
+        if not keep:
+            return value, expires_at
         with self._lock:
             self._expiry = {k: t for k, t in self._expiry.items() if t > time.time()}  # forget spent ones
             self._expiry[value] = expires_at
@@ -401,11 +403,16 @@ async def client_secrets(request: Request, state: State):
             raise APIError(400, "the body must be JSON") from None
     if not isinstance(body, dict):
         raise APIError(400, "the body must be a JSON object")
-    seconds = (body.get("expires_after") or {}).get("seconds", ClientSecrets.DEFAULT_SECONDS)
+    expires_after = body.get("expires_after") or {}
+    if not isinstance(expires_after, dict):
+        raise APIError(400, "expires_after must be an object ({\"anchor\": \"created_at\", \"seconds\": 600})",
+                       param="expires_after")
+    seconds = expires_after.get("seconds", ClientSecrets.DEFAULT_SECONDS)
     if not isinstance(seconds, int) or not ClientSecrets.MIN_SECONDS <= seconds <= ClientSecrets.MAX_SECONDS:
         raise APIError(400, f"expires_after.seconds must be an integer from {ClientSecrets.MIN_SECONDS} to "
                             f"{ClientSecrets.MAX_SECONDS}", param="expires_after.seconds")
-    value, expires_at = state.client_secrets.mint(seconds)
+    # an open server needs no key, so it keeps none (anyone may ask, nothing piles up)
+    value, expires_at = state.client_secrets.mint(seconds, keep=state.api_key is not None)
     session = body.get("session") if isinstance(body.get("session"), dict) else {"type": "transcription"}
     return {"value": value, "expires_at": expires_at, "session": session}
 

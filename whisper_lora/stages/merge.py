@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from ..config import MergeConfig
 from ..rundir import clear_output_dir, save_config
 from ..errors import UserError
 from ..lora import merge_into_base
-from ..models import ResolvedModel, load_model, resolve_model, save_processor
+from ..models import DECODING_FILE, ResolvedModel, load_model, resolve_model, save_processor
 
 MERGE_CONFIG = "merge_config.yaml"
 
@@ -34,6 +35,8 @@ def run(config: MergeConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out)
     save_processor(processor, out)
+    if (adapter / DECODING_FILE).is_file():  # an --acft adapter's encoder context goes with its weights
+        shutil.copy(adapter / DECODING_FILE, out / DECODING_FILE)
     save_config(config, out / MERGE_CONFIG)
     print(f"merged model written to {out}")
     return out

@@ -130,7 +130,8 @@ def run_local(config: RealtimeConfig, chunks: queue.Queue, printer: Printer, lan
 
     policy = config.policy if hasattr(backend, "stream_step") else "local-agreement"  # CTranslate2: no attention
     stream = StreamingTranscriber(decode, language, config.prompt,
-                                  StreamOptions(audio_ctx=parse_audio_ctx(config.audio_ctx) or STREAM_DEFAULT, policy=policy),
+                                  StreamOptions(audio_ctx=parse_audio_ctx(config.audio_ctx) or backend.model_audio_ctx
+                                                or STREAM_DEFAULT, policy=policy),
                                   step=step)
     segments: list[Segment] = []
     while True:

@@ -195,7 +195,8 @@ def acft_loss(model, base_model, features: torch.Tensor, labels: torch.Tensor, s
     """
     from ..decode.kv import Network
 
-    encoded = Network(base_model).encode(features[..., :acft_context(seconds)])
+    network = Network(base_model)
+    encoded = network.encode(features[..., :acft_context(seconds)].to(network.dtype))
     student = model(encoder_outputs=(encoded,), labels=labels)
     with torch.no_grad(), base_model.disable_adapter():
         teacher = base_model(input_features=features, labels=labels).logits.float().log_softmax(-1)
@@ -637,8 +638,10 @@ def train_step(loop: Loop, batch: dict) -> bool:
             distilled = torch.tensor([i >= loop.data.train_rows for i in batch["index"]], device=accelerator.device) \
                 if config.replay_loss == "distill" else None
             if config.acft:
-                loss = acft_loss(model, accelerator.unwrap_model(model), inputs["input_features"], labels,
-                                 batch["seconds"], config.acft_weight)
+                # the student's encoder pass runs outside the wrapped forward: under the same autocast
+                with accelerator.autocast():
+                    loss = acft_loss(model, accelerator.unwrap_model(model), inputs["input_features"], labels,
+                                     batch["seconds"], config.acft_weight)
             else:
                 loss = training_loss(model, accelerator.unwrap_model(model), inputs, labels, distilled)
             accelerator.backward(loss)
