@@ -184,6 +184,21 @@ def load(server: Server, clips: list[Path], models: list[str], timeout: float) -
             "texts": texts}
 
 
+def run_server(name: str, flags: list[str], adapters: Path, clips: list[Path], models: list[str], timeout: float,
+               warm_up=None) -> dict:
+    """One configuration: its own server, a warm-up (by default the load's first request alone), the load."""
+    server = Server(adapters, *flags)
+    try:
+        if warm_up is None:
+            load(server, clips[:1], models[:1], timeout)  # first-call allocations (and the adapter loaded)
+        else:
+            warm_up(server)
+        print(f"{name}: {len(clips)} requests ...", flush=True)
+        return load(server, clips, models, timeout)
+    finally:
+        server.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=50)
@@ -204,22 +219,18 @@ def main() -> None:
             ("batched, 1 adapter", ["--max-batch", "8"], ["alpha"] * args.requests),
             ("batched, 4 adapters mixed", ["--max-batch", "8", "--mixed-adapters"], spread),
             ("batched, 4 adapters grouped", ["--max-batch", "8"], spread)]
-    results, memory = {}, {}
-    for name, flags, models in runs:
-        server = Server(work / "adapters", *flags)
-        try:
-            if name == "batched, 4 adapters mixed":
-                load(server, clips[:1], ["whisper-1"], args.timeout)  # warm-up on the base alone
-                memory["base_mb"] = round(server.rss_mb()[0])
-                for adapter in ADAPTERS:
-                    load(server, clips[:1], [adapter], args.timeout)
-                memory["four_adapters_mb"] = round(server.rss_mb()[0])
-            else:
-                load(server, clips[:1], models[:1], args.timeout)  # warm-up (and the adapter loaded)
-            print(f"{name}: {args.requests} requests ...", flush=True)
-            results[name] = load(server, clips, models, args.timeout)
-        finally:
-            server.stop()
+    memory = {}
+
+    def weigh_adapters(server: Server) -> None:
+        load(server, clips[:1], ["whisper-1"], args.timeout)  # warm-up on the base alone
+        memory["base_mb"] = round(server.rss_mb()[0])
+        for adapter in ADAPTERS:
+            load(server, clips[:1], [adapter], args.timeout)
+        memory["four_adapters_mb"] = round(server.rss_mb()[0])
+
+    results = {name: run_server(name, flags, work / "adapters", clips, models, args.timeout,
+                                weigh_adapters if name == "batched, 4 adapters mixed" else None)
+               for name, flags, models in runs}
     base = results["one at a time"]["throughput"]
     single = results["batched, 1 adapter"]["throughput"]
     print(f"\n{args.requests} concurrent requests, {results['batched']['audio_s']:.0f} s of speech; "
@@ -254,14 +265,8 @@ def short_requests(args, work: Path) -> None:
             ("batched, auto", ["--max-batch", "8", "--audio-ctx", "auto"])]
     results = {}
     for name, flags in runs:
-        server = Server(work / "adapters", *flags)
-        try:
-            load(server, clips[:1], ["whisper-1"], args.timeout)  # warm-up
-            print(f"{name}: {args.requests} requests ...", flush=True)
-            results[name] = load(server, clips, ["whisper-1"] * args.requests, args.timeout)
-            results[name]["wer"] = error_rate(references, results[name].pop("texts"), "wer", ["en"] * len(clips))
-        finally:
-            server.stop()
+        results[name] = run_server(name, flags, work / "adapters", clips, ["whisper-1"] * args.requests, args.timeout)
+        results[name]["wer"] = error_rate(references, results[name].pop("texts"), "wer", ["en"] * len(clips))
     baseline = results["batched, full"]["throughput"]
     audio = results["batched, full"]["audio_s"]
     print(f"\n{args.requests} concurrent requests of {audio / args.requests:.1f} s on average ({audio:.0f} s of speech); "

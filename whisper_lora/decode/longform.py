@@ -68,10 +68,19 @@ def content_frames(audio: np.ndarray) -> int:
     return min(N_FRAMES, -(-len(audio) // HOP_LENGTH))
 
 
-def clip_context(audios: list[np.ndarray], audio_ctx: AudioContext | None) -> int:
-    """Frames to encode for clips batched together: the longest one's context (a row given more context
-    than it needs reads as it would at a larger floor; rows of one batch must share a length)."""
-    return max(encoder_frames(content_frames(a), audio_ctx) for a in audios)
+def clip_features(model: WindowModel, audios: list[np.ndarray], audio_ctx: AudioContext | None) -> torch.Tensor:
+    """The encoder's input for clips batched together, each padded to 30 s and cut to the longest one's
+    context (a row given more context than it needs reads as it would at a larger floor; rows of one
+    batch must share a length)."""
+    context = max(encoder_frames(content_frames(a), audio_ctx) for a in audios)
+    return model.features(audios)[..., :context]
+
+
+def window_features(mel: torch.Tensor, audio_ctx: AudioContext | None) -> torch.Tensor:
+    """The encoder's input for one window of a block's spectrogram (its frames that hold audio, at most
+    30 s): padded to its context, as openai/whisper pads it to 30 s."""
+    size = min(N_FRAMES, mel.shape[-1])
+    return F.pad(mel[:, :size], (0, encoder_frames(size, audio_ctx) - size))[None]
 
 
 def is_silent(audio: np.ndarray) -> bool:
@@ -185,8 +194,7 @@ def sequential(model: WindowModel, source: np.ndarray | Path, duration: float, l
             if first_window is not None and position == 0 and seek == 0:
                 encoded = first_window[1]
             else:
-                context = encoder_frames(size, options.audio_ctx)
-                encoded = model.encode(F.pad(mel[:, seek:seek + size], (0, context - size))[None], adapter)
+                encoded = model.encode(window_features(mel[:, seek:seek + size], options.audio_ctx), adapter)
             if language is None:
                 language = model.detect(encoded, adapter)[0][0]
             prefix = tokens.prefix(language, options.task, True, history[reset_since:])
@@ -247,7 +255,7 @@ def clips(model: WindowModel, audios: list[np.ndarray], languages: list[str | No
     timestamps = not options.without_timestamps
     if encoded is None:
         heard = [audios[i] for i in voiced]
-        encoded = model.encode(model.features(heard)[..., :clip_context(heard, options.audio_ctx)], adapter)
+        encoded = model.encode(clip_features(model, heard, options.audio_ctx), adapter)
     resolved = _resolve_languages(model, encoded, [languages[i] for i in voiced], adapter)
     prompt = tokens.prompt_ids(options.initial_prompt)
     forced = tokens.prompt_ids(options.prefix) if not timestamps else []  # decoded as given, not searched
@@ -311,7 +319,7 @@ def _decode_vad_batch(model: WindowModel, windows: list, block: np.ndarray, offs
     segments: list[Segment] = []
     for attempt in range(VAD_RETRY_ROUNDS + 1):
         clips_ = [w.samples(block) for w in windows]
-        encoded = model.encode(model.features(clips_)[..., :clip_context(clips_, options.audio_ctx)], adapter)
+        encoded = model.encode(clip_features(model, clips_, options.audio_ctx), adapter)
         lang = language or model.detect(encoded[:1], adapter)[0][0]
         prefix = tokens.prefix(lang, options.task, True, prompt)
         results = model.decode(encoded, [prefix] * len(windows), options, True, adapter)

@@ -20,13 +20,11 @@ from typing import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from ..constants import CHUNK_SECONDS, FRAMES_PER_SECOND, MAX_TARGET_TOKENS, N_FRAMES, SAMPLE_RATE, TIME_PRECISION
+from ..constants import CHUNK_SECONDS, MAX_TARGET_TOKENS, SAMPLE_RATE, TIME_PRECISION
 from ..audio import log_mel
 from ..tokens import SpecialTokens
 from . import longform
-from ..audio_ctx import encoder_frames
 from .alignatt import FRONTIER_POSITIONS, AlignAttDecoder, AlignAttResult
 from .kv import Network
 from .rules import LogitRules
@@ -144,13 +142,12 @@ class TransformersBackend:
         stopped), times in the buffer. `options.prefix` is the text already committed inside the buffer,
         `options.initial_prompt` what came before it; `start` (s) where the committed text ends."""
         model, tokens, options = self.window_model, self.tokens, self._fitted(options)
-        context = longform.clip_context([audio], options.audio_ctx)
-        encoded = model.encode(model.features([audio])[..., :context], adapter)
+        encoded = model.encode(longform.clip_features(model, [audio], options.audio_ctx), adapter)
         lang = (language or model.detect(encoded, adapter)[0][0]) if self.multilingual else "en"
         forced = tokens.prompt_ids(options.prefix)
         prefix = tokens.prefix(lang, options.task, False, tokens.prompt_ids(options.initial_prompt)) + forced
         max_new = max(1, min(options.max_new_tokens, MAX_TARGET_TOKENS - len(prefix) - 1))
-        content = -(-len(audio) * FRAMES_PER_SECOND // (SAMPLE_RATE * 2))  # encoder positions holding audio
+        content = -(-longform.content_frames(audio) // 2)  # encoder positions holding audio (2 frames each)
         result = model.alignatt(encoded, prefix, len(forced), content, final, max_new, lang,
                                 round(start / TIME_PRECISION), threshold, adapter)
 
@@ -195,11 +192,10 @@ class TransformersBackend:
                 if vad:
                     features = model.features([head])  # a VAD window's context is set by its speech, later
                 elif short and options.without_timestamps:  # the audio padded to 30 s, as `clips` decodes it
-                    features = model.features([head])[..., :longform.clip_context([head], options.audio_ctx)]
-                else:
-                    mel, content = model.block_features(head)  # the spectrogram padded, as `sequential` does
-                    size = min(N_FRAMES, content)
-                    features = F.pad(mel[:, :size], (0, encoder_frames(size, options.audio_ctx) - size))[None]
+                    features = longform.clip_features(model, [head], options.audio_ctx)
+                else:  # the spectrogram padded, as `sequential` does
+                    mel, content = model.block_features(head)
+                    features = longform.window_features(mel[:, :content], options.audio_ctx)
                 first_window = (features, model.encode(features, adapter))
                 (lang, prob), = model.detect(first_window[1], adapter)
         info = TranscriptionInfo(lang, prob, duration)

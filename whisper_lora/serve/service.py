@@ -39,7 +39,7 @@ from ..decode.search import WindowResult
 from ..decode.timing import WordTiming
 from ..devices import torch_placement
 from ..errors import UserError
-from ..models import ct2_model_dir, load_model, public_name, recorded_audio_ctx, resolve_model
+from ..models import DECODING_FILE, ct2_model_dir, load_model, public_name, recorded_audio_ctx, resolve_model
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 OPENAI_MODEL = "whisper-1"  # what clients of OpenAI's API send; always the base model here
@@ -99,6 +99,7 @@ class ModelPool:
         self._loaded: OrderedDict[str, _Adapter] = OrderedDict()  # least recently used first
         self.refused: dict[str, str] = {}  # adapter folders that cannot be served, with the reason
         self._configs: dict[tuple[Path, int], tuple[dict | None, str | None]] = {}  # by (folder, file mtime)
+        self._recorded: dict[tuple[Path, int], object] = {}  # decoding.json's audio_ctx, by (folder, file mtime)
         self.peft = None  # the PeftModel wrapping the base once an adapter is loaded
         if backend == "ct2":
             if self.adapters_dir is not None:
@@ -119,11 +120,18 @@ class ModelPool:
         self.backend.model_audio_ctx = recorded_audio_ctx(resolved.location)  # a merged --acft model
 
     def audio_ctx_of(self, adapter: str | None):
-        """The encoder context a served model was trained for (an --acft adapter's floor), or None."""
+        """The encoder context a served model was trained for (an --acft adapter's floor), or None. Asked on
+        every request for a name `resolve` has just found: the file is read again only when it changes."""
         if adapter is None:
             return getattr(self.backend, "model_audio_ctx", None)
-        folder = self.adapter_folders().get(adapter)
-        return recorded_audio_ctx(folder) if folder is not None else None
+        folder = self.adapters_dir / adapter
+        try:
+            key = (folder, (folder / DECODING_FILE).stat().st_mtime_ns)
+        except OSError:  # none recorded (or the folder went away: loading it will say so)
+            return None
+        if key not in self._recorded:
+            self._recorded[key] = recorded_audio_ctx(folder)
+        return self._recorded[key]
 
     # ---- names ------------------------------------------------------------------------------------------
 
@@ -545,7 +553,7 @@ class TranscriptionService:
         if language and language not in self.backend.languages:
             raise UserError(f"the model has no language '{language}'")
         if options.audio_ctx is None:
-            options = replace(options, audio_ctx=self.audio_ctx or self.pool.audio_ctx_of(adapter) or FULL)
+            options = replace(options, audio_ctx=self._audio_ctx(adapter, FULL))
         admission = self.admitted()
         admission.__enter__()
         using = self.pool.using(adapter)
@@ -566,6 +574,11 @@ class TranscriptionService:
 
         return held(), info
 
+    def _audio_ctx(self, adapter: str | None, fallback):
+        """The encoder context of a call that leaves it open: the server's --audio-ctx, else what the model
+        was trained for (an --acft adapter's floor), else the path's own default (`fallback`)."""
+        return self.audio_ctx or self.pool.audio_ctx_of(adapter) or fallback
+
     def open_stream(self, model: str | None, language: str | None, prompt: str | None = None, options=None,
                     patience: float = 0.0):
         """A StreamingTranscriber decoding through this service (the server's policy and encoder context).
@@ -577,9 +590,8 @@ class TranscriptionService:
         policy = self.stream_policy or options.policy
         if policy == "alignatt" and not self.streams_alignatt:
             policy = "local-agreement"  # CTranslate2: no cross-attention to read
-        recorded = self.pool.audio_ctx_of(self.resolve(model))  # an --acft adapter's own floor
         options = replace(options, policy=policy,
-                          audio_ctx=self.audio_ctx or recorded or options.audio_ctx or STREAM_DEFAULT)
+                          audio_ctx=self._audio_ctx(self.resolve(model), options.audio_ctx or STREAM_DEFAULT))
 
         def patiently(call):
             deadline = time.monotonic() + patience
@@ -613,6 +625,6 @@ class TranscriptionService:
                             "expose cross-attention); use local-agreement")
         adapter = self.resolve(model)
         if options.audio_ctx is None:
-            options = replace(options, audio_ctx=self.audio_ctx or self.pool.audio_ctx_of(adapter) or STREAM_DEFAULT)
+            options = replace(options, audio_ctx=self._audio_ctx(adapter, STREAM_DEFAULT))
         with self.admitted(), self.pool.using(adapter):
             return self.backend.stream_step(audio, language, options, final, start, adapter=adapter)
