@@ -118,6 +118,29 @@ def latencies(confirmed, reference_words) -> list[float]:
     return out
 
 
+PEERS = {"whisperlivekit-simulstreaming": "simulstreaming", "whisperlivekit-localagreement": "localagreement"}
+PEER_DIR = REPO / "bench" / "peers" / "whisperlivekit"
+
+
+def peer_stream(peer: str, wav: Path, work: Path) -> dict:
+    """WhisperLiveKit on the same file at the same pace (its own virtualenv, the same whisper-base weights;
+    bench/peers/whisperlivekit): confirmed words with the wall time each final word first appeared in its
+    committed text, measured from the stream's start as ours are."""
+    import subprocess
+    from types import SimpleNamespace
+
+    subprocess.run(["bash", str(PEER_DIR / "setup.sh")], check=True, stdout=subprocess.DEVNULL)
+    out = work / f"{peer}-{wav.stem}.json"
+    python = REPO / "bench" / ".peers" / "whisperlivekit" / "venv" / "bin" / "python"
+    subprocess.run([str(python), str(PEER_DIR / "driver.py"), "--policy", PEERS[peer], "--wav", str(wav),
+                    "--out", str(out), "--language", "en"], check=True, stdout=subprocess.DEVNULL)
+    run = json.loads(out.read_text())
+    return {"confirmed": [(SimpleNamespace(word=w["word"]), w["first_seen_s"]) for w in run["words"]],
+            "text": run["final_text"], "decode_s": run["asr_time_s"], "decodes": run["n_asr_calls"],
+            "wall_s": run["wall_s"], "audio_s": run["audio_s"], "behind_s": run["wall_s"] - run["audio_s"],
+            "version": run["version"], "settings": run["settings"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--soak-minutes", type=float, default=30.0, help="0: no soak, no silence and noise runs")
@@ -125,6 +148,8 @@ def main() -> None:
     parser.add_argument("--streams", nargs="+", default=["alignatt/auto", "alignatt/full", "local-agreement/full"],
                         help="POLICY/AUDIO_CTX of each stream (the policies and --audio-ctx values of realtime)")
     parser.add_argument("--files", nargs="+", default=["long_0", "long_1", "long_0+1"], choices=("long_0", "long_1", "long_0+1"))
+    parser.add_argument("--peers", nargs="*", default=list(PEERS), choices=list(PEERS),
+                        help="WhisperLiveKit's policies on the same files, in its own virtualenv (none: ours only)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / f"realtime_{platform.node()}.json")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -162,6 +187,24 @@ def main() -> None:
                    "finished_after_audio_s": round(run["behind_s"], 2), "words_matched": len(lat)}
             rows.append(row)
             print(row, flush=True)
+    for name, peer in ((n, p) for n in args.files for p in args.peers):
+        wav = work / f"{name}.wav"
+        if not wav.exists():
+            sf.write(wav, audio[name], 16000)
+        offline, offline_text = offline_words(service, None, audio[name])
+        run = peer_stream(peer, wav, work)
+        lat = latencies(run["confirmed"], offline)
+        row = {"model": "base", "policy": f"WhisperLiveKit {run['version']} {PEERS[peer]}", "audio_ctx": "full",
+               "file": name, "audio_s": round(run["audio_s"], 1),
+               "p50_latency_s": round(float(np.percentile(lat, 50)), 2),
+               "p95_latency_s": round(float(np.percentile(lat, 95)), 2),
+               "wer_stream": round(error_rate([references[name]], [run["text"]], "wer", ["en"]) * 100, 2),
+               "wer_offline": round(error_rate([references[name]], [offline_text], "wer", ["en"]) * 100, 2),
+               "rtf": round(run["decode_s"] / run["audio_s"], 3), "decodes": run["decodes"],
+               "finished_after_audio_s": round(run["behind_s"], 2), "words_matched": len(lat),
+               "peer_settings": run["settings"]}
+        rows.append(row)
+        print({k: v for k, v in row.items() if k != "peer_settings"}, flush=True)
     results["streams"] = rows
 
     # ---- soak: speech and pauses for --soak-minutes, as fast as it is decoded; then silence and noise

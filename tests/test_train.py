@@ -1,4 +1,5 @@
 import json
+from types import SimpleNamespace
 import os
 import signal
 import subprocess
@@ -450,6 +451,18 @@ def test_acft_pulls_the_short_context_reading_onto_the_full_one(tiny_model_dir, 
     assert mixed.item() == pytest.approx(0.5 * ce.item() + 0.5 * kl.item(), rel=1e-4)
     kl.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+    # once the adapter has learned something, the base as teacher pulls it back at 30 s; itself as teacher does not
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    monkeypatch.setattr(train, "acft_context", lambda seconds: 3000)
+    train.acft_loss(model, model, features, labels, [3.0, 2.0], 1.0, "self")
+    assert model.training  # the teacher's eval-mode reading leaves the student training
+    model.eval()  # (the student's LoRA dropout aside)
+    assert train.acft_loss(model, model, features, labels, [3.0, 2.0], 1.0, "base").item() > 1e-3
+    assert train.acft_loss(model, model, features, labels, [3.0, 2.0], 1.0, "self").item() == pytest.approx(0.0, abs=1e-5)
+    assert [train.acft_teacher(SimpleNamespace(acft_teacher="auto", acft_weight=w)) for w in (1.0, 0.5)] == ["base", "self"]
 
 
 def test_acft_trains_records_itself_and_is_read_at_its_floor(tiny_model_dir, tiny_corpus, tmp_path):

@@ -157,9 +157,14 @@ class TrainConfig:
                                "at short encoder contexts (random, down to the audio plus 1 s) as the base model "
                                "reads it at 30 s, so `--audio-ctx auto` can go below its 10 s floor; the adapter "
                                "records it and every command then reads at auto by default (docs/short-audio.md)")
-    acft_weight: float = option(0.5, "with --acft: loss = (1 - w) * cross-entropy on the labels + w * KL(base at 30 s "
-                                     "|| adapter at a short context); 1 = self-distillation only, the labels then only "
-                                     "choose the tokens compared")
+    acft_weight: float = option(0.5, "with --acft: loss = (1 - w) * cross-entropy on the labels + w * KL(teacher at "
+                                     "30 s || adapter at a short context); 1 = self-distillation only, the labels then "
+                                     "only choose the tokens compared")
+    acft_teacher: str = option("auto", "with --acft: whose 30 s reading the short contexts learn: base (the frozen base "
+                                       "model, FUTO's recipe), self (the adapter being trained, no gradient: it "
+                                       "knows the domain the labels teach, which the base does not), or auto: base "
+                                       "when --acft-weight is 1, self when labels train too",
+                               choices=("auto", "base", "self"))
     seed: int = option(42, "seed for data order, dropout and LoRA initialisation")
     timestamps: bool = option(False, "train timestamp tokens (0.02 s grid) from rows' `sentences`, or the whole "
                                      "clip as one segment; rows with empty text train as no-speech samples")
@@ -315,10 +320,12 @@ class EvaluateConfig:
     max_new_tokens: int = option(128, "generation limit per clip")
     device: str = option("auto", DEVICE_HELP)
     dtype: str = option("auto", DTYPE_HELP, choices=DTYPES)
+    audio_ctx: str = option("default", AUDIO_CTX_HELP + "; score a model at the context it will be served at")
     output: str | None = option(None, "JSON file for every hypothesis, reference and score")
 
     def validate(self) -> None:
         check_device(self.device)
+        check_audio_ctx(self.audio_ctx)
         if not self.manifest:
             raise UserError("evaluate needs a MANIFEST")
         if not self.models:
@@ -338,7 +345,7 @@ class EvaluateConfig:
             check_model(model)
 
 
-OUTPUT_FORMATS = ("txt", "jsonl", "json", "srt", "vtt", "tsv", "all")
+OUTPUT_FORMATS = ("txt", "jsonl", "json", "srt", "vtt", "tsv", "all", "parquet")
 
 
 @dataclass(frozen=True)
@@ -383,13 +390,43 @@ class TranscribeConfig:
                                        "file), or per-file json/srt/vtt/tsv, or all of these with --output-dir",
                                 choices=OUTPUT_FORMATS)
     output: str | None = option(None, "write txt/jsonl results to this file instead of standard output")
-    output_dir: str | None = option(None, "write one file per input and format here (NAME.txt, NAME.srt, …)")
+    output_dir: str | None = option(None, "write one file per input and format here (NAME.txt, NAME.srt, …); "
+                                          "with --ray: the folder (or s3://, gs:// URI) of the job's shards")
+    # ---- --ray: the same transcription as a Ray Data job (docs/scale.md)
+    ray: bool = option(False, "run as a Ray Data job: inputs may also be manifests, globs and s3:// / gs:// URIs; "
+                              "writes JSONL or Parquet shards to --output-dir, and a re-run skips rows already "
+                              "written (needs `pip install whisper-lora[ray]`)")
+    ray_address: str | None = option(None, "with --ray: the cluster to join (auto, ray://HOST:10001); empty = "
+                                           "RAY_ADDRESS if set, else a Ray instance on this machine")
+    num_workers: int | None = option(None, "with --ray: transcriber actors (each loads the model once); empty = "
+                                           "as many as the cluster's CPUs (or GPUs) allow")
+    cpus_per_worker: float = option(1.0, "with --ray: CPUs each actor reserves (its torch threads)")
+    gpus_per_worker: float = option(0.0, "with --ray: GPUs each actor reserves (fractions share a GPU)")
+    rows_per_call: int = option(8, "with --ray: files handed to an actor at once (decoded together)")
+    adapters: str | None = option(None, "with --ray: folder of adapters a manifest's `model` column may name "
+                                        "(as `serve --adapters`); rows without one use --model")
 
     def validate(self) -> None:
         check_device(self.device)
         check_audio_ctx(self.audio_ctx)
         if not self.inputs:
             raise UserError("transcribe needs at least one audio file, folder or list file")
+        if self.ray:
+            if not self.output_dir:
+                raise UserError("--ray needs --output-dir: the job writes shards there (a folder or a URI)")
+            if self.output_format not in ("txt", "jsonl", "parquet"):  # txt, the default: JSON lines
+                raise UserError(f"--ray writes jsonl or parquet shards, not {self.output_format}")
+            if self.output or self.sentiment or self.compile:
+                raise UserError("--ray and --output/--sentiment/--compile conflict: the job writes shards to "
+                                "--output-dir; sentiment and compile are not offered on Ray")
+            if self.cpus_per_worker <= 0 or self.gpus_per_worker < 0 or self.rows_per_call <= 0 \
+                    or (self.num_workers is not None and self.num_workers <= 0):
+                raise UserError("--num-workers, --cpus-per-worker and --rows-per-call must be positive")
+            return self._validate_decoding()
+        if self.output_format == "parquet":
+            raise UserError("--output-format parquet needs --ray (Parquet shards of a Ray Data job)")
+        if self.adapters or self.ray_address or self.num_workers:
+            raise UserError("--adapters, --ray-address and --num-workers need --ray")
         if self.output and self.output_dir:
             raise UserError("--output and --output-dir conflict: one file for all inputs, or one file per input")
         if self.output_format == "jsonl" and self.output_dir:
@@ -397,6 +434,9 @@ class TranscribeConfig:
                             "use --output-format json for one file per input")
         if self.output_format == "all" and not self.output_dir:
             raise UserError("--output-format all needs --output-dir")
+        self._validate_decoding()
+
+    def _validate_decoding(self) -> None:
         if not self.temperature or any(not 0 <= t <= 2 for t in self.temperature):
             raise UserError(f"--temperature values must lie in [0, 2], got {self.temperature}")
         if self.compile and self.backend != "transformers":
@@ -410,7 +450,8 @@ class TranscribeConfig:
         from .manifest import language_code
 
         for item in self.inputs:
-            require_path(item, "audio file")
+            if not (self.ray and ("://" in item or any(c in item for c in "*?["))):  # URIs and globs: the job lists them
+                require_path(item, "audio file")
         if self.language:
             language_code(self.language, "--language")
         if self.backend == "transformers":

@@ -7,12 +7,13 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+from ..audio_ctx import parse_audio_ctx
 from ..config import EvaluateConfig
 from ..decode import GREEDY, TransformersBackend
 from ..errors import UserError
 from ..devices import torch_placement
 from ..manifest import check_audio_exists, language_code, read_manifest
-from ..models import load_model
+from ..models import load_model, recorded_audio_ctx, resolve_model
 from ..report import format_table
 from ..scoring import ModelScore, load_clips, score_model
 from ..text import default_metric
@@ -35,9 +36,12 @@ def run(config: EvaluateConfig) -> list[ModelScore]:
     device, dtype = torch_placement(config.device, config.dtype)
     scores = []
     for spec in config.models:
-        model, processor = load_model(spec, device=device, dtype=dtype)
+        resolved = resolve_model(spec)
+        model, processor = load_model(resolved, device=device, dtype=dtype)
         backend = TransformersBackend(model, processor, device=device)
-        options = replace(GREEDY, task=config.task, num_beams=config.num_beams, max_new_tokens=config.max_new_tokens)
+        backend.model_audio_ctx = recorded_audio_ctx(resolved.adapter or resolved.location)  # as transcribe reads it
+        options = replace(GREEDY, task=config.task, num_beams=config.num_beams, max_new_tokens=config.max_new_tokens,
+                          audio_ctx=parse_audio_ctx(config.audio_ctx))
         scores.append(score_model(spec, backend, clips, language, options, config.batch_size))
         del model, backend
         gc.collect()

@@ -104,6 +104,10 @@ TRANSCRIBE_CONFIG = "transcribe_config.yaml"  # the resolved config, beside the 
 
 
 def run(config: TranscribeConfig) -> int:
+    if config.ray:
+        from .transcribe_ray import run as run_on_ray
+
+        return run_on_ray(config)
     from tqdm.auto import tqdm
 
     # ---- set up

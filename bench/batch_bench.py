@@ -1,0 +1,132 @@
+"""Transcribing a corpus: one `transcribe` process against the same command on Ray Data, on this machine.
+
+    python bench/batch_bench.py                # prints the table, writes bench/results/batch_<host>.json
+    python bench/batch_bench.py --copies 2     # 110 files instead of 220
+
+The corpus: the 55 real English clips of demo/data/speech-en (CMU ARCTIC, card recordings), each in
+`--copies` versions (as recorded; after 1 s of silence; at half the gain; followed by the next clip), so
+220 real-speech files by default, 1-10 s each. Every configuration runs the real command line in a fresh
+process and is timed from start to exit (model loading and, for Ray, starting Ray and its actors
+included): what a user waits for. WER against the references checks that every run read the same files.
+
+Ray's overhead = Ray's wall time / the single process's - 1, with the same CPUs doing the decoding.
+The projection to N machines assumes the per-worker rate measured here and no shared bottleneck (the
+files are read from local disk or object storage by each worker, and nothing else is shared).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+SPEECH_EN = REPO / "demo" / "data" / "speech-en"
+SR = 16000
+
+
+def build_corpus(folder: Path, copies: int) -> dict[str, str]:
+    """{file path: reference text} for `copies` versions of each real clip."""
+    import soundfile as sf
+
+    from whisper_lora.audio import load_audio
+    from whisper_lora.manifest import read_manifest
+
+    samples = [s for f in sorted(SPEECH_EN.rglob("transcripts.json")) for s in read_manifest(f)]
+    clips = [(load_audio(s.audio_path), s.text) for s in samples]
+    versions = [
+        lambda a, t, n: (a, t),
+        lambda a, t, n: (np.concatenate([np.zeros(SR, np.float32), a]), t),
+        lambda a, t, n: (a * 0.5, t),
+        lambda a, t, n: (np.concatenate([a, np.zeros(SR // 2, np.float32), clips[n][0]]), f"{t} {clips[n][1]}"),
+    ]
+    corpus = {}
+    for copy in range(copies):
+        for i, (audio, text) in enumerate(clips):
+            audio, text = versions[copy % len(versions)](audio, text, (i + 1) % len(clips))
+            path = folder / f"v{copy}" / f"clip_{i:03d}.wav"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            sf.write(path, audio, SR)
+            corpus[str(path)] = text
+    return corpus
+
+
+def timed(command: list[str]) -> float:
+    started = time.monotonic()
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1"))
+    if result.returncode != 0:
+        sys.exit(f"{' '.join(command[2:5])} failed:\n{result.stderr[-3000:]}")
+    return time.monotonic() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--copies", type=int, default=4, help="versions of each of the 55 clips (4: 220 files)")
+    parser.add_argument("--model", default=None, help="default: the embedded whisper-base")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / f"batch_{platform.node()}.json")
+    args = parser.parse_args()
+    from whisper_lora.batch import read_shards
+    from whisper_lora.report import format_table, machine
+    from whisper_lora.text import error_rate
+
+    work = Path(tempfile.mkdtemp(prefix="batch-bench-"))
+    corpus = build_corpus(work / "audio", args.copies)
+    audio_s = sum(__import__("soundfile").info(p).duration for p in corpus)
+    cpus = os.cpu_count() or 1
+    base = [sys.executable, "-m", "whisper_lora", "transcribe", str(work / "audio"), "--language", "en",
+            *(["--model", args.model] if args.model else [])]
+    configs = [("transcribe (one process)", cpus, 1, base + ["--output-format", "jsonl", "--output",
+                                                              str(work / "single.jsonl")])]
+    for workers in sorted({cpus, 1}, reverse=True):
+        per = max(1, cpus // workers)
+        configs.append((f"transcribe --ray, {workers} worker{'s' * (workers > 1)} x {per} CPU", cpus, workers,
+                        base + ["--ray", "--output-dir", str(work / f"ray-{workers}"), "--num-workers", str(workers),
+                                "--cpus-per-worker", str(per)]))
+    rows = []
+    for name, used_cpus, workers, command in configs:
+        wall = timed(command)
+        if "--ray" in command:
+            shards, _ = read_shards(command[command.index("--output-dir") + 1], set_aside=False)
+            texts = {r["path"]: r["text"] or "" for r in shards}
+        else:
+            texts = {}
+            for line in Path(work / "single.jsonl").read_text().splitlines():
+                row = json.loads(line)
+                texts[row["path"]] = row["text"]
+        paths = list(corpus)
+        wer = error_rate([corpus[p] for p in paths], [texts.get(p, "") for p in paths], "wer", ["en"] * len(paths))
+        rate = audio_s / wall
+        rows.append({"system": name, "workers": workers, "files": len(texts), "wall_s": round(wall, 1),
+                     "audio_hours_per_wall_hour": round(rate, 1),
+                     "per_worker": round(rate / workers, 1), "wer": round(wer * 100, 2)})
+        print(rows[-1], flush=True)
+    single = rows[0]["wall_s"]
+    for row in rows:
+        row["vs_one_process"] = round(row["wall_s"] / single, 3)
+    print(f"\n{len(corpus)} real-speech files, {audio_s / 60:.1f} min of audio; {machine()}\n")
+    print(format_table(["system", "files", "wall s", "x one process", "audio-h per wall-h", "per worker", "WER"],
+                       [[r["system"], r["files"], f"{r['wall_s']:.1f}", f"{r['vs_one_process']:.2f}",
+                         f"{r['audio_hours_per_wall_hour']:.1f}", f"{r['per_worker']:.1f}", f"{r['wer']:.2f}%"]
+                        for r in rows]))
+    best = max(rows[1:], key=lambda r: r["audio_hours_per_wall_hour"])
+    machine_rate = best["audio_hours_per_wall_hour"]
+    print(f"\nOn paper, from '{best['system']}' ({machine_rate:.1f} audio-hours per wall-hour per machine like "
+          "this one): " + ", ".join(f"{n} machines ~{n * machine_rate:.0f}" for n in (1, 10, 100))
+          + " audio-hours per wall-hour; 10,000 h of audio on 100 such machines: "
+          f"~{10000 / (100 * machine_rate):.1f} h.")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"machine": machine(), "cpus": cpus, "files": len(corpus),
+                                    "audio_s": round(audio_s, 1), "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""`whisper-lora transcribe --ray`: the same transcription as a Ray Data job, for corpora past one process.
+
+A flag on `transcribe` rather than a command of its own: the decoding options, models and inputs are
+transcribe's, and only where it runs and what it writes (shards that resume) change. Reads top to bottom:
+rows from the inputs, minus the rows the output folder already holds -> Ray -> an actor pool of
+`batch.Transcriber` -> shards -> a summary.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from ..batch import (BASE, SHARD_PREFIX, Transcriber, TranscriberSpec, filesystem, list_rows, pending_rows,
+                     read_shards, summarise)
+from ..config import TranscribeConfig
+from ..errors import UserError
+from ..manifest import language_code
+from ..models import resolve_model
+from ..rundir import save_config
+from .transcribe import decode_options
+
+RAY_HINT = "--ray needs Ray Data: pip install 'whisper-lora[ray]'"
+RAY_CONFIG = "transcribe_config.yaml"
+
+
+def import_ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise UserError(RAY_HINT) from None
+    return ray
+
+
+def pool_models(config: TranscribeConfig) -> tuple[str | None, str | None, str]:
+    """(base for the pool, adapters folder, model of rows that name none). An adapter folder as --model is
+    served as its folder's name beside its base, as `serve --adapters` would."""
+    if config.model and config.backend == "transformers":
+        resolved = resolve_model(config.model)
+        if resolved.adapter is not None:
+            if config.adapters and Path(config.adapters).resolve() != resolved.adapter.parent:
+                raise UserError("--model is an adapter outside --adapters: put it there, or give its base as --model")
+            base = json.loads((resolved.adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+            return base, str(resolved.adapter.parent), resolved.adapter.name
+    return config.model, config.adapters, BASE
+
+
+class ShardNames:
+    """Shard file names unique to this run (a re-run never overwrites one) and the same for a retried write
+    task (a retry replaces its own file: no row twice). Ray calls it in the write tasks: it is pickled.
+    Ray's Parquet writer insists on the write's id in the name, so both formats carry it."""
+
+    def __init__(self, run_id: str, extension: str):
+        self.run_id, self.extension = run_id, extension
+
+    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+        return f"{SHARD_PREFIX}{self.run_id}-{write_uuid}-{task_index:06d}.{self.extension}"
+
+    def get_filename_for_row(self, row, write_uuid: str, task_index: int, block_index: int, row_index: int) -> str:
+        return f"{SHARD_PREFIX}{self.run_id}-{write_uuid}-{task_index:06d}-{block_index:06d}-{row_index:06d}" \
+               f".{self.extension}"
+
+
+def connect(ray, address: str | None):
+    """This machine's Ray (or the cluster `address` names, or RAY_ADDRESS's), quiet unless something fails."""
+    import logging
+
+    if ray.is_initialized():  # a caller's own session (a notebook, a test's cluster)
+        return
+    kwargs = {"address": address} if address else {}
+    ray.init(**kwargs, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
+             configure_logging=True)
+
+
+def run(config: TranscribeConfig) -> int:
+    ray = import_ray()
+    from ray.data import ActorPoolStrategy
+
+    # ---- set up: the rows, what is already written, the cluster
+    base, adapters, default_model = pool_models(config)
+    language = language_code(config.language, "--language") if config.language else None
+    rows = list_rows(config.inputs, default_model, language)
+    fmt = "parquet" if config.output_format == "parquet" else "jsonl"
+    out_fs, out_root = filesystem(config.output_dir)
+    out_fs.create_dir(out_root, recursive=True)
+    done, notes = read_shards(config.output_dir)
+    for note in notes:
+        print(f"whisper-lora: note: {note}", file=sys.stderr)
+    todo = pending_rows(rows, done)
+    if not config.output_dir.count("://"):
+        save_config(config, Path(config.output_dir) / RAY_CONFIG)
+    print(f"{len(rows)} files: {len(rows) - len(todo)} already in {config.output_dir}, {len(todo)} to transcribe",
+          file=sys.stderr)
+    started = time.monotonic()
+    run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    if todo:
+        connect(ray, config.ray_address)
+        resources = ray.cluster_resources()
+        per_worker = config.gpus_per_worker or config.cpus_per_worker
+        available = resources.get("GPU" if config.gpus_per_worker else "CPU", 0)
+        workers = config.num_workers or max(1, int(available // per_worker))
+        workers = min(workers, -(-len(todo) // config.rows_per_call))  # no actor without rows to load a model for
+        spec = TranscriberSpec(base, adapters, config.backend, config.compute_type, config.device, config.dtype,
+                               decode_options(config), config.vad, threads=max(1, int(config.cpus_per_worker)))
+
+        # ---- the job: rows -> actors -> shards, streamed (Ray Data shows its progress bars)
+        dataset = ray.data.from_items(todo, override_num_blocks=max(1, -(-len(todo) // config.rows_per_call)))
+        transcribed = dataset.map_batches(
+            Transcriber, fn_constructor_args=(spec,), batch_size=config.rows_per_call, batch_format="pyarrow",
+            compute=ActorPoolStrategy(size=workers), num_cpus=config.cpus_per_worker,
+            num_gpus=config.gpus_per_worker or None)
+        write = transcribed.write_parquet if fmt == "parquet" else transcribed.write_json
+        # writing is I/O: a write task that reserved a CPU would wait behind the actors holding them all
+        write(out_root, filesystem=out_fs, filename_provider=ShardNames(run_id, fmt), ray_remote_args={"num_cpus": 0})
+
+    # ---- summary: this run's rows (their speed), and every failed row of the job (the exit status)
+    written, _ = read_shards(config.output_dir, set_aside=False)
+    asked = {(r["path"], r["model"]) for r in rows}
+    now = {(r["path"], r["model"]) for r in todo}
+    job = [r for r in written if (r.get("path"), r.get("model")) in asked]
+    summary = summarise([r for r in job if (r["path"], r["model"]) in now], time.monotonic() - started,
+                        skipped=len(rows) - len(todo))
+    failed = [r for r in job if r.get("error")]
+    for row in failed:
+        print(f"whisper-lora: error: {row['error']}", file=sys.stderr)
+    print(summary.line() + (f"; {len(failed)} rows of the job have errors" if failed else ""), file=sys.stderr)
+    return 1 if failed else 0
