@@ -1,11 +1,11 @@
 """Transcribing a corpus: one `transcribe` process against the same command on Ray Data, on this machine.
 
     python bench/batch_bench.py                # prints the table, writes bench/results/batch_<host>.json
-    python bench/batch_bench.py --copies 2     # 110 files instead of 220
+    python bench/batch_bench.py --files 100
 
-The corpus: the 55 real English clips of demo/data/speech-en (CMU ARCTIC, card recordings), each in
-`--copies` versions (as recorded; after 1 s of silence; at half the gain; followed by the next clip), so
-220 real-speech files by default, 1-10 s each. Every configuration runs the real command line in a fresh
+The corpus: `--files` (220) recordings of real English speech made of the repository's real clips
+(demo/data/speech-en: CMU ARCTIC sentences and card names), one to four of them per file in a random
+order, with pauses and a random gain, 1-25 s each. Every configuration runs the real command line in a fresh
 process and is timed from start to exit (model loading and, for Ray, starting Ray and its actors
 included): what a user waits for. WER against the references checks that every run read the same files.
 
@@ -33,8 +33,10 @@ SPEECH_EN = REPO / "demo" / "data" / "speech-en"
 SR = 16000
 
 
-def build_corpus(folder: Path, copies: int) -> dict[str, str]:
-    """{file path: reference text} for `copies` versions of each real clip."""
+def build_corpus(folder: Path, files: int) -> dict[str, str]:
+    """{file path: reference text}: `files` recordings made of the real clips of demo/data/speech-en (CMU
+    ARCTIC sentences, card names), each one to four of them in a random order with 0.3-1.5 s pauses and a
+    random gain, 1-25 s long: real speech in files that all differ."""
     import soundfile as sf
 
     from whisper_lora.audio import load_audio
@@ -42,20 +44,17 @@ def build_corpus(folder: Path, copies: int) -> dict[str, str]:
 
     samples = [s for f in sorted(SPEECH_EN.rglob("transcripts.json")) for s in read_manifest(f)]
     clips = [(load_audio(s.audio_path), s.text) for s in samples]
-    versions = [
-        lambda a, t, n: (a, t),
-        lambda a, t, n: (np.concatenate([np.zeros(SR, np.float32), a]), t),
-        lambda a, t, n: (a * 0.5, t),
-        lambda a, t, n: (np.concatenate([a, np.zeros(SR // 2, np.float32), clips[n][0]]), f"{t} {clips[n][1]}"),
-    ]
+    rng = np.random.default_rng(0)
     corpus = {}
-    for copy in range(copies):
-        for i, (audio, text) in enumerate(clips):
-            audio, text = versions[copy % len(versions)](audio, text, (i + 1) % len(clips))
-            path = folder / f"v{copy}" / f"clip_{i:03d}.wav"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            sf.write(path, audio, SR)
-            corpus[str(path)] = text
+    for n in range(files):
+        chosen = [clips[i] for i in rng.choice(len(clips), size=int(rng.integers(1, 5)), replace=False)]
+        pieces = []
+        for audio, _ in chosen:
+            pieces += [audio * rng.uniform(0.4, 1.0), np.zeros(int(SR * rng.uniform(0.3, 1.5)), np.float32)]
+        path = folder / f"rec_{n:04d}.wav"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sf.write(path, np.concatenate(pieces).astype(np.float32), SR)
+        corpus[str(path)] = " ".join(text for _, text in chosen)
     return corpus
 
 
@@ -70,7 +69,7 @@ def timed(command: list[str]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--copies", type=int, default=4, help="versions of each of the 55 clips (4: 220 files)")
+    parser.add_argument("--files", type=int, default=220, help="recordings made of the repository's real clips")
     parser.add_argument("--model", default=None, help="default: the embedded whisper-base")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / f"batch_{platform.node()}.json")
     args = parser.parse_args()
@@ -79,7 +78,7 @@ def main() -> None:
     from whisper_lora.text import error_rate
 
     work = Path(tempfile.mkdtemp(prefix="batch-bench-"))
-    corpus = build_corpus(work / "audio", args.copies)
+    corpus = build_corpus(work / "audio", args.files)
     audio_s = sum(__import__("soundfile").info(p).duration for p in corpus)
     cpus = os.cpu_count() or 1
     base = [sys.executable, "-m", "whisper_lora", "transcribe", str(work / "audio"), "--language", "en",

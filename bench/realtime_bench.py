@@ -122,7 +122,7 @@ PEERS = {"whisperlivekit-simulstreaming": "simulstreaming", "whisperlivekit-loca
 PEER_DIR = REPO / "bench" / "peers" / "whisperlivekit"
 
 
-def peer_stream(peer: str, wav: Path, work: Path) -> dict:
+def peer_stream(peer: str, wav: Path, work: Path, threads: int) -> dict:
     """WhisperLiveKit on the same file at the same pace (its own virtualenv, the same whisper-base weights;
     bench/peers/whisperlivekit): confirmed words with the wall time each final word first appeared in its
     committed text, measured from the stream's start as ours are."""
@@ -133,7 +133,8 @@ def peer_stream(peer: str, wav: Path, work: Path) -> dict:
     out = work / f"{peer}-{wav.stem}.json"
     python = REPO / "bench" / ".peers" / "whisperlivekit" / "venv" / "bin" / "python"
     subprocess.run([str(python), str(PEER_DIR / "driver.py"), "--policy", PEERS[peer], "--wav", str(wav),
-                    "--out", str(out), "--language", "en"], check=True, stdout=subprocess.DEVNULL)
+                    "--out", str(out), "--language", "en", "--threads", str(threads)], check=True,
+                   stdout=subprocess.DEVNULL)
     run = json.loads(out.read_text())
     return {"confirmed": [(SimpleNamespace(word=w["word"]), w["first_seen_s"]) for w in run["words"]],
             "text": run["final_text"], "decode_s": run["asr_time_s"], "decodes": run["n_asr_calls"],
@@ -150,6 +151,9 @@ def main() -> None:
     parser.add_argument("--files", nargs="+", default=["long_0", "long_1", "long_0+1"], choices=("long_0", "long_1", "long_0+1"))
     parser.add_argument("--peers", nargs="*", default=list(PEERS), choices=list(PEERS),
                         help="WhisperLiveKit's policies on the same files, in its own virtualenv (none: ours only)")
+    parser.add_argument("--peer-threads", type=int, default=os.cpu_count(),
+                        help="the peers' compute threads (CTranslate2 and torch; ours use torch's default, one per "
+                             "core); CTranslate2 alone would start 4 on two cores")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / f"realtime_{platform.node()}.json")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -192,7 +196,7 @@ def main() -> None:
         if not wav.exists():
             sf.write(wav, audio[name], 16000)
         offline, offline_text = offline_words(service, None, audio[name])
-        run = peer_stream(peer, wav, work)
+        run = peer_stream(peer, wav, work, args.peer_threads)
         lat = latencies(run["confirmed"], offline)
         row = {"model": "base", "policy": f"WhisperLiveKit {run['version']} {PEERS[peer]}", "audio_ctx": "full",
                "file": name, "audio_s": round(run["audio_s"], 1),

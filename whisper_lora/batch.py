@@ -19,12 +19,12 @@ import json
 import os
 import socket
 import tempfile
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from .constants import AUDIO_SUFFIXES
+from .audio import audio_duration
+from .constants import AUDIO_SUFFIXES, CHUNK_SECONDS
 from .decode import DecodeOptions, join_text
 from .errors import UserError
 from .manifest import AUDIO_KEYS
@@ -288,47 +288,90 @@ class Transcriber:
         except Exception:  # noqa: BLE001  (outside Ray: the host and process name it)
             pass
         self.schema = shard_schema(spec.options.word_timestamps)
-        self._local = threading.local()
 
     def __call__(self, batch: "pyarrow.Table") -> "pyarrow.Table":  # noqa: F821
         import pyarrow as pa
 
         rows = batch.to_pylist()
-        # one thread per row: the service's batcher decodes their windows together
-        with ThreadPoolExecutor(max_workers=max(1, len(rows))) as pool:
-            results = list(pool.map(self.transcribe_row, rows))
+        results: list[dict | None] = [None] * len(rows)
+        local: dict[int, str] = {}
+        clips: dict[tuple, list[int]] = {}  # (model, language) -> rows of at most 30 s
+        whole: list[int] = []  # longer files, or any file with --vad
+        try:
+            for i, row in enumerate(rows):
+                try:
+                    local[i] = fetch(row["path"])
+                    short = not self.spec.vad and audio_duration(local[i]) <= CHUNK_SECONDS
+                except Exception as exc:  # noqa: BLE001  (a row's error, never the job's)
+                    results[i] = self.failed(row, exc)
+                    continue
+                (clips.setdefault((row["model"], row.get("language") or None), []) if short else whole).append(i)
+            # Clips as `transcribe` decodes a folder of them: batched. Long files on threads, each through
+            # the service, whose batcher decodes their windows together.
+            for (model, language), members in clips.items():
+                self.transcribe_clips(rows, local, members, model, language, results)
+            with ThreadPoolExecutor(max_workers=max(1, len(whole))) as pool:
+                for i, result in zip(whole, pool.map(lambda i: self.transcribe_file(rows[i], local[i]), whole)):
+                    results[i] = result
+        finally:
+            for i, path in local.items():
+                if path not in (rows[i]["path"], rows[i]["path"].removeprefix("file://")):
+                    os.unlink(path)
         return pa.Table.from_pylist(results, schema=self.schema)
 
-    def transcribe_row(self, row: dict) -> dict:
-        path, model = row["path"], row["model"]
-        result = {"path": path, "model": model, "worker": self.worker, "segments": []}
-        local = None
+    def transcribe_clips(self, rows, local, members, model, language, results) -> None:
+        from .audio import load_audio
+
+        audios, kept = [], []
+        for i in members:
+            try:
+                audios.append(load_audio(local[i]))
+                kept.append(i)
+            except Exception as exc:  # noqa: BLE001
+                results[i] = self.failed(rows[i], exc)
+        if not kept:
+            return
         try:
-            local = fetch(path)
-            adapter_name = None if model == BASE else model
-            segments, info = self.service.transcribe(local, adapter_name, row.get("language") or None,
-                                                     self.spec.options, vad=self.spec.vad)
-            segments = list(segments)
-        except Exception as exc:  # noqa: BLE001  (any failure is this row's error, never the job's)
-            message = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
-            return {**result, "error": message if path in message else f"{path}: {message}"}
-        finally:
-            if local is not None and local not in (path, path.removeprefix("file://")):
-                os.unlink(local)
+            decoded = self.service.transcribe_clips(audios, None if model == BASE else model, language,
+                                                    self.spec.options)
+        except Exception as exc:  # noqa: BLE001  (an unknown model, a language it lacks: every row of it)
+            for i in kept:
+                results[i] = self.failed(rows[i], exc)
+            return
+        for i, (segments, info) in zip(kept, decoded):
+            results[i] = self.transcribed(rows[i], segments, info)
+
+    def transcribe_file(self, row: dict, local: str) -> dict:
+        try:
+            model = row["model"]
+            segments, info = self.service.transcribe(local, None if model == BASE else model,
+                                                     row.get("language") or None, self.spec.options, vad=self.spec.vad)
+            return self.transcribed(row, list(segments), info)
+        except Exception as exc:  # noqa: BLE001
+            return self.failed(row, exc)
+
+    def failed(self, row: dict, exc: Exception) -> dict:
+        path = row["path"]
+        message = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+        return {"path": path, "model": row["model"], "worker": self.worker, "segments": [],
+                "error": message if path in message else f"{path}: {message}"}
+
+    def transcribed(self, row: dict, segments: list, info) -> dict:
         spoken = sum(s.end - s.start for s in segments) or 1.0
-        result.update(
-            text=join_text(segments, info.language), language=info.language,
-            language_probability=info.language_probability, duration=info.duration,
-            avg_logprob=(sum((s.avg_logprob or 0.0) * (s.end - s.start) for s in segments) / spoken
-                         if segments else None),
-            no_speech_prob=max((s.no_speech_prob or 0.0 for s in segments), default=None),
-            segments=[{"id": s.id, "start": s.start, "end": s.end, "text": s.text, "avg_logprob": s.avg_logprob,
-                       "no_speech_prob": s.no_speech_prob, "compression_ratio": s.compression_ratio,
-                       "temperature": s.temperature,
-                       **({"words": [vars(w) for w in s.words or []]} if self.spec.options.word_timestamps else {})}
-                      for s in segments],
-            error=None)
-        return result
+        words = self.spec.options.word_timestamps
+        return {
+            "path": row["path"], "model": row["model"], "worker": self.worker, "error": None,
+            "text": join_text(segments, info.language), "language": info.language,
+            "language_probability": info.language_probability, "duration": info.duration,
+            "avg_logprob": (sum((s.avg_logprob or 0.0) * (s.end - s.start) for s in segments) / spoken
+                            if segments else None),
+            "no_speech_prob": max((s.no_speech_prob or 0.0 for s in segments), default=None),
+            "segments": [{"id": s.id, "start": s.start, "end": s.end, "text": s.text, "avg_logprob": s.avg_logprob,
+                          "no_speech_prob": s.no_speech_prob, "compression_ratio": s.compression_ratio,
+                          "temperature": s.temperature,
+                          **({"words": [vars(w) for w in s.words or []]} if words else {})}
+                         for s in segments],
+        }
 
 
 def fetch(path: str) -> str:

@@ -574,6 +574,18 @@ class TranscriptionService:
 
         return held(), info
 
+    def transcribe_clips(self, audios: list[np.ndarray], model: str | None = None, language: str | None = None,
+                         options: DecodeOptions = DecodeOptions()) -> list[tuple[list[Segment], TranscriptionInfo]]:
+        """Clips of at most 30 s decoded together as `transcribe` decodes a folder of clips (the backend's
+        `transcribe_batch`): one admission slot and one adapter for them all."""
+        adapter = self.resolve(model)
+        if language and language not in self.backend.languages:
+            raise UserError(f"the model has no language '{language}'")
+        if options.audio_ctx is None:
+            options = replace(options, audio_ctx=self._audio_ctx(adapter, FULL))
+        with self.admitted(), self.pool.using(adapter):
+            return self.backend.transcribe_batch(audios, [language] * len(audios), options, adapter=adapter)
+
     def _audio_ctx(self, adapter: str | None, fallback):
         """The encoder context of a call that leaves it open: the server's --audio-ctx, else what the model
         was trained for (an --acft adapter's floor), else the path's own default (`fallback`)."""

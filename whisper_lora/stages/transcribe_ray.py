@@ -11,6 +11,7 @@ import json
 import sys
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 from ..batch import (BASE, SHARD_PREFIX, Transcriber, TranscriberSpec, filesystem, list_rows, pending_rows,
@@ -103,8 +104,10 @@ def run(config: TranscribeConfig) -> int:
         available = resources.get("GPU" if config.gpus_per_worker else "CPU", 0)
         workers = config.num_workers or max(1, int(available // per_worker))
         workers = min(workers, -(-len(todo) // config.rows_per_call))  # no actor without rows to load a model for
+        # shards carry segment times whatever the format: timestamps on, as `transcribe --output-format jsonl`
+        options = replace(decode_options(config), without_timestamps=False)
         spec = TranscriberSpec(base, adapters, config.backend, config.compute_type, config.device, config.dtype,
-                               decode_options(config), config.vad, threads=max(1, int(config.cpus_per_worker)))
+                               options, config.vad, threads=max(1, int(config.cpus_per_worker)))
 
         # ---- the job: rows -> actors -> shards, streamed (Ray Data shows its progress bars)
         dataset = ray.data.from_items(todo, override_num_blocks=max(1, -(-len(todo) // config.rows_per_call)))
