@@ -108,6 +108,8 @@ def test_a_growing_buffer_commits_a_prefix_of_what_the_whole_clip_reads(base):
     final, _, stop = base.stream_step(clip, "en", options, True)
     whole = [w.word for w in final]
     assert stop == "end" and "".join(whole).strip().startswith("He turned sharply")
+    # the full stop's row attends into the encoder's padding (auto: 10 s here); its time stays in the audio
+    assert final[-1].word.strip() == "." and 0 < final[-1].end <= len(clip) / 16000
     counts = []
     for seconds in (1.5, 2.5, 3.0):
         committed, held, _ = base.stream_step(clip[: int(seconds * 16000)], "en", options, False)

@@ -151,8 +151,12 @@ class TransformersBackend:
         result = model.alignatt(encoded, prefix, len(forced), content, final, max_new, lang,
                                 round(start / TIME_PRECISION), threshold, adapter)
 
+        heard = len(audio) / SAMPLE_RATE
+
         def words(timed) -> list[Word]:
-            return [Word(round(w.start, 3), round(w.end, 3), w.word, round(w.probability, 4)) for w in timed]
+            # the rows predicting a final full stop attend into the padding past the audio: times stay in it
+            return [Word(round(min(w.start, heard), 3), round(min(w.end, heard), 3), w.word, round(w.probability, 4))
+                    for w in timed]
 
         return words(result.committed), words(result.held), result.stop
 
