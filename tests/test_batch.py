@@ -14,8 +14,8 @@ import pytest
 
 from conftest import REPO, SPEECH_EN, assert_one_line_error, cli_here
 
-from whisper_lora.batch import (BASE, INCOMPLETE_SUFFIX, TranscriberSpec, list_rows, pending_rows, read_shards,
-                                shard_schema)
+from whisper_lora.batch import (BASE, INCOMPLETE_SUFFIX, TranscriberSpec, glob_regex, list_rows, pending_rows,
+                                read_shards, shard_schema)
 from whisper_lora.decode import GREEDY
 
 CLIPS = ["cards/001.wav", "cards/002.wav", "cards/003.wav", "arctic_a0007.wav", "arctic_a0009.wav"]
@@ -36,7 +36,7 @@ def test_rows_from_folders_globs_lists_and_manifests(tmp_path):
         (audio / name).write_bytes(b"x")
     (audio / "notes.txt.bak").write_text("not audio")
     (tmp_path / "list.txt").write_text("# comment\naudio/a.wav\n\naudio/sub/c.mp3\n")
-    (tmp_path / "m.jsonl").write_text(json.dumps({"audio": "audio/a.wav", "model": "mandarin", "language": "zh"})
+    (tmp_path / "m.jsonl").write_text(json.dumps({"audio": "audio/a.wav", "model": "mandarin", "language": "Chinese"})
                                       + "\n" + json.dumps({"path": str(audio / "b.flac")}) + "\n")
     (tmp_path / "m.csv").write_text("audio_path,model\naudio/sub/c.mp3,other\n")
 
@@ -45,6 +45,9 @@ def test_rows_from_folders_globs_lists_and_manifests(tmp_path):
     assert {r["model"] for r in folder} == {BASE}
     assert [Path(r["path"]).name for r in list_rows([str(audio / "*.wav")])] == ["a.wav"]
     assert [Path(r["path"]).name for r in list_rows([f"file://{audio}/**/*.mp3"])] == ["c.mp3"]
+    assert [Path(r["path"]).name for r in list_rows([f"file://{audio}/*.*"])] == ["a.wav", "b.flac"]  # not sub/
+    assert glob_regex("b/2025/**/*.flac").match("b/2025/x.flac") and glob_regex("b/**/*.flac").match("b/1/2/x.flac")
+    assert not glob_regex("b/*.wav").match("b/sub/x.wav")
     assert [Path(r["path"]).name for r in list_rows([str(tmp_path / "list.txt")], language="en")] == ["a.wav", "c.mp3"]
     manifest = list_rows([str(tmp_path / "m.jsonl"), str(tmp_path / "m.csv")], model="default-adapter")
     assert [(Path(r["path"]).name, r["model"], r["language"]) for r in manifest] == [

@@ -12,11 +12,11 @@ Nothing here imports Ray: the stage (`stages/transcribe.py`) does, only with `--
 from __future__ import annotations
 
 import csv
-import fnmatch
 import glob as globbing
 import io
 import json
 import os
+import re
 import socket
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +27,7 @@ from .audio import audio_duration
 from .constants import AUDIO_SUFFIXES, CHUNK_SECONDS
 from .decode import DecodeOptions, join_text
 from .errors import UserError
-from .manifest import AUDIO_KEYS
+from .manifest import AUDIO_KEYS, language_code
 
 MANIFEST_SUFFIXES = {".jsonl", ".json", ".csv", ".tsv"}
 LIST_SUFFIXES = {".txt", ".lst", ".list"}
@@ -90,15 +90,35 @@ def _manifest_rows(location: str) -> list[dict]:
         if not isinstance(audio, str):
             raise UserError(f"row {number} has no audio path (expected one of {', '.join(AUDIO_KEYS)})", location)
         row = {"path": _join(location, audio)}
-        for key in ("model", "language"):
-            if record.get(key):
-                row[key] = str(record[key])
+        if record.get("model"):
+            row["model"] = str(record["model"])
+        if record.get("language"):
+            row["language"] = language_code(str(record["language"]), f"{location}: row {number}")
         rows.append(row)
     return rows
 
 
+def glob_regex(pattern: str) -> re.Pattern:
+    """A glob as the shell reads it (`*` and `?` within a folder, `**/` across any number of them), for
+    paths listed from object storage, where fnmatch's `*` would cross folders."""
+    out, i = "", 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out, i = out + "(?:.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+        elif pattern[i] == "*":
+            out, i = out + "[^/]*", i + 1
+        elif pattern[i] == "?":
+            out, i = out + "[^/]", i + 1
+        else:
+            out, i = out + re.escape(pattern[i]), i + 1
+    return re.compile(out + r"\Z")
+
+
 def _listed(location: str, pattern: str | None = None) -> list[str]:
-    """Audio files under a folder (recursively), or matching a glob, on any pyarrow filesystem."""
+    """Audio files under a folder (recursively), or matching a glob, on any pyarrow filesystem; URIs come
+    back with the location's own host and query (an HDFS name node, a MinIO endpoint_override)."""
     from pyarrow import fs as pafs
 
     fs, path = filesystem(location)
@@ -106,13 +126,15 @@ def _listed(location: str, pattern: str | None = None) -> list[str]:
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     except (FileNotFoundError, OSError) as exc:
         raise UserError(f"cannot list it: {exc}", location) from None
+    matcher = glob_regex(pattern) if pattern else None
     found = sorted(i.path for i in infos if i.type == pafs.FileType.File
                    and PurePosixPath(i.path).suffix.lower() in AUDIO_SUFFIXES
-                   and (pattern is None or fnmatch.fnmatch(i.path, pattern)))
+                   and (matcher is None or matcher.match(i.path)))
     if not is_uri(location):
         return found
-    scheme = location.split("://", 1)[0]
-    return [f"{scheme}://{p}" for p in found]
+    base, _, query = location.partition("?")
+    root = path.rstrip("/")
+    return [f"{base.rstrip('/')}{p[len(root):]}" + (f"?{query}" if query else "") for p in found]
 
 
 def list_rows(inputs: list[str], model: str | None = None, language: str | None = None) -> list[dict]:

@@ -86,7 +86,8 @@ def run(config: TranscribeConfig) -> int:
     rows = list_rows(config.inputs, default_model, language)
     fmt = "parquet" if config.output_format == "parquet" else "jsonl"
     out_fs, out_root = filesystem(config.output_dir)
-    out_fs.create_dir(out_root, recursive=True)
+    if not config.output_dir.startswith("s3://"):  # S3 has no folders (and prefix-scoped keys may not list parents)
+        out_fs.create_dir(out_root, recursive=True)
     done, notes = read_shards(config.output_dir)
     for note in notes:
         print(f"whisper-lora: note: {note}", file=sys.stderr)
@@ -102,6 +103,9 @@ def run(config: TranscribeConfig) -> int:
         resources = ray.cluster_resources()
         per_worker = config.gpus_per_worker or config.cpus_per_worker
         available = resources.get("GPU" if config.gpus_per_worker else "CPU", 0)
+        if available < per_worker:  # an actor Ray could never place: the job would wait for ever
+            raise UserError(f"the Ray cluster has {available:g} {'GPU' if config.gpus_per_worker else 'CPU'}s; "
+                            f"a worker asks for {per_worker:g} (--gpus-per-worker / --cpus-per-worker)")
         workers = config.num_workers or max(1, int(available // per_worker))
         workers = min(workers, -(-len(todo) // config.rows_per_call))  # no actor without rows to load a model for
         # shards carry segment times whatever the format: timestamps on, as `transcribe --output-format jsonl`
