@@ -28,6 +28,7 @@ from .constants import AUDIO_SUFFIXES, CHUNK_SECONDS
 from .decode import DecodeOptions, join_text
 from .errors import UserError
 from .manifest import AUDIO_KEYS, language_code
+from .writers import transcript_dict
 
 MANIFEST_SUFFIXES = {".jsonl", ".json", ".csv", ".tsv"}
 LIST_SUFFIXES = {".txt", ".lst", ".list"}
@@ -194,8 +195,9 @@ def shard_schema(words: bool):
     ])
 
 
-def shard_files(out_dir: str) -> list[tuple[str, str]]:
-    """(pyarrow path, format) of every shard in an output folder (local or URI); none when it is new."""
+def shard_files(out_dir: str, prefix: str = SHARD_PREFIX) -> list[tuple[str, str]]:
+    """(pyarrow path, format) of every shard in an output folder (local or URI) whose name starts with
+    `prefix` (one run's: SHARD_PREFIX + its id); none when the folder is new."""
     from pyarrow import fs as pafs
 
     fs, root = filesystem(out_dir)
@@ -206,21 +208,21 @@ def shard_files(out_dir: str) -> list[tuple[str, str]]:
     found = []
     for info in infos:
         name = PurePosixPath(info.path).name
-        if info.type == pafs.FileType.File and name.startswith(SHARD_PREFIX):
+        if info.type == pafs.FileType.File and name.startswith(prefix):
             fmt = "jsonl" if name.endswith(".jsonl") else "parquet" if name.endswith(".parquet") else None
             if fmt:
                 found.append((info.path, fmt))
     return sorted(found)
 
 
-def read_shards(out_dir: str, set_aside: bool = True) -> tuple[list[dict], list[str]]:
-    """Every row the shards hold, and notes on shards a crash cut short (set aside as *.incomplete, so the
-    rows they held are transcribed again and no reader trips on them)."""
+def read_shards(out_dir: str, set_aside: bool = True, prefix: str = SHARD_PREFIX) -> tuple[list[dict], list[str]]:
+    """Every row the shards hold (those named with `prefix`), and notes on shards a crash cut short (set
+    aside as *.incomplete, so the rows they held are transcribed again and no reader trips on them)."""
     import pyarrow.parquet as pq
 
     fs, _ = filesystem(out_dir)
     rows, notes = [], []
-    for path, fmt in shard_files(out_dir):
+    for path, fmt in shard_files(out_dir, prefix):
         try:
             if fmt == "parquet":
                 with fs.open_input_file(path) as f:
@@ -379,20 +381,15 @@ class Transcriber:
                 "error": message if path in message else f"{path}: {message}"}
 
     def transcribed(self, row: dict, segments: list, info) -> dict:
+        """`transcribe --output-format json`'s object, plus the row and what pseudo-labelling filters on (the
+        shard schema keeps its columns and drops the rest: tokens, seek)."""
         spoken = sum(s.end - s.start for s in segments) or 1.0
-        words = self.spec.options.word_timestamps
         return {
+            **transcript_dict(segments, info, join_text(segments, info.language)),
             "path": row["path"], "model": row["model"], "worker": self.worker, "error": None,
-            "text": join_text(segments, info.language), "language": info.language,
-            "language_probability": info.language_probability, "duration": info.duration,
             "avg_logprob": (sum((s.avg_logprob or 0.0) * (s.end - s.start) for s in segments) / spoken
                             if segments else None),
             "no_speech_prob": max((s.no_speech_prob or 0.0 for s in segments), default=None),
-            "segments": [{"id": s.id, "start": s.start, "end": s.end, "text": s.text, "avg_logprob": s.avg_logprob,
-                          "no_speech_prob": s.no_speech_prob, "compression_ratio": s.compression_ratio,
-                          "temperature": s.temperature,
-                          **({"words": [vars(w) for w in s.words or []]} if words else {})}
-                         for s in segments],
         }
 
 

@@ -60,10 +60,6 @@ class ShardNames:
     def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
         return f"{SHARD_PREFIX}{self.run_id}-{write_uuid}-{task_index:06d}.{self.extension}"
 
-    def get_filename_for_row(self, row, write_uuid: str, task_index: int, block_index: int, row_index: int) -> str:
-        return f"{SHARD_PREFIX}{self.run_id}-{write_uuid}-{task_index:06d}-{block_index:06d}-{row_index:06d}" \
-               f".{self.extension}"
-
 
 def connect(ray, address: str | None):
     """This machine's Ray (or the cluster `address` names, or RAY_ADDRESS's), quiet unless something fails."""
@@ -123,14 +119,12 @@ def run(config: TranscribeConfig) -> int:
         # writing is I/O: a write task that reserved a CPU would wait behind the actors holding them all
         write(out_root, filesystem=out_fs, filename_provider=ShardNames(run_id, fmt), ray_remote_args={"num_cpus": 0})
 
-    # ---- summary: this run's rows (their speed), and every failed row of the job (the exit status)
-    written, _ = read_shards(config.output_dir, set_aside=False)
+    # ---- summary: this run's rows (their speed; only its own shards are read again), and every failed row
+    # of the job (the exit status)
+    new, _ = read_shards(config.output_dir, set_aside=False, prefix=f"{SHARD_PREFIX}{run_id}-") if todo else ([], [])
     asked = {(r["path"], r["model"]) for r in rows}
-    now = {(r["path"], r["model"]) for r in todo}
-    job = [r for r in written if (r.get("path"), r.get("model")) in asked]
-    summary = summarise([r for r in job if (r["path"], r["model"]) in now], time.monotonic() - started,
-                        skipped=len(rows) - len(todo))
-    failed = [r for r in job if r.get("error")]
+    summary = summarise(new, time.monotonic() - started, skipped=len(rows) - len(todo))
+    failed = [r for r in done + new if r.get("error") and (r.get("path"), r.get("model")) in asked]
     for row in failed:
         print(f"whisper-lora: error: {row['error']}", file=sys.stderr)
     print(summary.line() + (f"; {len(failed)} rows of the job have errors" if failed else ""), file=sys.stderr)
