@@ -494,10 +494,37 @@ class ServeConfig:
                                                "(default: the offline analysers for English and Chinese)")
     ui: bool = option(True, "serve the web UI at /ui (with --api-key it asks for the key)")
     log_level: str = option("info", "uvicorn's log level", choices=("critical", "error", "warning", "info", "debug"))
+    ray: bool = option(False, "serve on Ray Serve: the same API in a gateway deployment, the model in --replicas "
+                              "replicas with adapters multiplexed across them (pip install 'whisper-lora[ray]')")
+    ray_address: str | None = option(None, "with --ray: the Ray cluster to join (auto, ray://host:10001); default: "
+                                           "start Ray on this machine")
+    replicas: int = option(1, "with --ray: model replicas (fixed; see --min-replicas/--max-replicas to autoscale)")
+    min_replicas: int | None = option(None, "with --ray: autoscale from this many model replicas (with --max-replicas)")
+    max_replicas: int | None = option(None, "with --ray: autoscale up to this many model replicas")
+    target_ongoing_requests: float = option(2.0, "with --ray autoscaling: requests per replica it scales to keep")
+    max_adapters_per_replica: int | None = option(None, "with --ray: adapters a replica keeps loaded; a request goes "
+                                                        "to a replica already holding its adapter (default: "
+                                                        "--max-adapters)")
+    replica_cpus: float = option(1.0, "with --ray: CPUs each model replica reserves")
+    replica_gpus: float = option(0.0, "with --ray: GPUs each model replica reserves (fractions share one)")
 
     def validate(self) -> None:
         check_device(self.device)
         check_audio_ctx(self.audio_ctx)
+        if self.min_replicas is not None or self.max_replicas is not None:
+            if self.max_replicas is None:
+                raise UserError("--min-replicas needs --max-replicas (autoscaling bounds)")
+            if self.replicas != 1:
+                raise UserError("--replicas conflicts with --min-replicas/--max-replicas: a fixed count or bounds")
+            if not 0 <= (self.min_replicas or 0) <= self.max_replicas or self.max_replicas < 1:
+                raise UserError(f"need 0 <= --min-replicas <= --max-replicas and --max-replicas >= 1, got "
+                                f"{self.min_replicas} and {self.max_replicas}")
+        if self.replicas < 1:
+            raise UserError(f"--replicas must be positive, got {self.replicas}")
+        if self.max_adapters_per_replica is not None and self.max_adapters_per_replica < 1:
+            raise UserError(f"--max-adapters-per-replica must be positive, got {self.max_adapters_per_replica}")
+        if self.replica_cpus < 0 or self.replica_gpus < 0 or self.target_ongoing_requests <= 0:
+            raise UserError("--replica-cpus and --replica-gpus must be >= 0, --target-ongoing-requests positive")
         if not 0 < self.port < 65536:
             raise UserError(f"--port must lie in 1-65535, got {self.port}")
         for name in ("max_upload_mb", "max_adapters", "max_queue", "max_batch"):

@@ -361,7 +361,7 @@ router = APIRouter()
 @router.get("/health")
 async def health(state: State):
     if state.service is not None:
-        return {"status": "ok", "models": [m.id for m in state.service.models()]}
+        return {"status": "ok", "models": [m.id for m in await run_in_threadpool(state.service.models)]}
     if state.error is not None:
         return JSONResponse({"status": "error", "error": str(state.error)}, status_code=503)
     return JSONResponse({"status": "loading"}, status_code=503)
@@ -380,12 +380,12 @@ def model_json(model) -> dict:
 
 @router.get("/v1/models")
 async def list_models(service: Service):
-    return {"object": "list", "data": [model_json(m) for m in service.models()]}
+    return {"object": "list", "data": [model_json(m) for m in await run_in_threadpool(service.models)]}
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, service: Service):
-    for model in service.models():
+    for model in await run_in_threadpool(service.models):
         if model.id == model_id:
             return model_json(model)
     raise APIError(404, f"model '{model_id}' does not exist", param="model", code="model_not_found")
@@ -432,7 +432,8 @@ async def transcribe_upload(form: AudioForm, task: str, service: TranscriptionSe
         raise APIError(400, "you must provide a file parameter (multipart form field 'file')", param="file",
                        code="missing_required_parameter")
     parsed = parse_request(form, task, service.backend.languages, service.audio_ctx)
-    service.resolve(parsed.model)  # an unknown model is a 404 before any audio is decoded
+    # an unknown model is a 404 before any audio is decoded (a thread: the folder is listed; under Ray a call)
+    await run_in_threadpool(service.resolve, parsed.model)
     stored = await run_in_threadpool(_Upload, form.file)
     try:
         segments, info = await run_in_threadpool(service.transcribe, stored.path, parsed.model, parsed.language,

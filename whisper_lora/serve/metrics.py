@@ -30,6 +30,8 @@ class Metrics:
                   ).set_function(lambda: batcher.batched_rows)
         Gauge("whisper_lora_adapters_loaded", "LoRA adapters in memory", registry=registry
               ).set_function(lambda: len(service.pool.loaded_adapters))
+        if hasattr(service, "collect"):  # serve --ray: what ran on which model replica
+            registry.register(service)
 
     def observe(self, endpoint: str, status: int, seconds: float) -> None:
         self.requests.labels(endpoint, str(status)).inc()

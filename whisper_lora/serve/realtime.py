@@ -249,7 +249,7 @@ class Connection:
                       json.dumps(self.session.turn_detection))
             self.session.update(message.get("session"), self.service.backend.languages)
             try:
-                self.service.resolve(self.session.model)
+                await run_in_threadpool(self.service.resolve, self.session.model)
             except UnknownModel as exc:
                 self.session.model = "whisper-1"
                 raise EventError(str(exc), "model_not_found", "session.audio.input.transcription.model") from None
@@ -335,7 +335,7 @@ async def realtime(websocket: WebSocket):
     model = websocket.query_params.get("model")
     if model:
         try:
-            service.resolve(model)
+            await run_in_threadpool(service.resolve, model)
             connection.session.model = model
         except UnknownModel as exc:
             await connection.error(str(exc), "model_not_found", "model")

@@ -58,6 +58,9 @@ class Busy(Exception):
         self.retry_after = retry_after
         super().__init__(f"the server is busy: {retry_after:.0f} s until a slot is likely free")
 
+    def __reduce__(self):  # crosses Ray's process boundary (serve --ray) with its own argument, not the message
+        return Busy, (self.retry_after,)
+
 
 @dataclass(frozen=True)
 class ServedModel:
@@ -101,6 +104,7 @@ class ModelPool:
         self._configs: dict[tuple[Path, int], tuple[dict | None, str | None]] = {}  # by (folder, file mtime)
         self._recorded: dict[tuple[Path, int], object] = {}  # decoding.json's audio_ctx, by (folder, file mtime)
         self.peft = None  # the PeftModel wrapping the base once an adapter is loaded
+        self.load_history: deque[str] = deque(maxlen=256)  # adapters in the order they were loaded, newest last
         if backend == "ct2":
             if self.adapters_dir is not None:
                 raise UserError(f"--adapters and --backend ct2 conflict: {ADAPTERS_REFUSED}")
@@ -216,6 +220,15 @@ class ModelPool:
                 entry.users -= 1
                 self._evict()
 
+    def preload(self, adapter: str) -> None:
+        """Load an adapter now (Ray Serve's multiplexer does, before the call that wants it), as the most
+        recently used one."""
+        with self.lock:
+            if adapter not in self._loaded:
+                self._load(adapter)
+            self._loaded.move_to_end(adapter)
+            self._evict()
+
     def is_mixable(self, adapter: str) -> bool:
         entry = self._loaded.get(adapter)
         return entry is None or entry.mixable
@@ -242,6 +255,7 @@ class ModelPool:
             raise UserError(f"adapter '{name}' does not fit the base model {self.base_name} ({reason})", path) from None
         entry = _Adapter(name, path, mixable=not config.get("use_dora", False))
         self._loaded[name] = entry
+        self.load_history.append(name)
         return entry
 
     def _base_mismatch(self, name: str, recorded: str | None) -> str | None:
@@ -489,7 +503,44 @@ class BatchedWindowModel:
                                                       start_position, threshold), 1, adapter)
 
 
-class TranscriptionService:
+class OpensStreams:
+    """`open_stream` for a service that has `transcribe`, `stream_step`, `resolve`, `_audio_ctx`,
+    `stream_policy` and `streams_alignatt`: the in-process service and the Ray Serve gateway's remote one."""
+
+    def open_stream(self, model: str | None, language: str | None, prompt: str | None = None, options=None,
+                    patience: float = 0.0):
+        """A StreamingTranscriber decoding through this service (the server's policy and encoder context).
+        `patience`: seconds a decode keeps retrying while the house is full, instead of failing at once
+        (a live stream waits its turn rather than lose its words)."""
+        from ..streaming import StreamingTranscriber, StreamOptions
+
+        options = options or StreamOptions()
+        policy = self.stream_policy or options.policy
+        if policy == "alignatt" and not self.streams_alignatt:
+            policy = "local-agreement"  # CTranslate2: no cross-attention to read
+        options = replace(options, policy=policy,
+                          audio_ctx=self._audio_ctx(self.resolve(model), options.audio_ctx or STREAM_DEFAULT))
+
+        def patiently(call):
+            deadline = time.monotonic() + patience
+            while True:
+                try:
+                    return call()
+                except Busy:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+
+        def decode(audio, decode_options):
+            return patiently(lambda: list(self.transcribe(audio, model, language, decode_options)[0]))
+
+        def step(audio, decode_options, final, start):
+            return patiently(lambda: self.stream_step(audio, model, language, decode_options, final, start))
+
+        return StreamingTranscriber(decode, language, prompt, options, step=step)
+
+
+class TranscriptionService(OpensStreams):
     """What the server, the web UI and realtime streams call: many threads at once, one model."""
 
     def __init__(self, pool: ModelPool, max_wait: float, max_queue: int = 64, max_batch: int = 8,
@@ -590,38 +641,6 @@ class TranscriptionService:
         """The encoder context of a call that leaves it open: the server's --audio-ctx, else what the model
         was trained for (an --acft adapter's floor), else the path's own default (`fallback`)."""
         return self.audio_ctx or self.pool.audio_ctx_of(adapter) or fallback
-
-    def open_stream(self, model: str | None, language: str | None, prompt: str | None = None, options=None,
-                    patience: float = 0.0):
-        """A StreamingTranscriber decoding through this service (the server's policy and encoder context).
-        `patience`: seconds a decode keeps retrying while the house is full, instead of failing at once
-        (a live stream waits its turn rather than lose its words)."""
-        from ..streaming import StreamingTranscriber, StreamOptions
-
-        options = options or StreamOptions()
-        policy = self.stream_policy or options.policy
-        if policy == "alignatt" and not self.streams_alignatt:
-            policy = "local-agreement"  # CTranslate2: no cross-attention to read
-        options = replace(options, policy=policy,
-                          audio_ctx=self._audio_ctx(self.resolve(model), options.audio_ctx or STREAM_DEFAULT))
-
-        def patiently(call):
-            deadline = time.monotonic() + patience
-            while True:
-                try:
-                    return call()
-                except Busy:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.05)
-
-        def decode(audio, decode_options):
-            return patiently(lambda: list(self.transcribe(audio, model, language, decode_options)[0]))
-
-        def step(audio, decode_options, final, start):
-            return patiently(lambda: self.stream_step(audio, model, language, decode_options, final, start))
-
-        return StreamingTranscriber(decode, language, prompt, options, step=step)
 
     @property
     def streams_alignatt(self) -> bool:

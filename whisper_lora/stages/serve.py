@@ -39,7 +39,17 @@ def check_placement(config: ServeConfig) -> None:
         resolve_device(config.device)
 
 
+def run_ray(config: ServeConfig) -> int:
+    try:
+        from ..serve import ray_app
+    except ImportError as exc:
+        raise UserError(f"serve --ray needs {exc.name}: pip install 'whisper-lora[ray]'") from None
+    return ray_app.run(config)
+
+
 def run(config: ServeConfig) -> int:
+    if config.ray:
+        return run_ray(config)
     try:
         import uvicorn
     except ImportError:
