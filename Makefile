@@ -12,10 +12,10 @@ FIND_LINKS ?= $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.
 
 .PHONY: install demo test clean corpus acft
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt overrides.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q uv
-	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -c constraints.txt $(foreach d,$(FIND_LINKS),--find-links $(d)) \
+	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -c constraints.txt --override overrides.txt $(foreach d,$(FIND_LINKS),--find-links $(d)) \
 	  -e ".[dev]"
 	touch $(STAMP)
 

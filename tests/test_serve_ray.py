@@ -123,7 +123,7 @@ def test_remote_errors_arrive_as_the_replicas_raised_them():
     from ray.serve.exceptions import BackPressureError
 
     from whisper_lora.serve.errors import as_api_error
-    from whisper_lora.serve.ray_app import RemoteService
+    from whisper_lora.stages.serve_ray import RemoteService
     from whisper_lora.serve.service import Busy, UnknownModel
 
     def raises(exc):

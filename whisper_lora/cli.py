@@ -28,7 +28,7 @@ STAGES = {
     "serve": (ServeConfig, "serve models and LoRA adapters over OpenAI's audio API (dynamic batching)"),
     "ui": (UIConfig, "the web UI alone: try, compare and talk to the embedded model (and --adapters)"),
     "realtime": (RealtimeConfig, "live transcription from the microphone or a file, locally or on a server"),
-    "export": (ExportConfig, "export to CTranslate2 (faster-whisper), gated on CER/WER parity"),
+    "export": (ExportConfig, "export to faster-whisper, whisper.cpp or openai-whisper, gated on CER/WER parity"),
     "sagemaker": (SageMakerConfig, "launch `whisper-lora train` as an Amazon SageMaker training job (multi-node, spot)"),
     "demo": (DemoConfig, "fine-tune the embedded whisper-base on the Mandarin demo corpus and report"),
 }

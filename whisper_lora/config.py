@@ -598,20 +598,26 @@ class RealtimeConfig:
             check_model(self.model)
 
 
+EXPORT_FORMATS = ("ct2", "ggml", "openai")
 CT2_QUANTIZATIONS = ("int8", "int8_float16", "int8_float32", "int8_bfloat16", "float16", "bfloat16", "float32")
 
 
 @dataclass(frozen=True)
 class ExportConfig:
     model: str = option(None, "adapter folder, merged model folder, or any --model accepted elsewhere", positional=True)
-    output_dir: str = option(None, "folder for the exported model (a faster-whisper model folder)")
-    format: str = option("ct2", "export format: ct2 = CTranslate2, loadable by faster-whisper", choices=("ct2",))
-    quantization: str = option("int8", "CTranslate2 weight type", choices=CT2_QUANTIZATIONS)
+    output_dir: str = option(None, "folder for the exported model (ct2: a faster-whisper model folder; ggml: "
+                                   "ggml-model.bin; openai: model.pt; each with its model card)")
+    format: str = option("ct2", "export format: ct2 = CTranslate2 (faster-whisper), ggml = whisper.cpp, openai = "
+                                "openai-whisper's .pt", choices=EXPORT_FORMATS)
+    quantization: str = option("auto", "weight type; auto = int8 for ct2, float16 for ggml and openai (which take "
+                                       "float16 or float32)", choices=("auto",) + CT2_QUANTIZATIONS)
     dev_manifest: str | None = option(None, "manifest on which both models are scored for the parity gate")
     audio_dir: str | None = option(None, "folder that relative audio paths in --dev-manifest start from")
     language: str | None = option(None, "language of dev rows that do not name one")
     metric: str = option("auto", "parity metric: auto = CER for zh/ja/th/…, WER otherwise", choices=METRICS)
     max_gap: float = option(0.5, "fail when the export's CER/WER is worse by more than this many points (absolute)")
+    min_identical: float = option(0.9, "fail when fewer than this share of the dev clips read exactly as the "
+                                       "transformers model reads them (0 = only --max-gap counts)")
     parity_check: bool = option(True, "score both models on --dev-manifest and fail on a gap over --max-gap")
     overwrite: bool = option(False, "replace OUTPUT_DIR if it exists")
 
@@ -624,6 +630,22 @@ class ExportConfig:
             raise UserError("the parity gate needs --dev-manifest (or pass --no-parity-check to export unchecked)")
         if self.max_gap < 0:
             raise UserError(f"--max-gap must be >= 0, got {self.max_gap}")
+        if not 0 <= self.min_identical <= 1:
+            raise UserError(f"--min-identical is a share from 0 to 1, got {self.min_identical}")
+        if self.format != "ct2" and self.quantization not in ("auto", "float16", "float32"):
+            raise UserError(f"--format {self.format} writes float16 or float32 weights, not {self.quantization} "
+                            "(whisper.cpp quantises its files with its own `quantize` tool)")
+        if self.format == "ggml" and self.quantization == "float32" and self.parity_check:
+            raise UserError("whisper.cpp's CPU build (pywhispercpp, whisper.cpp 1.8) aborts on f32 files in its "
+                            "convolution, so the parity gate cannot run one: export float16, or pass "
+                            "--no-parity-check to write f32 for a build that runs it")
+
+    @property
+    def precision(self) -> str:
+        """--quantization with auto resolved: int8 for CTranslate2, float16 for the others."""
+        if self.quantization != "auto":
+            return self.quantization
+        return "int8" if self.format == "ct2" else "float16"
 
 
 PREPARE_FORMATS = ("auto", "commonvoice", "aishell", "hf", "folder", "subtitles", "manifest")

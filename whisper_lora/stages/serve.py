@@ -41,10 +41,10 @@ def check_placement(config: ServeConfig) -> None:
 
 def run_ray(config: ServeConfig) -> int:
     try:
-        from ..serve import ray_app
+        from . import serve_ray
     except ImportError as exc:
         raise UserError(f"serve --ray needs {exc.name}: pip install 'whisper-lora[ray]'") from None
-    return ray_app.run(config)
+    return serve_ray.run(config)
 
 
 def run(config: ServeConfig) -> int:

@@ -40,7 +40,7 @@ from ray.serve.request_router import FIFOMixin, MultiplexMixin, RequestRouter
 from ..audio_ctx import parse_audio_ctx
 from ..config import ServeConfig
 from ..decode import DecodeOptions
-from .service import Busy, OpensStreams
+from ..serve.service import Busy, OpensStreams
 
 APP_NAME = "whisper-lora"
 log = logging.getLogger("whisper_lora.serve")
@@ -98,7 +98,7 @@ class AdapterReplica:
     """One model replica: a TranscriptionService, and Serve's adapter multiplexer in front of its pool."""
 
     async def __init__(self, config: dict):
-        from ..stages.serve import build_service
+        from .serve import build_service
 
         self.config = ServeConfig(**config)
         size = adapters_per_replica(self.config)
@@ -289,7 +289,7 @@ class RemoteService(OpensStreams):
         from ray.exceptions import RayActorError, RayTaskError
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-        from .errors import APIError
+        from ..serve.errors import APIError
 
         try:
             return call()
@@ -335,7 +335,7 @@ class Gateway:
         self.replicas, self.config = replicas, ServeConfig(**config)
 
     def __serve_build_asgi_app__(self):
-        from .api import create_app
+        from ..serve.api import create_app
 
         config = self.config
         return create_app(lambda: RemoteService(self.replicas, config),
@@ -369,7 +369,7 @@ def build_app(config: ServeConfig):
 
 def run(config: ServeConfig) -> int:
     """Serve until SIGINT or SIGTERM, on this machine's Ray or the cluster --ray-address names."""
-    from ..stages.transcribe_ray import connect
+    from .transcribe_ray import connect
 
     started_here = not ray.is_initialized() and not config.ray_address and not os.environ.get("RAY_ADDRESS")
     connect(ray, config.ray_address)
