@@ -79,6 +79,12 @@ def test_export_to_whisper_cpp_and_openai_whisper_passes_its_gate_in_that_runtim
     report = json.loads((out / "export_report.json").read_text())
     assert report["passed"] and report["clips"] == 10 and report["identical_texts"] >= 9
     assert report["gap_points"] <= 0.5 and report["runtime"] in result.stdout
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out / "README.md")  # the Hub's parser: this runtime's score in the model-index
+    assert card.data.base_model == "openai/whisper-tiny.en" and card.data.library_name == report["runtime"]
+    (score,) = card.data.eval_results
+    assert score.metric_type == "wer" and score.metric_value == round(100 * report[f"{fmt}_wer"], 2)
     arctic = str(SPEECH_EN / "arctic_a0009.wav")
     if fmt == "ggml":
         import struct

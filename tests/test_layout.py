@@ -17,7 +17,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("basics", {"audio", "audio_ctx", "text", "manifest", "tokens", "vad", "settings", "rundir", "devices", "report",
                 "allocator"}),
     ("domain", {"models", "ct2", "lora", "data", "features", "shards", "augment", "sources", "doctor", "checkpoint",
-                "sagemaker_rules"}),
+                "sagemaker_rules", "model_card"}),
     ("decode: types", {"decode.types"}),
     ("decode: kv", {"decode.kv"}),
     ("decode: rules", {"decode.rules"}),

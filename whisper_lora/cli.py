@@ -14,7 +14,7 @@ import warnings
 
 from . import __version__
 from .config import (CheckConfig, DemoConfig, EvaluateConfig, ExportConfig, MergeConfig, PrepareConfig,
-                     RealtimeConfig, SageMakerConfig, ServeConfig, TrainConfig, TranscribeConfig, UIConfig,
+                     PushConfig, RealtimeConfig, SageMakerConfig, ServeConfig, TrainConfig, TranscribeConfig, UIConfig,
                      build_config)
 from .errors import UserError
 
@@ -29,6 +29,7 @@ STAGES = {
     "ui": (UIConfig, "the web UI alone: try, compare and talk to the embedded model (and --adapters)"),
     "realtime": (RealtimeConfig, "live transcription from the microphone or a file, locally or on a server"),
     "export": (ExportConfig, "export to faster-whisper, whisper.cpp or openai-whisper, gated on CER/WER parity"),
+    "push": (PushConfig, "upload a model folder and its model card to the Hugging Face Hub"),
     "sagemaker": (SageMakerConfig, "launch `whisper-lora train` as an Amazon SageMaker training job (multi-node, spot)"),
     "demo": (DemoConfig, "fine-tune the embedded whisper-base on the Mandarin demo corpus and report"),
 }

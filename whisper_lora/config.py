@@ -290,6 +290,26 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class PushConfig:
+    folder: str = option(None, "folder that train (its adapter/), merge or export wrote, with its model card",
+                         positional=True)
+    repo_id: str = option(None, "Hub repository to upload to, ORG/NAME (created when missing)")
+    private: bool = option(False, "create the repository private")
+    revision: str | None = option(None, "branch to upload to (default: main)")
+    commit_message: str | None = option(None, "commit message (default: 'Upload FOLDER with whisper-lora')")
+    token: str | None = option(None, "Hub token (default: $HF_TOKEN or `hf auth login`'s)")
+
+    def validate(self) -> None:
+        if not self.folder:
+            raise UserError("push needs a FOLDER")
+        if not self.repo_id or self.repo_id.count("/") != 1 or not all(self.repo_id.split("/")):
+            raise UserError(f"--repo-id must be ORG/NAME, got {self.repo_id!r}")
+
+    def check_inputs(self) -> None:
+        require_path(self.folder, "folder to push")
+
+
+@dataclass(frozen=True)
 class MergeConfig:
     adapter: str = option(None, "adapter folder written by `whisper-lora train` (or any peft adapter)", positional=True)
     output_dir: str = option(None, "folder for the standalone transformers model")
@@ -322,6 +342,8 @@ class EvaluateConfig:
     dtype: str = option("auto", DTYPE_HELP, choices=DTYPES)
     audio_ctx: str = option("default", AUDIO_CTX_HELP + "; score a model at the context it will be served at")
     output: str | None = option(None, "JSON file for every hypothesis, reference and score")
+    card: bool = option(True, "add the CER/WER to the model card (README.md model-index) of each model folder "
+                              "whisper-lora wrote")
 
     def validate(self) -> None:
         check_device(self.device)

@@ -51,6 +51,14 @@ def run(config: EvaluateConfig) -> list[ModelScore]:
                        [[s.model, s.cer, s.wer, len(s.rows)] for s in scores]))
     print(f"(headline metric: {metric.upper()}; text normalised: case, punctuation, width, "
           f"traditional->simplified Chinese; {len(problems)} clips skipped)")
+    if config.card:  # the scores into the model card of each folder whisper-lora wrote
+        from ..model_card import Score, add_scores
+
+        for spec, score in zip(config.models, scores):
+            if Path(spec).is_dir():
+                measured = [Score.of(m, getattr(score, m), config.manifest, clips=len(score.rows)) for m in ("cer", "wer")]
+                if (card := add_scores(Path(spec), measured)) is not None:
+                    print(f"scores added to {card}")
     if config.output:
         Path(config.output).parent.mkdir(parents=True, exist_ok=True)
         Path(config.output).write_text(json.dumps({

@@ -26,7 +26,8 @@ from ..constants import MAX_NEW_TOKENS
 from ..decode import GREEDY, CT2Backend, TransformersBackend
 from ..lora import merge_into_base
 from ..manifest import check_audio_exists, language_code, read_manifest
-from ..models import load_model, save_processor
+from ..model_card import CardInfo, Score, inherited, write_card
+from ..models import load_model, public_name, resolve_model, save_processor
 from ..report import format_table
 from ..text import default_metric
 from ..scoring import load_clips, score_model
@@ -104,6 +105,22 @@ USAGE = {"ct2": "faster_whisper.WhisperModel({!r})", "ggml": "whisper-cli -m {!r
          "openai": "whisper.load_model({!r})"}
 
 
+def export_card(config: ExportConfig, report: dict, target: Path) -> CardInfo:
+    """The source's card (an adapter's or a merged folder's), as this format, with the gate's score."""
+    resolved = resolve_model(config.model)
+    source = resolved.adapter or (Path(resolved.location) if Path(config.model).is_dir() else None)
+    base = config.model if resolved.adapter is None else json.loads(
+        (resolved.adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    carried = inherited(source) if source is not None else {}
+    if "metric" in report:
+        metric = report["metric"]
+        carried["scores"] = [*carried.get("scores", []), Score.of(
+            metric, report[f"{config.format}_{metric}"], config.dev_manifest, runtime=RUNTIMES[config.format],
+            clips=report["clips"], source="export")]
+    return CardInfo(kind=config.format, base_model=public_name(base), made_from=str(source or config.model),
+                    files=target.name, **carried)
+
+
 def run(config: ExportConfig) -> Path:
     # ---- set up
     _require(config.format, config.parity_check)
@@ -162,6 +179,7 @@ def run(config: ExportConfig) -> Path:
                             f"inspection in {failed}", out)
 
     # ---- save
+    write_card(partial, export_card(config, report, target))
     (partial / EXPORT_REPORT).write_text(json.dumps(report, indent=2))
     save_config(config, partial / EXPORT_CONFIG)
     partial.rename(out)

@@ -9,7 +9,8 @@ from ..config import MergeConfig
 from ..rundir import clear_output_dir, save_config
 from ..errors import UserError
 from ..lora import merge_into_base
-from ..models import DECODING_FILE, ResolvedModel, load_model, resolve_model, save_processor
+from ..model_card import CardInfo, inherited, write_card
+from ..models import DECODING_FILE, ResolvedModel, load_model, public_name, resolve_model, save_processor
 
 MERGE_CONFIG = "merge_config.yaml"
 
@@ -38,5 +39,7 @@ def run(config: MergeConfig) -> Path:
     if (adapter / DECODING_FILE).is_file():  # an --acft adapter's encoder context goes with its weights
         shutil.copy(adapter / DECODING_FILE, out / DECODING_FILE)
     save_config(config, out / MERGE_CONFIG)
+    write_card(out, CardInfo(kind="merged", base_model=public_name(base_spec), made_from=str(adapter),
+                             **inherited(adapter)))
     print(f"merged model written to {out}")
     return out

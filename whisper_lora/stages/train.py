@@ -777,6 +777,7 @@ def save(loop: Loop) -> dict:
         if not (out / ADAPTER_DIR).is_dir():
             shutil.copytree(out / LAST_ADAPTER_DIR, out / ADAPTER_DIR)
         (out / METRICS_FILE).write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+        write_run_card(loop, state)
         with open(out / SKIPPED_FILE, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in state.skipped)
         if state.skipped:
@@ -785,6 +786,28 @@ def save(loop: Loop) -> dict:
     loop.parts = None
     end_training(accelerator)
     return summary
+
+
+def write_run_card(loop: Loop, state) -> None:
+    """The model card of the best adapter (and of the last): base, languages, datasets, the dev score."""
+    import dataclasses
+
+    from ..model_card import CardInfo, Score, write_card
+    from ..models import public_name
+
+    config, inputs = loop.config, loop.inputs
+    languages = sorted({inputs.language} if inputs.language else
+                       {s.language for s in [*inputs.train_samples, *inputs.dev_samples] if s.language})
+    datasets = sorted({Score.of("cer", 0, m).dataset for m in (config.train_manifest, config.dev_manifest) if m})
+    for folder in (ADAPTER_DIR, LAST_ADAPTER_DIR):
+        scores = []
+        if config.dev_manifest and state.best_metric is not None and folder == ADAPTER_DIR:
+            scores = [Score.of(inputs.metric, state.best_metric, config.dev_manifest, clips=len(inputs.dev_samples),
+                               source="train")]
+        write_card(loop.out / folder, CardInfo(
+            kind="adapter" if (loop.out / folder / "adapter_config.json").is_file() else "merged",
+            base_model=public_name(config.model), languages=languages, datasets=datasets, scores=scores,
+            training_config=dataclasses.asdict(config)))
 
 
 def deepspeed_stage(accelerator) -> int | None:
