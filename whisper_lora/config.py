@@ -801,10 +801,15 @@ class DemoConfig:
     learning_rate: float = option(1e-3, "peak learning rate")
     precision: str = option("auto", "training precision", choices=PRECISIONS)
     overwrite: bool = option(True, "replace a previous demo run in OUTPUT_DIR")
+    exports: list[str] = option(["ct2", "ggml", "openai"], "runtimes to export the adapter to at the end, each "
+                                                          "scored on the test set by its own runtime (`exports: []` in a --config YAML skips them)")
 
     def validate(self) -> None:
         if self.epochs <= 0 or self.batch_size <= 0:
             raise UserError("--epochs and --batch-size must be positive")
+        for fmt in self.exports:
+            if fmt not in EXPORT_FORMATS:
+                raise UserError(f"--exports takes {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
 
 
 def build_config(cls, yaml_path: str | None = None, overrides: dict[str, Any] | None = None,

@@ -1,7 +1,9 @@
 """`whisper-lora demo` (`make demo`): the whole path on the embedded model and Mandarin corpus.
 
 Scores the base model, fine-tunes a decoder LoRA on 320 synthetic Mandarin sentences, scores the
-result, and checks forgetting on real English speech. Prints one table and writes report.json.
+result, and checks forgetting on real English speech; then exports the adapter to faster-whisper,
+whisper.cpp and openai-whisper, each scored on the test set by its own runtime. Prints the tables and
+writes report.json.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import json
 import time
 from pathlib import Path
 
-from ..config import DemoConfig, TrainConfig, build_config
+from ..config import DemoConfig, ExportConfig, TrainConfig, build_config
 from ..rundir import ADAPTER_DIR, prepare_run_dir
 from ..errors import UserError
 from ..decode import TransformersBackend
@@ -43,6 +45,24 @@ def score(model_spec: str | None, zh_clips, en_clips, new_word_paths: set[str]) 
             "rows": zh.rows + (en.rows if en else [])}
 
 
+def export_to(fmt: str, adapter: Path, manifest: Path, folder: Path) -> dict:
+    """The adapter exported for one runtime, gated on `manifest`: the export's report, passed or not (a gate
+    that fails keeps its export aside and its numbers in the table); {"error": ...} when it could not run."""
+    from .export import EXPORT_REPORT
+    from .export import run as export
+
+    # CTranslate2 at float32: int8 costs this small model over a CER point (docs/export.md)
+    overrides = dict(model=str(adapter), output_dir=str(folder), format=fmt, dev_manifest=str(manifest),
+                     language="zh", metric="cer", overwrite=True, quantization="float32" if fmt == "ct2" else "auto")
+    print(f"exporting for {fmt} …")
+    try:
+        export(build_config(ExportConfig, overrides=overrides))
+        return json.loads((folder / EXPORT_REPORT).read_text())
+    except UserError as exc:
+        failed = folder.with_name(folder.name + ".parity-failed") / EXPORT_REPORT
+        return json.loads(failed.read_text()) if failed.is_file() else {"format": fmt, "error": str(exc)}
+
+
 def run(config: DemoConfig) -> dict:
     # ---- set up
     started = time.time()
@@ -72,6 +92,10 @@ def run(config: DemoConfig) -> dict:
     print("scoring the fine-tuned model …")
     tuned = score(str(out / "train" / ADAPTER_DIR), zh_clips, en_clips, new_word_paths)
 
+    # ---- the adapter in every runtime users have, each read by its own runtime on the test set
+    exports = [export_to(fmt, out / "train" / ADAPTER_DIR, corpus / "test.jsonl", out / "exports" / fmt)
+               for fmt in config.exports]
+
     # ---- save
     report = {
         "base_cer": base["cer"], "finetuned_cer": tuned["cer"],
@@ -86,6 +110,13 @@ def run(config: DemoConfig) -> dict:
     if en_clips:
         rows.append(["English WER (forgetting)", base["english_wer"], tuned["english_wer"]])
     table = format_table(["", "base", "fine-tuned"], rows)
+    if exports:
+        report["exports"] = exports
+        table += "\n\n" + format_table(
+            ["runtime", "test CER", "ours (transformers)", "identical texts", "parity gate"],
+            [[f"{e['runtime']} ({e['format']}, {e['precision']})", e[f"{e['format']}_cer"], e["transformers_cer"],
+              f"{e['identical_texts']} of {e['clips']}", "passed" if e["passed"] else "failed"]
+             if "error" not in e else [e["format"], "", "", "", e["error"]] for e in exports])
     print(table)
     (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
     (out / "report.md").write_text(table + "\n")
