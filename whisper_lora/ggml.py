@@ -118,7 +118,12 @@ class WhisperCppRunner:
         for audio, language in zip(audios, languages):
             pieces = self.model.transcribe(np.asarray(audio, np.float32), language=language or "auto",
                                            translate=options.task == "translate", temperature=options.temperature[0],
-                                           no_timestamps=options.without_timestamps, no_context=True)
+                                           # our fallback ladder (none for the gate's greedy), and the
+                                           # non-speech tokens suppressed as openai/whisper and we do
+                                           temperature_inc=(options.temperature[1] - options.temperature[0]
+                                                            if len(options.temperature) > 1 else 0.0),
+                                           suppress_nst=True, no_timestamps=options.without_timestamps,
+                                           no_context=True, max_tokens=options.max_new_tokens)
             segments = [Segment(i, p.t0 / 100, p.t1 / 100, p.text.strip()) for i, p in enumerate(pieces)]
             results.append((segments, TranscriptionInfo(language, None, len(audio) / 16000)))
         return results

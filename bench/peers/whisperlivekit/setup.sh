@@ -48,11 +48,23 @@ mkdir -p "$H/refs" "$H/snapshots/$REV"
 printf %s "$REV" > "$H/refs/main"
 for f in config.json model.bin tokenizer.json vocabulary.txt; do ln -f "$M/$f" "$H/snapshots/$REV/$f"; done
 
-# 4. SimulStreaming's decoder is openai-whisper's PyTorch model: the same weights as an openai checkpoint.
+# 4. SimulStreaming's decoder is openai-whisper's PyTorch model: the same weights as an openai checkpoint,
+#    written by `whisper-lora export --format openai`, named base.pt so WhisperLiveKit takes base's alignment
+#    heads; then loaded strictly into WhisperLiveKit's own vendored model.
 if [ ! -f "$W/models/whisper-base-openai/base.pt" ]; then
-  HF_DIR=$("$PY" -c "from whisper_lora.models import resolve_model; print(resolve_model(None).location)")
-  OMP_NUM_THREADS=1 venv/bin/python "$HERE/convert_hf_to_openai.py" --hf-dir "$HF_DIR" \
-      --out "$W/models/whisper-base-openai/base.pt" --verify
+  rm -rf "$W/models/whisper-base-openai.export"
+  "$PY" -m whisper_lora export default --format openai --no-parity-check \
+      --output-dir "$W/models/whisper-base-openai.export" >/dev/null
+  mkdir -p "$W/models/whisper-base-openai"
+  mv "$W/models/whisper-base-openai.export/model.pt" "$W/models/whisper-base-openai/base.pt"
+  rm -rf "$W/models/whisper-base-openai.export"
+  venv/bin/python - "$W/models/whisper-base-openai/base.pt" <<'PY'
+import sys, torch
+from whisperlivekit.whisper.model import ModelDimensions, Whisper
+checkpoint = torch.load(sys.argv[1], map_location="cpu", weights_only=True)
+Whisper(ModelDimensions(**checkpoint["dims"])).load_state_dict(checkpoint["model_state_dict"], strict=True)
+print("base.pt loads into WhisperLiveKit's model (strict)")
+PY
 fi
 
 # 5. Its model warm-up clip (WhisperLiveKit would download jfk.wav): two of the repo's real clips.
