@@ -125,6 +125,20 @@ def test_decoding_loop_matches_transformers_generate_token_for_token(base_transc
     eot = base_transcriber.tokens.eot
     assert [segment.tokens for _, segment, _ in ours] == [[t for t in row.tolist() if t < eot] for row in ids]
     assert all(text for text, _, _ in ours)
+    for _, segment, _ in ours:  # each token's log-probability (include[]=logprobs) and openai/whisper's mean
+        assert len(segment.token_logprobs) == len(segment.tokens) and max(segment.token_logprobs) <= 0
+        end_of_text = segment.avg_logprob * (len(segment.tokens) + 1) - sum(segment.token_logprobs)
+        assert -20 < end_of_text <= 1e-6
+    if beams == 1:  # greedy: the same numbers as transformers' own scores of its (identical) choices
+        with torch.inference_mode():
+            out = base_transcriber.model.generate(input_features=base_transcriber.features(clips), language="en",
+                                                  task="transcribe", max_new_tokens=128, output_scores=True,
+                                                  return_dict_in_generate=True)
+            theirs = base_transcriber.model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
+        for (_, segment, _), row in zip(ours, theirs.tolist()):
+            n = len(segment.tokens)
+            assert segment.token_logprobs == pytest.approx(row[:n], abs=1e-3)
+            assert segment.avg_logprob * (n + 1) - sum(segment.token_logprobs) == pytest.approx(row[n], abs=1e-3)
 
 
 def test_long_form_scores_and_segments_match_faster_whisper(base_transcriber, ct2_transcriber):

@@ -157,6 +157,11 @@ def test_bad_events_get_error_events_and_the_connection_stays_open(server):
                    "input_audio_transcription": {"model": "nope"}}}), "model_not_found"),
                (json.dumps({"type": "transcription_session.update", "session": {"input_audio_format": "g711_ulaw"}}),
                 "invalid_value"),
+               # refused, not ignored: no denoiser runs, and streamed turns carry no log-probabilities
+               (json.dumps({"type": "transcription_session.update", "session": {
+                   "input_audio_noise_reduction": {"type": "near_field"}}}), "unsupported"),
+               (json.dumps({"type": "transcription_session.update", "session": {
+                   "include": ["item.input_audio_transcription.logprobs"]}}), "unsupported"),
                (b"\x00\x01binary", "invalid_frame")]
         for frame, code in bad:
             ws.send(frame)
@@ -177,6 +182,50 @@ def test_bad_events_get_error_events_and_the_connection_stays_open(server):
         assert "conversation.item.created" in [e["type"] for e in events]  # the beta name for the item
         heard = normalize(events[-1]["transcript"], "en")  # "ten of clubs": "10 of clubs" as the normaliser spells it
         assert "clubs" in heard or heard.startswith("10")
+
+
+def test_a_turn_that_cannot_be_transcribed_fails_as_openai_says_and_the_stream_goes_on(server, adapters_dir,
+                                                                                       mandarin_adapter):
+    """The adapter's folder removed mid-utterance: `...input_audio_transcription.failed` for that item, then
+    the next turn transcribes."""
+    import shutil
+
+    from whisper_lora.audio import load_audio
+
+    shutil.copytree(mandarin_adapter[0], adapters_dir / "vanishing")
+    try:
+        with raw(server) as ws:
+            receive(ws)
+            ws.send(json.dumps({"type": "session.update", "session": {"type": "transcription", "audio": {"input": {
+                "transcription": {"model": "vanishing", "language": "zh"}, "turn_detection": None}}}}))
+            assert receive(ws)["type"] == "session.updated"
+            events = append_events(load_audio(SPEECH_EN / "arctic_a0009.wav"))
+            for event in events[:10]:
+                ws.send(json.dumps(event))
+            while (started := receive(ws))["type"] != "input_audio_buffer.speech_started":
+                pass
+            shutil.rmtree(adapters_dir / "vanishing")
+            for event in events[10:]:
+                ws.send(json.dumps(event))
+            ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+            while (failed := receive(ws, timeout=120))["type"] not in (
+                    "conversation.item.input_audio_transcription.failed", "error"):
+                assert failed["type"] != "conversation.item.input_audio_transcription.completed", failed
+            assert failed["type"] == "conversation.item.input_audio_transcription.failed", failed
+            assert failed["item_id"] == started["item_id"] and failed["error"]["code"] == "model_not_found"
+            assert "vanishing" in failed["error"]["message"]
+            ws.send(json.dumps({"type": "session.update", "session": {"type": "transcription", "audio": {"input": {
+                "transcription": {"model": "whisper-1", "language": "en"}, "turn_detection": None}}}}))
+            while receive(ws)["type"] != "session.updated":
+                pass
+            for event in events:
+                ws.send(json.dumps(event))
+            ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+            while (done := receive(ws, timeout=120))["type"] != "conversation.item.input_audio_transcription.completed":
+                pass
+            assert "gregson" in done["transcript"].lower()
+    finally:
+        shutil.rmtree(adapters_dir / "vanishing", ignore_errors=True)
 
 
 def test_a_client_that_vanishes_mid_stream_frees_what_it_held(server):

@@ -1,6 +1,7 @@
 """`whisper-lora serve` as users meet it: a real server process on 127.0.0.1, the official `openai` client."""
 from __future__ import annotations
 
+import math
 import shutil
 import signal
 import threading
@@ -78,6 +79,10 @@ def test_streaming_sends_each_segment_as_a_delta_then_the_whole_text(server, tmp
     whole = client.audio.transcriptions.create(file=open(clip, "rb"), model="whisper-1", language="en",
                                                response_format="verbose_json")
     assert done.text == whole.text and deltas == [s.text if i == 0 else " " + s.text for i, s in enumerate(whole.segments)]
+    # OpenAI's token usage on the done event: the encoder positions the audio filled, the tokens decoded
+    assert done.usage.type == "tokens" and done.usage.input_tokens == math.ceil(whole.duration * 50)
+    assert done.usage.output_tokens == sum(len(s.tokens) for s in whole.segments) > 0
+    assert done.usage.total_tokens == done.usage.input_tokens + done.usage.output_tokens
 
 
 def test_translation(server):
@@ -212,8 +217,9 @@ def test_errors_come_in_openai_shape_as_the_clients_own_exceptions(server, tmp_p
     with pytest.raises(openai.APIStatusError) as exc:
         client.audio.transcriptions.create(file=open(big, "rb"), model="whisper-1")
     assert exc.value.status_code == 413 and exc.value.code == "file_too_large"
-    # and the server still serves
-    assert "gregson" in client.audio.transcriptions.create(file=open(ARCTIC, "rb"), model="whisper-1").text.lower()
+    # and the server still serves; a form field it does not know is ignored, as OpenAI's API does
+    assert "gregson" in client.audio.transcriptions.create(file=open(ARCTIC, "rb"), model="whisper-1",
+                                                           extra_body={"made_up_field": "1"}).text.lower()
 
 
 def test_metrics_in_prometheus_text(server):
@@ -259,3 +265,68 @@ def test_sigterm_stops_an_idle_server_in_order(tiny_model_dir, tmp_path):
     assert server.process.wait(timeout=60) in (0, -signal.SIGTERM)  # uvicorn exits by the signal it caught
     log = server.log.read_text()
     assert "Shutting down" in log and "Application shutdown complete" in log and "Traceback" not in log
+
+
+def test_an_error_mid_stream_is_an_openai_error_event_the_client_raises():
+    """After the first delta the status line is sent: the error travels as OpenAI's error event, which the
+    official client's stream raises as APIError (the events before it arrive first)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import httpx
+
+    from whisper_lora.decode import Segment, TranscriptionInfo
+    from whisper_lora.errors import UserError
+    from whisper_lora.serve.api import ServerState, _events
+
+    def segments():
+        yield Segment(0, 0.0, 1.0, "hello", tokens=[1, 2])
+        raise UserError("the decoder gave up", "upload.wav")
+
+    class Stored:
+        name = "mine.wav"
+
+        def remove(self):
+            pass
+
+    async def body():
+        parsed = SimpleNamespace(model="whisper-1", logprobs=False)
+        return b"".join([chunk async for chunk in _events(ServerState(), parsed, segments(),
+                                                          TranscriptionInfo("en", 1.0, 2.0), Stored())])
+
+    response = httpx.Response(200, content=asyncio.run(body()), headers={"content-type": "text/event-stream"},
+                              request=httpx.Request("POST", "http://127.0.0.1/v1/audio/transcriptions"))
+    stream = openai.Stream(cast_to=object, response=response,
+                           client=openai.OpenAI(api_key="x", base_url="http://127.0.0.1/v1"))
+    received = []
+    with pytest.raises(openai.APIError) as exc:
+        for event in stream:
+            received.append(event)
+    assert received == [{"type": "transcript.text.delta", "delta": "hello"}]
+    assert "the decoder gave up" in exc.value.message and exc.value.body["code"] == "invalid_value"
+
+
+def test_logprobs_of_every_token_on_json_and_on_the_stream(server, mandarin_adapter):
+    """include[]=logprobs in OpenAI's shape: each text token, its bytes (a Chinese character can span two
+    tokens: the bytes join into the text where the tokens' own strings cannot), its log-probability."""
+    client = server.client()
+    row = mandarin_adapter[1][0]
+    plain = client.audio.transcriptions.create(file=open(row["audio"]["path"], "rb"), model="mandarin",
+                                               language="zh", include=["logprobs"])
+    assert plain.logprobs and all(lp.logprob <= 0 for lp in plain.logprobs)
+    assert bytes(int(b) for lp in plain.logprobs for b in lp.bytes).decode().strip() == plain.text
+    # streamed: each delta carries its segment's, the done event all of them; a token each (same decode as
+    # verbose_json's, whose text tokens they are)
+    events = list(client.audio.transcriptions.create(file=open(ARCTIC, "rb"), model="whisper-1", language="en",
+                                                     stream=True, include=["logprobs"]))
+    verbose = client.audio.transcriptions.create(file=open(ARCTIC, "rb"), model="whisper-1", language="en",
+                                                 response_format="verbose_json")
+    done = events[-1]
+    deltas = [lp for e in events if e.type == "transcript.text.delta" for lp in e.logprobs]
+    assert [lp.model_dump() for lp in deltas] == [lp.model_dump() for lp in done.logprobs]
+    assert len(done.logprobs) == sum(len(s.tokens) for s in verbose.segments)
+    assert bytes(int(b) for lp in done.logprobs for b in lp.bytes).decode().strip() == done.text
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.audio.transcriptions.create(file=open(ARCTIC, "rb"), model="whisper-1", include=["logprobs"],
+                                           response_format="verbose_json")
+    assert exc.value.param == "include"

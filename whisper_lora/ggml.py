@@ -22,22 +22,11 @@ from pathlib import Path
 import numpy as np
 
 from .openai_checkpoint import openai_name
+from .tokens import byte_decoder
 
 GGML_MAGIC = 0x67676D6C  # "ggml"
 F32, F16 = 0, 1  # whisper.cpp's weight types in this format
 KEPT_F32 = {"encoder.conv1.bias", "encoder.conv2.bias", "encoder.positional_embedding", "decoder.positional_embedding"}
-
-
-def byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-level BPE alphabet: each of the 256 bytes is shown as one printable character."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    shown, extra = list(printable), 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            shown.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(printable, shown)}
 
 
 def bpe_vocabulary(tokenizer_json: dict) -> list[bytes]:

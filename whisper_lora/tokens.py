@@ -81,3 +81,23 @@ class SpecialTokens:
     def decode(self, tokens: list[int]) -> str:
         """Text of the tokens, special and timestamp tokens left out."""
         return self.tokenizer.decode([t for t in tokens if t < self.eot])
+
+
+def byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: each of the 256 bytes is shown as one printable character."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shown, extra = list(printable), 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            shown.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, shown)}
+
+
+def token_bytes(tokenizer, ids: list[int]) -> list[bytes]:
+    """Each token's own bytes (a byte-level BPE token can hold part of a character, so its text alone may
+    not decode): what OpenAI's logprobs report beside the token."""
+    decode = byte_decoder()
+    return [bytes(decode.get(c, 0) for c in piece) if piece is not None else b""
+            for piece in tokenizer.convert_ids_to_tokens(ids)]

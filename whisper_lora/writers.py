@@ -34,10 +34,11 @@ def write_txt(segments: list[Segment], info: TranscriptionInfo, text: str, out: 
 
 
 _ASKED_FOR = ("sentiment", "sentiment_note")  # fields that appear only when they were asked for
+_SERVED_ONLY = ("token_logprobs",)  # the API's include[]=logprobs; a token list per segment would bloat files
 
 
 def _dict(item) -> dict:
-    return {k: v for k, v in asdict(item).items() if not (k in _ASKED_FOR and v is None)}
+    return {k: v for k, v in asdict(item).items() if not (k in _ASKED_FOR and v is None) and k not in _SERVED_ONLY}
 
 
 def transcript_dict(segments: list[Segment], info: TranscriptionInfo, text: str) -> dict:

@@ -106,10 +106,11 @@ class Piece:
     end: float
     tokens: list[int]  # timestamp tokens included
     words: list[WordTiming] | None = None
+    logprobs: list[float] | None = None  # of each of `tokens`
 
 
 def split_window(tokens: SpecialTokens, sampled: list[int], time_offset: float,
-                 window_seconds: float) -> tuple[list[Piece], float, bool]:
+                 window_seconds: float, logprobs: list[float] | None = None) -> tuple[list[Piece], float, bool]:
     """Cut a window's tokens into segments at its timestamp pairs (openai/whisper's rules).
 
     Returns the segments with text, how far into the window they reach for the next window to start
@@ -126,13 +127,14 @@ def split_window(tokens: SpecialTokens, sampled: list[int], time_offset: float,
         for current in slices:
             part = sampled[last:current]
             pieces.append(Piece(time_offset + (part[0] - begin) * TIME_PRECISION,
-                                time_offset + (part[-1] - begin) * TIME_PRECISION, part))
+                                time_offset + (part[-1] - begin) * TIME_PRECISION, part,
+                                logprobs=None if logprobs is None else logprobs[last:current]))
             last = current
         consumed = window_seconds if single_ending else (sampled[last - 1] - begin) * TIME_PRECISION
     else:
         stamps = [t for t in sampled if t >= begin]
         end = (stamps[-1] - begin) * TIME_PRECISION if stamps and stamps[-1] != begin else window_seconds
-        pieces.append(Piece(time_offset, time_offset + end, sampled))
+        pieces.append(Piece(time_offset, time_offset + end, sampled, logprobs=logprobs))
         consumed = window_seconds
     return [p for p in pieces if tokens.decode(p.tokens).strip()], consumed, single_ending
 
@@ -151,9 +153,12 @@ def make_segment(tokens: SpecialTokens, piece: Piece, result: WindowResult, to_t
             w_end = min(max(to_time(w.end, True), w_start), end)
             words.append(Word(round(w_start, 3), round(w_end, 3), w.word, round(w.probability, 4)))
             floor = w_start
+    text_logprobs = None if piece.logprobs is None else \
+        [lp for t, lp in zip(piece.tokens, piece.logprobs) if t < tokens.eot]
     return Segment(0, round(start, 3), round(end, 3), tokens.decode(piece.tokens).strip(),
                    [t for t in piece.tokens if t < tokens.eot], result.avg_logprob, result.no_speech_prob, words,
-                   seek=seek, temperature=result.temperature, compression_ratio=round(result.compression_ratio, 4))
+                   seek=seek, temperature=result.temperature, compression_ratio=round(result.compression_ratio, 4),
+                   token_logprobs=text_logprobs)
 
 
 def _text_tokens(pieces: list[Piece], eot: int) -> list[int]:
@@ -203,7 +208,8 @@ def sequential(model: WindowModel, source: np.ndarray | Path, duration: float, l
             if is_silence(result, options):
                 seek += size
                 continue
-            pieces, consumed, single_ending = split_window(tokens, result.tokens, time_offset, size / FRAMES_PER_SECOND)
+            pieces, consumed, single_ending = split_window(tokens, result.tokens, time_offset, size / FRAMES_PER_SECOND,
+                                                           result.token_logprobs)
             seek += max(1, round(consumed * FRAMES_PER_SECOND))
             if options.word_timestamps and pieces:
                 alignment = model.align(encoded[0], _text_tokens(pieces, tokens.eot), language, options.task, size,
@@ -267,9 +273,14 @@ def clips(model: WindowModel, audios: list[np.ndarray], languages: list[str | No
         if is_silence(result, options):
             continue
         if timestamps:
-            pieces, _, _ = split_window(tokens, result.tokens, 0.0, seconds)
+            pieces, _, _ = split_window(tokens, result.tokens, 0.0, seconds, result.token_logprobs)
         else:
-            pieces = [Piece(0.0, seconds, forced + [t for t in result.tokens if t < tokens.eot])]
+            sampled = [(t, lp) for t, lp in zip(result.tokens, result.token_logprobs or [0.0] * len(result.tokens))
+                       if t < tokens.eot]
+            # a forced prefix was given, not chosen: log-probability 0
+            pieces = [Piece(0.0, seconds, forced + [t for t, _ in sampled],
+                            logprobs=None if result.token_logprobs is None
+                            else [0.0] * len(forced) + [lp for _, lp in sampled])]
             if not tokens.decode(pieces[0].tokens).strip():
                 continue
         if options.word_timestamps and pieces:
@@ -328,7 +339,7 @@ def _decode_vad_batch(model: WindowModel, windows: list, block: np.ndarray, offs
             if is_silence(result, options):
                 continue
             seconds = len(clip) / SAMPLE_RATE
-            pieces, consumed, _ = split_window(tokens, result.tokens, 0.0, seconds)
+            pieces, consumed, _ = split_window(tokens, result.tokens, 0.0, seconds, result.token_logprobs)
             if not pieces:
                 continue
             decoded_until = pieces[-1].end

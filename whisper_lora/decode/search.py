@@ -27,6 +27,9 @@ class WindowResult:
     no_speech_prob: float
     compression_ratio: float
     temperature: float
+    token_logprobs: list[float] | None = None  # of each token in `tokens` (after the logit rules), as sampled
+    end_logprob: float = 0.0  # of the end-of-text token (0 when the window ran out of tokens first): with
+    # token_logprobs it sums to avg_logprob x (len(tokens) + 1), openai/whisper's mean
 
 
 def compression_ratio(text: str) -> float:
@@ -57,11 +60,12 @@ class Search:
         self.network, self.tokens, self.rules = network, tokens, rules
 
     def _sample(self, encoded: torch.Tensor, prefixes: list[list[int]], sot_index: int, timestamps: bool,
-                temperature: float, max_new: int, adapters: list[str] | None) -> list[tuple[list[int], float, float]]:
+                temperature: float, max_new: int, adapters: list[str] | None
+                ) -> list[tuple[list[int], float, float, list[float], float]]:
         """Greedy (temperature 0) or sampled decoding of a batch of windows.
 
-        Returns (tokens, sum of their log-probabilities with the end-of-text one, no-speech probability)
-        per window. Each window samples from a generator of its own, seeded alike: its draws do not depend
+        Returns (tokens, sum of their log-probabilities with the end-of-text one, no-speech probability, each
+        token's log-probability, the end-of-text one's) per window. Each window samples from a generator of its own, seeded alike: its draws do not depend
         on which other windows share the batch, so a request decodes the same alone or among others, and
         concurrent calls neither share nor disturb random state.
         """
@@ -72,6 +76,8 @@ class Search:
         no_speech = net.logits(hidden[:, sot_index]).softmax(-1)[:, self.tokens.no_speech].tolist()
         logits = net.logits(hidden[:, -1])
         sampled: list[list[int]] = [[] for _ in range(rows)]
+        sampled_logprobs: list[list[float]] = [[] for _ in range(rows)]
+        ends = [0.0] * rows
         totals = [0.0] * rows
         active = list(range(rows))
         generators = [torch.Generator(device=net.device).manual_seed(SAMPLING_SEED) for _ in range(rows)] \
@@ -89,7 +95,10 @@ class Search:
                 totals[i] += logprobs[j]
                 if token != eot:
                     sampled[i].append(token)
+                    sampled_logprobs[i].append(logprobs[j])
                     keep.append(j)
+                else:
+                    ends[i] = logprobs[j]
             if not keep or step == max_new - 1:
                 break
             if len(keep) < len(active):
@@ -98,10 +107,11 @@ class Search:
                 chosen = chosen[index]
                 active = [active[j] for j in keep]
             logits = net.logits(net.step(chosen[:, None], caches))
-        return [(sampled[i], totals[i], no_speech[i]) for i in range(rows)]
+        return [(sampled[i], totals[i], no_speech[i], sampled_logprobs[i], ends[i]) for i in range(rows)]
 
     def _beam_search(self, encoded: torch.Tensor, prefixes: list[list[int]], sot_index: int, timestamps: bool,
-                     beams: int, max_new: int, adapters: list[str] | None) -> list[tuple[list[int], float, float]]:
+                     beams: int, max_new: int, adapters: list[str] | None
+                     ) -> list[tuple[list[int], float, float, list[float], float]]:
         """openai/whisper's beam search (patience 1; the finished candidate with the best mean log-probability)."""
         net, eot = self.network, self.tokens.eot
         audios = len(prefixes)
@@ -111,31 +121,36 @@ class Search:
         no_speech = net.logits(hidden[::beams, sot_index]).softmax(-1)[:, self.tokens.no_speech].tolist()
         logits = net.logits(hidden[:, -1])
         sampled: list[list[int]] = [[] for _ in range(audios * beams)]
+        steps: list[list[float]] = [[] for _ in range(audios * beams)]  # each token's log-probability
         totals = [0.0] * (audios * beams)
         finished: list[dict[tuple[int, ...], float]] = [{} for _ in range(audios)]
+        finished_steps: list[dict[tuple[int, ...], list[float]]] = [{} for _ in range(audios)]
         for step in range(max_new):
             logprobs = self.rules.apply(logits, sampled, step == 0, timestamps, encoded.shape[1]).log_softmax(-1)
             top_logprobs, top_tokens = (t.tolist() for t in logprobs.topk(beams + 1, dim=-1))
-            next_sampled, next_totals, sources = [], [], []
+            next_sampled, next_totals, next_steps, sources = [], [], [], []
             for audio in range(audios):
-                scores, origin = {}, {}
+                scores, origin, step_of = {}, {}, {}
                 for row in range(audio * beams, (audio + 1) * beams):
                     for logprob, token in zip(top_logprobs[row], top_tokens[row]):
                         candidate = (*sampled[row], token)
                         scores[candidate], origin[candidate] = totals[row] + logprob, row
+                        step_of[candidate] = logprob
                 saved = 0
                 for candidate in sorted(scores, key=scores.get, reverse=True):
                     if candidate[-1] == eot:
                         if len(finished[audio]) < beams:
                             finished[audio][candidate[:-1]] = scores[candidate]
+                            finished_steps[audio][candidate[:-1]] = [*steps[origin[candidate]], step_of[candidate]]
                         continue
                     next_sampled.append(list(candidate))
                     next_totals.append(scores[candidate])
+                    next_steps.append([*steps[origin[candidate]], step_of[candidate]])
                     sources.append(origin[candidate])
                     saved += 1
                     if saved == beams:
                         break
-            sampled, totals = next_sampled, next_totals
+            sampled, totals, steps = next_sampled, next_totals, next_steps
             if all(len(f) >= beams for f in finished) or step == max_new - 1:
                 break
             caches.select(torch.tensor(sources, device=net.device))
@@ -149,8 +164,10 @@ class Search:
                 if len(candidates) >= beams:
                     break
                 candidates.setdefault(tuple(sampled[row]), totals[row])
+                finished_steps[audio].setdefault(tuple(sampled[row]), [*steps[row], 0.0])  # never ended
             best = max(candidates, key=lambda c: candidates[c] / max(1, len(c)))
-            results.append((list(best), candidates[best], no_speech[audio]))
+            *token_steps, end = finished_steps[audio][best]
+            results.append((list(best), candidates[best], no_speech[audio], token_steps, end))
         return results
 
     def decode(self, encoded: torch.Tensor, prefixes: list[list[int]], options: DecodeOptions, timestamps: bool,
@@ -177,9 +194,10 @@ class Search:
             else:
                 decoded = self._sample(rows, batch, sot_index, timestamps, temperature, max_new, row_adapters)
             retry = []
-            for i, (tokens, total, no_speech) in zip(todo, decoded):
+            for i, (tokens, total, no_speech, token_logprobs, end) in zip(todo, decoded):
                 result = WindowResult(tokens, total / (len(tokens) + 1), no_speech,
-                                      compression_ratio(self.tokens.decode(tokens).strip()), temperature)
+                                      compression_ratio(self.tokens.decode(tokens).strip()), temperature,
+                                      token_logprobs, end)
                 attempts[i].append(result)
                 results[i] = result
                 if needs_fallback(result, options):

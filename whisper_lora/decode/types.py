@@ -38,6 +38,7 @@ class Segment:
     temperature: float | None = None  # of the attempt that was kept
     compression_ratio: float | None = None  # gzip ratio of the window's text
     sentiment: Sentiment | None = None  # set by sentiment.annotate when asked for
+    token_logprobs: list[float] | None = None  # of each of `tokens` (our decoding loop; None from CTranslate2)
 
 
 @dataclass

@@ -58,6 +58,7 @@ class TranscriptionRequest:
     stream: bool
     vad: bool
     sentiment: bool
+    logprobs: bool = False  # include[]=logprobs
 
 
 @dataclass(frozen=True)
@@ -129,8 +130,12 @@ def parse_request(form: AudioForm, task: str, languages: set[str], audio_ctx: Au
     if granularities and response_format != "verbose_json":
         raise APIError(400, "timestamp_granularities needs response_format verbose_json",
                        param="timestamp_granularities")
-    if form.include:
-        raise APIError(400, f"include[] {', '.join(sorted(set(form.include)))} is not available for Whisper models",
+    unknown = set(form.include) - {"logprobs"}
+    if unknown:
+        raise APIError(400, f"include[] takes logprobs, got {', '.join(sorted(unknown))}", param="include")
+    logprobs = "logprobs" in form.include
+    if logprobs and response_format != "json" and not form.stream:
+        raise APIError(400, "include[]=logprobs needs response_format json (or stream=true), as OpenAI's",
                        param="include")
     if form.chunking_strategy not in (None, "auto", "server_vad"):
         raise APIError(400, f"chunking_strategy must be auto or server_vad, got '{form.chunking_strategy}'",
@@ -152,7 +157,7 @@ def parse_request(form: AudioForm, task: str, languages: set[str], audio_ctx: Au
         raise APIError(400, "sentiment needs response_format json or verbose_json", param="sentiment")
     return TranscriptionRequest(task, form.model, language, options, response_format, words,
                                 "segment" in granularities or not granularities, form.stream,
-                                form.chunking_strategy is not None, form.sentiment)
+                                form.chunking_strategy is not None, form.sentiment, logprobs)
 
 
 def language_name(code: str | None) -> str:
@@ -175,7 +180,31 @@ def segment_json(segment: Segment) -> dict:
             "no_speech_prob": segment.no_speech_prob if segment.no_speech_prob is not None else 0.0}
 
 
-def render(request: TranscriptionRequest, segments: list[Segment], info: TranscriptionInfo) -> Response:
+AUDIO_TOKENS_PER_SECOND = 50  # Whisper's encoder positions: 1500 per 30 s window
+
+
+def token_usage(seconds: float, output_tokens: int) -> dict:
+    """OpenAI's token usage (what its streamed `transcript.text.done` carries): the audio as the encoder
+    positions it filled, the text as the tokens decoded (timestamp tokens included)."""
+    audio = math.ceil(seconds * AUDIO_TOKENS_PER_SECOND)
+    return {"type": "tokens", "input_tokens": audio, "output_tokens": output_tokens,
+            "total_tokens": audio + output_tokens, "input_token_details": {"audio_tokens": audio, "text_tokens": 0}}
+
+
+def logprob_entries(service, segments: list[Segment]) -> list[dict]:
+    """OpenAI's logprobs of a transcript: each text token with its log-probability and its own bytes."""
+    ids = [t for s in segments for t in s.tokens]
+    values = [lp for s in segments for lp in (s.token_logprobs or [])]
+    if len(values) != len(ids):
+        raise APIError(400, "this model's decoding gives no per-token log-probabilities (the ct2 backend)",
+                       param="include")
+    pieces = service.token_bytes(ids) if ids else []
+    return [{"token": piece.decode("utf-8", errors="replace"), "logprob": value, "bytes": list(piece)}
+            for piece, value in zip(pieces, values)]
+
+
+def render(request: TranscriptionRequest, segments: list[Segment], info: TranscriptionInfo,
+           logprobs: list[dict] | None = None) -> Response:
     text = join_text(segments, info.language)
     usage = {"type": "duration", "seconds": round(info.duration, 3)}
     scored = {}
@@ -185,6 +214,8 @@ def render(request: TranscriptionRequest, segments: list[Segment], info: Transcr
             scored["sentiment_note"] = info.sentiment_note
     if request.response_format == "json":
         body = {"text": text, **scored}
+        if logprobs is not None:
+            body["logprobs"] = logprobs
         if request.task == "transcribe":
             body["usage"] = usage
         return JSONResponse(body)
@@ -434,6 +465,9 @@ async def transcribe_upload(form: AudioForm, task: str, service: TranscriptionSe
     parsed = parse_request(form, task, service.backend.languages, service.audio_ctx)
     # an unknown model is a 404 before any audio is decoded (a thread: the folder is listed; under Ray a call)
     await run_in_threadpool(service.resolve, parsed.model)
+    if parsed.logprobs and not service.has_token_logprobs:
+        raise APIError(400, "include[]=logprobs needs --backend transformers (CTranslate2 gives only each "
+                            "segment's mean log-probability)", param="include")
     stored = await run_in_threadpool(_Upload, form.file)
     try:
         segments, info = await run_in_threadpool(service.transcribe, stored.path, parsed.model, parsed.language,
@@ -442,17 +476,19 @@ async def transcribe_upload(form: AudioForm, task: str, service: TranscriptionSe
         stored.remove()
         raise errors.as_api_error(exc, stored.name) from None
     if parsed.stream:
-        return StreamingResponse(_events(state, parsed, segments, info, stored), media_type="text/event-stream")
+        return StreamingResponse(_events(state, parsed, segments, info, stored, service),
+                                 media_type="text/event-stream")
     try:
         collected = await run_in_threadpool(list, segments)
         if parsed.sentiment:
             collected, info = await run_in_threadpool(_sentiment, collected, info, state.sentiment_model)
+        logprobs = await run_in_threadpool(logprob_entries, service, collected) if parsed.logprobs else None
     except BaseException as exc:
         raise errors.as_api_error(exc, stored.name) from None
     finally:
         stored.remove()
     _count_audio(state, parsed, info)
-    return render(parsed, collected, info)
+    return render(parsed, collected, info, logprobs)
 
 
 def _sentiment(segments: list[Segment], info: TranscriptionInfo, model: str | None):
@@ -470,10 +506,11 @@ def _count_audio(state: ServerState, parsed: TranscriptionRequest, info: Transcr
 
 
 async def _events(state: ServerState, parsed: TranscriptionRequest, segments: Iterator[Segment],
-                  info: TranscriptionInfo, stored: _Upload):
+                  info: TranscriptionInfo, stored: _Upload, service=None):
     """transcript.text.delta per segment as soon as it is decoded, then transcript.text.done with the
     whole text: the deltas, joined, are exactly that text."""
     parts: list[str] = []
+    output_tokens, every_logprob = 0, []
     separator = "" if join_text([Segment(0, 0, 0, "a"), Segment(1, 0, 0, "b")], info.language) == "ab" else " "
     try:
         async for segment in iterate_in_threadpool(segments):
@@ -481,12 +518,22 @@ async def _events(state: ServerState, parsed: TranscriptionRequest, segments: It
                 continue
             delta = segment.text if not parts else separator + segment.text
             parts.append(delta)
-            yield sse({"type": "transcript.text.delta", "delta": delta})
-        yield sse({"type": "transcript.text.done", "text": "".join(parts)})
+            event = {"type": "transcript.text.delta", "delta": delta}
+            if parsed.logprobs:
+                event["logprobs"] = await run_in_threadpool(logprob_entries, service, [segment])
+                every_logprob += event["logprobs"]
+            yield sse(event)
+            output_tokens += len(segment.tokens)
+        done = {"type": "transcript.text.done", "text": "".join(parts),
+                "usage": token_usage(info.duration, output_tokens)}
+        if parsed.logprobs:
+            done["logprobs"] = every_logprob
+        yield sse(done)
         _count_audio(state, parsed, info)
     except Exception as exc:  # the status line is sent already: the error travels as an event
         error = errors.as_api_error(exc, stored.name)
-        yield sse(errors.error_body(error.message, error.type, error.param, error.code))
+        # OpenAI's error event: its `error` key makes the official client raise APIError mid-iteration
+        yield sse({"type": "error", **errors.error_body(error.message, error.type, error.param, error.code)})
     finally:
         close = getattr(segments, "close", None)
         if close is not None:

@@ -107,10 +107,18 @@ class Session:
                                      "session.audio.input.transcription.language")
             self.model = transcription.get("model") or self.model
             self.language, self.prompt = language, transcription.get("prompt") or None
-        self.rate, self.turn_detection = rate, turn
+        noise = session.get("input_audio_noise_reduction") if "input_audio_noise_reduction" in session else \
+            ((session.get("audio") or {}).get("input") or {}).get("noise_reduction")
+        if noise is not None:
+            raise EventError("noise_reduction is not available here (no denoiser runs before the model); set it to "
+                             "null", "unsupported", "session.audio.input.noise_reduction")
         include = session.get("include")
         if include is not None:
+            if not isinstance(include, list) or set(include) - {PARTIAL}:
+                raise EventError(f"include takes [{PARTIAL!r}] here, got {include!r} (token log-probabilities of "
+                                 "streamed turns are not available)", "unsupported", "session.include")
             self.partials = PARTIAL in include
+        self.rate, self.turn_detection = rate, turn
 
     def stream_options(self) -> StreamOptions:
         turn = self.turn_detection
@@ -236,9 +244,21 @@ class Connection:
                     self.stream, self.resampler = None, None
                 await self.translate(events)
             except UnknownModel as exc:  # the adapter's folder went away during the stream
-                await self.error(str(exc), "model_not_found", "session.audio.input.transcription.model")
+                await self.turn_failed(str(exc), "model_not_found", "session.audio.input.transcription.model")
             except (UserError, Busy) as exc:
-                await self.error(str(exc), "transcription_failed")
+                await self.turn_failed(str(exc), "transcription_failed")
+
+    async def turn_failed(self, message: str, code: str, param: str | None = None) -> None:
+        """OpenAI's `...input_audio_transcription.failed` for the utterance under way (its item is done for;
+        the next audio starts a fresh stream); a plain `error` when no utterance was under way."""
+        if not self.items:
+            await self.error(message, code, param)
+            return
+        for item in self.items.values():
+            await self.send("conversation.item.input_audio_transcription.failed", item_id=item, content_index=0,
+                            error={"type": "transcription_error", "code": code, "message": message, "param": param})
+        self.items.clear()
+        self.stream, self.resampler = None, None
 
     # ---- receiving ------------------------------------------------------------------------------------
 

@@ -643,6 +643,16 @@ class TranscriptionService(OpensStreams):
         return self.audio_ctx or self.pool.audio_ctx_of(adapter) or fallback
 
     @property
+    def has_token_logprobs(self) -> bool:
+        """Each token's log-probability comes from our decoding loop; CTranslate2 gives only their mean."""
+        return isinstance(self.backend, TransformersBackend)
+
+    def token_bytes(self, ids: list[int]) -> list[bytes]:
+        from ..tokens import token_bytes
+
+        return token_bytes(self.pool.backend.tokens.tokenizer, ids)
+
+    @property
     def streams_alignatt(self) -> bool:
         """AlignAtt reads the decoder's cross-attention: our decoding loop has it, CTranslate2's does not."""
         return isinstance(self.backend, TransformersBackend)

@@ -127,7 +127,11 @@ class AdapterReplica:
                 "loads": list(pool.load_history)}
 
     def describe(self) -> dict:
-        return {"languages": self.service.backend.languages, "streams_alignatt": self.service.streams_alignatt}
+        return {"languages": self.service.backend.languages, "streams_alignatt": self.service.streams_alignatt,
+                "has_token_logprobs": self.service.has_token_logprobs}
+
+    def token_bytes(self, ids: list[int]) -> list[bytes]:
+        return self.service.token_bytes(ids)
 
     def models(self):
         return self.service.models()
@@ -194,6 +198,7 @@ class RemoteService(OpensStreams):
         described = self._call(lambda: replicas.describe.remote().result())
         self.backend = SimpleNamespace(languages=described["languages"])
         self.streams_alignatt = described["streams_alignatt"]
+        self.has_token_logprobs = described["has_token_logprobs"]
         self._lock = threading.Lock()
         self._in_flight = 0
         self.calls: Counter = Counter()  # (model, replica, kind) -> calls run there
@@ -216,6 +221,9 @@ class RemoteService(OpensStreams):
 
     def resolve(self, model: str | None) -> str | None:
         return self._call(lambda: self.replicas.resolve.remote(model).result())
+
+    def token_bytes(self, ids: list[int]) -> list[bytes]:
+        return self._call(lambda: self.replicas.token_bytes.remote(ids).result())
 
     def _audio_ctx(self, adapter: str | None, fallback):
         return self.audio_ctx or self._call(lambda: self.replicas.audio_ctx_of.remote(adapter).result()) or fallback
