@@ -159,17 +159,19 @@ def test_bad_events_get_error_events_and_the_connection_stays_open(server):
                 "invalid_value"),
                # refused, not ignored: no denoiser runs, and streamed turns carry no log-probabilities
                (json.dumps({"type": "transcription_session.update", "session": {
+                   "input_audio_transcription": {"model": "mandarin"},  # refused whole: the model stays
                    "input_audio_noise_reduction": {"type": "near_field"}}}), "unsupported"),
                (json.dumps({"type": "transcription_session.update", "session": {
                    "include": ["item.input_audio_transcription.logprobs"]}}), "unsupported"),
+               (json.dumps({"type": "transcription_session.update", "session": {"include": [{}]}}), "unsupported"),
                (b"\x00\x01binary", "invalid_frame")]
         for frame, code in bad:
             ws.send(frame)
             event = receive(ws)
             assert event["type"] == "error" and event["error"]["code"] == code, (frame, event)
         ws.send(json.dumps({"type": "transcription_session.update", "session": {
-            "input_audio_format": "pcm16", "input_audio_transcription": {"model": "whisper-1", "language": "en"},
-            "turn_detection": None}}))  # commit by hand
+            "input_audio_format": "pcm16", "input_audio_transcription": {"language": "en"},
+            "turn_detection": None}}))  # commit by hand; the model as it was (no refused update changed it)
         updated = receive(ws)
         assert updated["type"] == "transcription_session.updated"
         assert updated["session"]["input_audio_transcription"]["model"] == "whisper-1"

@@ -116,6 +116,8 @@ def inherited(source: Path) -> dict:
             data = ModelCard.load(source / CARD).data
             found["languages"] = list(data.language or []) if not isinstance(data.language, str) else [data.language]
             found["datasets"] = list(data.datasets or [])
+            if data.base_model:
+                found["base_model"] = data.base_model
         except Exception:  # noqa: BLE001  (a card somebody else wrote: keep what the files say)
             pass
     return found
@@ -174,4 +176,5 @@ def add_scores(folder: Path, scores: list[Score]) -> Path | None:
             if not any((s.manifest, s.metric, s.runtime) == (n.manifest, n.metric, n.runtime) for n in scores)]
     carried = inherited(folder)
     carried["scores"] = kept + list(scores)
-    return write_card(folder, CardInfo(kind=kind, base_model=data.base_model, **carried))
+    carried.setdefault("base_model", data.base_model)
+    return write_card(folder, CardInfo(kind=kind, **carried))

@@ -26,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from ..constants import SAMPLE_RATE
 from ..errors import UserError
 from ..manifest import language_code
+from .errors import APIError
 from .service import Busy, UnknownModel
 from ..streaming import Confirmed, Partial, SpeechStarted, SpeechStopped, StreamOptions, StreamingTranscriber
 
@@ -105,18 +106,20 @@ class Session:
                 if language not in languages:
                     raise EventError(f"the model has no language '{language}'", "invalid_value",
                                      "session.audio.input.transcription.language")
-            self.model = transcription.get("model") or self.model
-            self.language, self.prompt = language, transcription.get("prompt") or None
+        # every check before anything changes: a refused update leaves the session as it was
         noise = session.get("input_audio_noise_reduction") if "input_audio_noise_reduction" in session else \
             ((session.get("audio") or {}).get("input") or {}).get("noise_reduction")
         if noise is not None:
             raise EventError("noise_reduction is not available here (no denoiser runs before the model); set it to "
                              "null", "unsupported", "session.audio.input.noise_reduction")
         include = session.get("include")
+        if include is not None and (not isinstance(include, list) or any(item != PARTIAL for item in include)):
+            raise EventError(f"include takes [{PARTIAL!r}] here, got {include!r} (token log-probabilities of "
+                             "streamed turns are not available)", "unsupported", "session.include")
+        if transcription is not None:
+            self.model = transcription.get("model") or self.model
+            self.language, self.prompt = language, transcription.get("prompt") or None
         if include is not None:
-            if not isinstance(include, list) or set(include) - {PARTIAL}:
-                raise EventError(f"include takes [{PARTIAL!r}] here, got {include!r} (token log-probabilities of "
-                                 "streamed turns are not available)", "unsupported", "session.include")
             self.partials = PARTIAL in include
         self.rate, self.turn_detection = rate, turn
 
@@ -247,10 +250,15 @@ class Connection:
                 await self.turn_failed(str(exc), "model_not_found", "session.audio.input.transcription.model")
             except (UserError, Busy) as exc:
                 await self.turn_failed(str(exc), "transcription_failed")
+            except APIError as exc:  # serve --ray: no model replica could take the step
+                await self.turn_failed(exc.message, "transcription_failed")
 
     async def turn_failed(self, message: str, code: str, param: str | None = None) -> None:
         """OpenAI's `...input_audio_transcription.failed` for the utterance under way (its item is done for;
         the next audio starts a fresh stream); a plain `error` when no utterance was under way."""
+        # the stream may be mid-utterance even when no item was announced (a decode that failed in the same
+        # call that heard the speech start): it starts afresh either way
+        self.stream, self.resampler = None, None
         if not self.items:
             await self.error(message, code, param)
             return
@@ -258,7 +266,6 @@ class Connection:
             await self.send("conversation.item.input_audio_transcription.failed", item_id=item, content_index=0,
                             error={"type": "transcription_error", "code": code, "message": message, "param": param})
         self.items.clear()
-        self.stream, self.resampler = None, None
 
     # ---- receiving ------------------------------------------------------------------------------------
 

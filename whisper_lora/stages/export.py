@@ -117,8 +117,8 @@ def export_card(config: ExportConfig, report: dict, target: Path) -> CardInfo:
         carried["scores"] = [*carried.get("scores", []), Score.of(
             metric, report[f"{config.format}_{metric}"], config.dev_manifest, runtime=RUNTIMES[config.format],
             clips=report["clips"], source="export")]
-    return CardInfo(kind=config.format, base_model=public_name(base), made_from=str(source or config.model),
-                    files=target.name, **carried)
+    carried.setdefault("base_model", public_name(base))  # a merged source's card knows its real base
+    return CardInfo(kind=config.format, made_from=str(source or config.model), files=target.name, **carried)
 
 
 def run(config: ExportConfig) -> Path:

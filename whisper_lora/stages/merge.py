@@ -39,7 +39,8 @@ def run(config: MergeConfig) -> Path:
     if (adapter / DECODING_FILE).is_file():  # an --acft adapter's encoder context goes with its weights
         shutil.copy(adapter / DECODING_FILE, out / DECODING_FILE)
     save_config(config, out / MERGE_CONFIG)
-    write_card(out, CardInfo(kind="merged", base_model=public_name(base_spec), made_from=str(adapter),
-                             **inherited(adapter)))
+    carried = inherited(adapter)
+    carried["base_model"] = public_name(base_spec)  # the base it was merged into (--model may name another)
+    write_card(out, CardInfo(kind="merged", made_from=str(adapter), **carried))
     print(f"merged model written to {out}")
     return out

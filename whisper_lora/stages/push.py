@@ -36,7 +36,7 @@ def run(config: PushConfig) -> str:
                                    commit_message=config.commit_message or f"Upload {folder.name} with whisper-lora")
     # no network, no token, no rights: one line (the Hub client's transport raises its own kinds: httpx's, OSError)
     except Exception as exc:  # noqa: BLE001
-        reason = str(exc).strip().splitlines()[0][:300]
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise UserError(f"could not push to {config.repo_id}: {reason}", folder) from None
     print(f"pushed {folder} to {repo} ({getattr(commit, 'commit_url', commit)})")
     return str(repo)

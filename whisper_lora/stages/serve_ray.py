@@ -153,12 +153,19 @@ class AdapterReplica:
         try:
             segments, info = await asyncio.to_thread(self.service.transcribe, path or audio, model, language,
                                                      options, vad)
+            step = None
             try:
                 yield info, self.note(model, "transcribe")
                 done = object()
-                while (segment := await asyncio.to_thread(next, segments, done)) is not done:
+                while True:
+                    step = asyncio.ensure_future(asyncio.to_thread(next, segments, done))
+                    if (segment := await asyncio.shield(step)) is done:
+                        break
                     yield segment
-            finally:  # also when the gateway cancels (its client went away): frees the slot and the adapter
+            finally:  # also when the gateway cancels (its client went away): frees the slot and the adapter,
+                # once the decode step under way has returned (a generator cannot be closed while it runs)
+                if step is not None:
+                    await asyncio.wait([step])
                 await asyncio.to_thread(segments.close)
         finally:
             if path:
