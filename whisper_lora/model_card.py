@@ -172,9 +172,9 @@ def add_scores(folder: Path, scores: list[Score]) -> Path | None:
     kind = {library: kind for kind, library in LIBRARY.items()}.get(data.library_name)
     if "whisper-lora" not in (data.tags or []) or kind is None:
         return None
-    kept = [s for s in read_scores(folder)
-            if not any((s.manifest, s.metric, s.runtime) == (n.manifest, n.metric, n.runtime) for n in scores)]
     carried = inherited(folder)
+    kept = [s for s in carried["scores"]
+            if not any((s.manifest, s.metric, s.runtime) == (n.manifest, n.metric, n.runtime) for n in scores)]
     carried["scores"] = kept + list(scores)
     carried.setdefault("base_model", data.base_model)
     return write_card(folder, CardInfo(kind=kind, **carried))

@@ -792,13 +792,13 @@ def write_run_card(loop: Loop, state) -> None:
     """The model card of the best adapter (and of the last): base, languages, datasets, the dev score."""
     import dataclasses
 
-    from ..model_card import CardInfo, Score, write_card
+    from ..model_card import CardInfo, Score, dataset_of, write_card
     from ..models import public_name
 
     config, inputs = loop.config, loop.inputs
     languages = sorted({inputs.language} if inputs.language else
                        {s.language for s in [*inputs.train_samples, *inputs.dev_samples] if s.language})
-    datasets = sorted({Score.of("cer", 0, m).dataset for m in (config.train_manifest, config.dev_manifest) if m})
+    datasets = sorted({dataset_of(m)[0] for m in (config.train_manifest, config.dev_manifest) if m})
     for folder in (ADAPTER_DIR, LAST_ADAPTER_DIR):
         scores = []
         if config.dev_manifest and state.best_metric is not None and folder == ADAPTER_DIR:
