@@ -19,7 +19,10 @@ ADAPTERS = ("a", "b", "c")
 
 
 @pytest.fixture
-def ray_server(mandarin_adapter, tmp_path):
+def ray_server(mandarin_adapter, tmp_path, monkeypatch):
+    # a Ray of its own: ray.init() alone joins any cluster `ray start` left running (test_batch.py's two
+    # nodes may be up on the other pytest worker, and go away mid-test)
+    monkeypatch.setenv("RAY_ADDRESS", "local")
     folder = tmp_path / "adapters"
     for name in ADAPTERS:  # the same weights under three names: three adapters to place, one reference text
         shutil.copytree(mandarin_adapter[0], folder / name)

@@ -386,7 +386,8 @@ def run(config: ServeConfig) -> int:
     """Serve until SIGINT or SIGTERM, on this machine's Ray or the cluster --ray-address names."""
     from .transcribe_ray import connect
 
-    started_here = not ray.is_initialized() and not config.ray_address and not os.environ.get("RAY_ADDRESS")
+    address = config.ray_address or os.environ.get("RAY_ADDRESS")
+    started_here = not ray.is_initialized() and address in (None, "", "local")  # "local": a new Ray, always
     connect(ray, config.ray_address)
     if config.ui:
         print("whisper-lora: --ray serves the API and /v1/realtime; the web UI is not served on Ray Serve "
