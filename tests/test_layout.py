@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("decode: longform", {"decode.longform"}),
     ("decode: backends", {"decode.transformers_backend", "decode.ct2_backend", "decode"}),
     ("runtime", {"serve.service", "streaming", "sentiment", "writers", "scoring", "batch", "openai_checkpoint",
-                 "ggml"}),
+                 "ggml", "diarize"}),
     ("front ends", {"serve.api", "serve.realtime", "serve.ui", "serve.errors", "serve.limits", "serve.metrics", "serve"}),
     ("options", {"config"}),
     ("stages", {"stages"} | {f"stages.{p.stem}" for p in (PACKAGE / "stages").glob("*.py") if p.stem != "__init__"}),

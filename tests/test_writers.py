@@ -1,3 +1,4 @@
+import html
 import io
 import json
 
@@ -60,3 +61,29 @@ def test_tsv_gets_sentiment_columns_only_when_there_is_sentiment():
     assert header.split("\t") == ["start", "end", "text", "sentiment", "sentiment_score"]
     assert first.split("\t")[3:] == ["positive", "0.91"] and second.split("\t")[3:] == ["", ""]
     assert render("tsv").splitlines()[0] == "start\tend\ttext"  # unchanged without it
+
+
+def test_a_diarised_transcript_keeps_its_speakers_in_every_format(tmp_path):
+    from whisper_lora.decode.types import Word
+
+    segments = [Segment(0, 0.0, 1.0, "Hi.", words=[Word(0.0, 1.0, " Hi.", 0.9, "A")], speaker="A"),
+                Segment(1, 1.0, 2.0, "Hello.", speaker="Dr <Who> & co"), Segment(2, 2.0, 3.0, "Bye.", speaker="Dr <Who> & co")]
+
+    def written(fmt: str) -> str:
+        out = io.StringIO()
+        WRITERS[fmt](segments, INFO, "Hi. Hello. Bye.", out)
+        return out.getvalue()
+
+    assert written("txt").splitlines() == ["A: Hi.", "Dr <Who> & co: Hello. Bye."]  # a line per turn
+    assert [c.content for c in srt.parse(written("srt"))] == ["[A] Hi.", "[Dr <Who> & co] Hello.", "[Dr <Who> & co] Bye."]
+    (tmp_path / "a.vtt").write_text(written("vtt"))
+    cues = webvtt.read(str(tmp_path / "a.vtt"))
+    # escaped in the voice span as WebVTT requires (webvtt-py hands the escapes over as written)
+    assert [html.unescape(c.voice) for c in cues] == ["A", "Dr <Who> & co", "Dr <Who> & co"] and cues[0].text == "Hi."
+    assert written("tsv").splitlines()[:2] == ["start\tend\tspeaker\ttext", "0\t1000\tA\tHi."]
+    data = json.loads(written("json"))
+    assert [s["speaker"] for s in data["segments"]] == ["A", "Dr <Who> & co", "Dr <Who> & co"]
+    assert data["segments"][0]["words"][0]["speaker"] == "A"
+    plain = io.StringIO()
+    WRITERS["json"](SEGMENTS, INFO, "x", plain)  # not diarised: no speaker fields at all
+    assert "speaker" not in plain.getvalue()

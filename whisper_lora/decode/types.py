@@ -16,6 +16,7 @@ class Word:
     end: float
     word: str  # with its leading space, as the tokenizer spells it
     probability: float
+    speaker: str | None = None  # set by diarize.assign_speakers when asked for
 
 
 @dataclass
@@ -39,6 +40,7 @@ class Segment:
     compression_ratio: float | None = None  # gzip ratio of the window's text
     sentiment: Sentiment | None = None  # set by sentiment.annotate when asked for
     token_logprobs: list[float] | None = None  # of each of `tokens` (our decoding loop; None from CTranslate2)
+    speaker: str | None = None  # set by diarize.assign_speakers when asked for
 
 
 @dataclass

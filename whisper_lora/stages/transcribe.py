@@ -45,9 +45,12 @@ def decode_options(config: TranscribeConfig) -> DecodeOptions:
                          log_prob_threshold=config.log_prob_threshold, no_speech_threshold=config.no_speech_threshold,
                          initial_prompt=config.initial_prompt,
                          condition_on_previous_text=config.condition_on_previous_text,
-                         word_timestamps=config.word_timestamps, audio_ctx=parse_audio_ctx(config.audio_ctx),
+                         # speakers are attached word by word (diarize.py)
+                         word_timestamps=config.word_timestamps or config.diarize,
+                         audio_ctx=parse_audio_ctx(config.audio_ctx),
                          # plain text needs no segment times: a clip of up to 30 s is then one segment
-                         without_timestamps=config.output_format == "txt" and not config.word_timestamps)
+                         without_timestamps=config.output_format == "txt" and not config.word_timestamps
+                         and not config.diarize)
 
 
 def transcribe_all(backend: Backend, paths: list[Path], config: TranscribeConfig, language: str | None
@@ -84,6 +87,21 @@ def transcribe_all(backend: Backend, paths: list[Path], config: TranscribeConfig
         if len(pending) >= config.batch_size:
             yield from flush()
     yield from flush()
+
+
+def known_voices(diarizer, items: list[str]) -> dict[str, np.ndarray]:
+    """--known-speakers NAME=CLIP -> {name: voice print}; a bad clip is reported before any audio is decoded."""
+    from ..diarize import check_reference
+
+    voices = {}
+    for item in items:
+        name, clip = (part.strip() for part in item.partition("=")[::2])
+        audio = load_audio(clip)  # its AudioError names the file
+        try:
+            voices[name] = diarizer.voice_print(check_reference(audio, name))
+        except UserError as exc:
+            raise UserError(exc.message, clip) from None
+    return voices
 
 
 def unique_stems(paths: list[Path]) -> list[str]:
@@ -142,6 +160,12 @@ def run(config: TranscribeConfig) -> int:
 
             analyser_for(None, config.sentiment_model)  # a bad model is reported before any audio is decoded
 
+    if config.diarize:
+        from ..diarize import assign_speakers, diarize, load_diarizer
+
+        diarizer = load_diarizer(config.diarizer, config.device)
+        known = known_voices(diarizer, config.known_speakers)
+
     # ---- loop
     failures, notes = 0, set()
     try:
@@ -151,6 +175,17 @@ def run(config: TranscribeConfig) -> int:
                 failures += 1
                 print(f"whisper-lora: error: {info}", file=sys.stderr)
                 continue
+            if config.diarize:
+                try:
+                    turns = diarize(diarizer, path, config.num_speakers, config.min_speakers, config.max_speakers,
+                                    known)
+                except AudioError as exc:
+                    failures += 1
+                    print(f"whisper-lora: error: {exc}", file=sys.stderr)
+                    continue
+                segments = assign_speakers(segments, turns.turns)
+                if turns.note:
+                    print(f"whisper-lora: note: {path}: {turns.note}", file=sys.stderr)
             text = join_text(segments, info.language)
             if config.sentiment:
                 segments, overall, note = annotate(segments, text, info.language, config.sentiment_model)
@@ -165,6 +200,10 @@ def run(config: TranscribeConfig) -> int:
             elif config.output_format == "jsonl":
                 row = {"path": str(path), **transcript_dict(segments, info, text)}
                 sink.write(json.dumps(row, ensure_ascii=False) + "\n")
+            elif config.output_format == "txt" and config.diarize:  # a line per speaker turn
+                if len(paths) > 1:
+                    sink.write(f"{path}\n")
+                WRITERS["txt"](segments, info, text, sink)
             elif config.output_format == "txt":
                 sink.write(text + "\n" if len(paths) == 1 else f"{path}\t{text}\n")
             else:

