@@ -184,3 +184,23 @@ def test_the_live_tab_streams_the_microphone_without_losing_a_word(browser, serv
     assert "gregson" in words and "in the" in words and "degree" in words, streamed
     assert words.split("degree", 1)[1].strip(" .").strip(), streamed  # and the card after it
     assert words.count("turned") == 1  # Stop came before the fake microphone looped
+
+
+def test_speakers_get_a_colour_each_and_the_downloads_keep_them(page):
+    """A real two-person call with Speakers ticked: each speaker's turns highlighted in its own colour, a
+    speaker column in the table, and the VTT download with WebVTT voice spans."""
+    page.locator("#audio input[type=file]").set_input_files(str(REPO / "demo" / "data" / "conversation" / "sample.wav"))
+    page.locator("#speakers input").check()
+    page.locator("#transcribe").click()
+    wait_for_text(page, "#text textarea")
+    turns = page.locator("#by-speaker .highlighted")
+    turns.first.wait_for()
+    colours = {turns.nth(i).evaluate("e => getComputedStyle(e).backgroundColor") for i in range(turns.count())}
+    assert turns.count() >= 3 and len(colours) == 2, colours  # A, B, A ...: two speakers, two colours
+    assert "Speakers: A, B" in page.locator("#detected").inner_text()
+    links = page.locator("#downloads a")
+    vtt = next(links.nth(i).get_attribute("href") for i in range(links.count())
+               if links.nth(i).get_attribute("href").endswith(".vtt"))
+    cues = page.request.get(vtt).text()
+    assert "<v A>" in cues and "<v B>" in cues
+    shoot(page, "ui-speakers")

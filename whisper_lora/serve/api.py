@@ -715,5 +715,5 @@ def create_app(load_service: Callable[[], TranscriptionService], api_key: str | 
             return RedirectResponse("/ui/")
 
         app = mount(app, state.ready, api_key=api_key, sentiment_model=sentiment_model,
-                    browser_secret=state.browser_secret)
+                    browser_secret=state.browser_secret, diarizer=diarizer)
     return app

