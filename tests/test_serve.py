@@ -290,7 +290,7 @@ def test_an_error_mid_stream_is_an_openai_error_event_the_client_raises():
             pass
 
     async def body():
-        parsed = SimpleNamespace(model="whisper-1", logprobs=False)
+        parsed = SimpleNamespace(model="whisper-1", logprobs=False, response_format="json")
         return b"".join([chunk async for chunk in _events(ServerState(), parsed, segments(),
                                                           TranscriptionInfo("en", 1.0, 2.0), Stored())])
 
