@@ -172,6 +172,7 @@ def test_diarized_json_through_the_openai_client_with_known_speakers_and_streame
                                                      response_format="diarized_json", language="en", **known))
     streamed = [e for e in events if e.type == "transcript.text.segment"]
     assert [(e.speaker, e.text) for e in streamed] == [(s.speaker, s.text) for s in diarized.segments]
+    assert [e.segment_id for e in events if e.type == "transcript.text.delta"] == [e.id for e in streamed]
     assert events[-1].type == "transcript.text.done" and events[-1].text == diarized.text
 
     # without names: letters, in order of first speech; srt keeps them
@@ -223,3 +224,18 @@ def test_a_long_file_reaches_the_diarizer_block_by_block_and_a_plugged_model_loa
     assert [t.speaker for t in result.turns] == ["A", "B"]
     with pytest.raises(UserError, match="package.module:Class"):
         diarize_module.load_diarizer("collections:OrderedDict")
+
+
+def test_a_reference_clip_over_a_megabyte_passes_the_form_parser():
+    """10 s of 48 kHz stereo WAV is 2.6 MB as a data URL, over Starlette's 1 MB default for a form field: the
+    request gets past the form (to the model, still loading here), not a 400 about the field."""
+    from fastapi.testclient import TestClient
+
+    from whisper_lora.serve.api import create_app
+
+    client = TestClient(create_app(lambda: None, ui=False, max_upload_mb=25))
+    reference = "data:audio/wav;base64," + "A" * 2_700_000
+    answer = client.post("/v1/audio/transcriptions", files={"file": ("a.wav", b"RIFF")},
+                         data={"model": "whisper-1", "response_format": "diarized_json",
+                               "known_speaker_names[]": "Sheila", "known_speaker_references[]": reference})
+    assert answer.status_code == 503 and "loading" in answer.json()["error"]["message"], answer.text

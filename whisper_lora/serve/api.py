@@ -10,6 +10,7 @@ srt, vtt, verbose_json (segments, words), diarized_json (segments with speakers)
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -19,7 +20,7 @@ import shutil
 import tempfile
 import threading
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Callable, Iterator
@@ -103,7 +104,9 @@ def audio_form(file: Annotated[UploadFile | None, File()] = None,
                sentiment: Annotated[bool, Form()] = False,
                audio_ctx: Annotated[str | None, Form()] = None,
                known_speaker_names: Annotated[list[str], Form(alias="known_speaker_names[]")] = [],
-               known_speaker_references: Annotated[list[str], Form(alias="known_speaker_references[]")] = []
+               known_speaker_names_plain: Annotated[list[str], Form(alias="known_speaker_names")] = [],
+               known_speaker_references: Annotated[list[str], Form(alias="known_speaker_references[]")] = [],
+               known_speaker_references_plain: Annotated[list[str], Form(alias="known_speaker_references")] = []
                ) -> AudioForm:
     def text(value: str | None) -> str | None:
         return (value or "").strip() or None
@@ -111,7 +114,8 @@ def audio_form(file: Annotated[UploadFile | None, File()] = None,
     return AudioForm(file, text(model), text(language), text(prompt), text(response_format), temperature,
                      [*timestamp_granularities, *timestamp_granularities_plain], stream, include,
                      text(chunking_strategy) or text(chunking_strategy_type), sentiment, text(audio_ctx),
-                     known_speaker_names, known_speaker_references)
+                     [*known_speaker_names, *known_speaker_names_plain],
+                     [*known_speaker_references, *known_speaker_references_plain])
 
 
 def parse_request(form: AudioForm, task: str, languages: set[str], audio_ctx: AudioContext | None = None
@@ -389,6 +393,9 @@ class ClientSecrets:
             return self._expiry.get(value, 0) > time.time()
 
 
+_diarising_lock = threading.Lock()
+
+
 @dataclass
 class ServerState:
     """What the routes share: the service once it is loaded (or why loading failed), its metrics, and the
@@ -396,6 +403,9 @@ class ServerState:
     api_key: str | None = None
     sentiment_model: str | None = None
     diarizer_spec: str = "senko"  # --diarizer: loaded on the first diarising request
+    diarizer_device: str = "auto"  # the server's --device
+    max_diarising: int = 64  # requests diarising or waiting to (one runs at a time); more get 429
+    _diarising: int = 0
     service: TranscriptionService | None = None
     metrics: Metrics | None = None
     error: BaseException | None = None
@@ -423,7 +433,26 @@ class ServerState:
     def diarizer(self):
         from ..diarize import load_diarizer
 
-        return load_diarizer(self.diarizer_spec)
+        try:
+            return load_diarizer(self.diarizer_spec, self.diarizer_device)
+        except UserError as exc:  # the server's set-up, not the request's fault
+            raise APIError(500, f"diarisation is not available on this server: {exc}", type="server_error") from None
+
+    @contextmanager
+    def diarising(self):
+        """A place among the requests diarising, or 429 as the transcription queue answers when full: each one
+        holds a worker thread while it waits for the model."""
+        from .service import Busy
+
+        with _diarising_lock:
+            if self._diarising >= self.max_diarising:
+                raise Busy(5.0)
+            self._diarising += 1
+        try:
+            yield
+        finally:
+            with _diarising_lock:
+                self._diarising -= 1
 
     def ready(self) -> TranscriptionService:
         if self.service is None:
@@ -444,7 +473,12 @@ def loaded_service(state: Annotated[ServerState, Depends(server_state)]) -> Tran
 State = Annotated[ServerState, Depends(server_state)]
 Service = Annotated[TranscriptionService, Depends(loaded_service)]
 Form_ = Annotated[AudioForm, Depends(audio_form)]
-router = APIRouter()
+# A form field may carry a known speaker's reference clip as a data URL: 10 s of 48 kHz stereo WAV is 2.6 MB in
+# base64, over Starlette's 1 MB default for a field (FastAPI >= 0.165 lets a router raise it; the whole upload
+# stays under --max-upload-mb).
+FIELD_BYTES = 4 << 20
+router = APIRouter(**({"form_limits": {"max_part_size": FIELD_BYTES}}
+                      if "form_limits" in inspect.signature(APIRouter).parameters else {}))
 
 
 @router.get("/health")
@@ -543,7 +577,7 @@ async def transcribe_upload(form: AudioForm, task: str, service: TranscriptionSe
         if turns is not None:
             from ..diarize import assign_speakers
 
-            collected = assign_speakers(collected, turns)
+            collected = await run_in_threadpool(assign_speakers, collected, turns)
         if parsed.sentiment:
             collected, info = await run_in_threadpool(_sentiment, collected, info, state.sentiment_model)
         logprobs = await run_in_threadpool(logprob_entries, service, collected) if parsed.logprobs else None
@@ -562,9 +596,10 @@ def _diarise(state: ServerState, parsed: TranscriptionRequest, path: str):
     if not parsed.vad and audio_duration(path) > DIARIZE_BLOCK_SECONDS:
         raise APIError(400, f"chunking_strategy is required to diarise audio longer than {DIARIZE_BLOCK_SECONDS:g} "
                             "seconds (send chunking_strategy=auto), as OpenAI requires", param="chunking_strategy")
-    diarizer = state.diarizer()
-    known = {name: _reference_voice(diarizer, name, url) for name, url in parsed.known_speakers}
-    return diarize(diarizer, path, known_speakers=known)
+    with state.diarising():
+        diarizer = state.diarizer()
+        known = {name: _reference_voice(diarizer, name, url) for name, url in parsed.known_speakers}
+        return diarize(diarizer, path, known_speakers=known)
 
 
 DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*?)(?P<base64>;base64)?,(?P<data>.*)", re.S)
@@ -577,7 +612,7 @@ def _reference_voice(diarizer, name: str, url: str):
     from urllib.parse import unquote_to_bytes
 
     from ..audio import load_audio
-    from ..diarize import check_reference
+    from ..diarize import check_reference, names_voices
     from ..errors import AudioError
 
     def refused(why: str) -> APIError:
@@ -597,6 +632,9 @@ def _reference_voice(diarizer, name: str, url: str):
         with os.fdopen(handle, "wb") as out:
             out.write(raw)
         audio = check_reference(load_audio(path), name)
+        if not names_voices(diarizer):
+            raise APIError(400, f"known speakers need voice prints, which this server's diarizer ({diarizer.name}) "
+                                "does not give", param="known_speaker_names")
         return diarizer.voice_print(audio)
     except AudioError:
         raise refused("the audio cannot be decoded") from None
@@ -625,11 +663,13 @@ async def _events(state: ServerState, parsed: TranscriptionRequest, segments: It
     """transcript.text.delta per segment as soon as it is decoded, then transcript.text.done with the
     whole text: the deltas, joined, are exactly that text. Diarised, a segment is split where its speaker
     changes, and diarized_json adds OpenAI's transcript.text.segment event after each piece's delta."""
-    from ..diarize import assign_speakers
+    from ..diarize import assign_speakers, speaker_index
+
+    index = await run_in_threadpool(speaker_index, turns) if turns is not None else None
 
     def pieces(segment: Segment) -> list[Segment]:
         nonlocal numbered
-        split = assign_speakers([segment], turns) if turns is not None else [segment]
+        split = assign_speakers([segment], index) if index is not None else [segment]
         numbered += len(split)
         return [replace(piece, id=numbered - len(split) + i) for i, piece in enumerate(split)]
 
@@ -640,12 +680,14 @@ async def _events(state: ServerState, parsed: TranscriptionRequest, segments: It
     try:
         async for decoded in iterate_in_threadpool(segments):
             output_tokens += len(decoded.tokens)
-            for segment in pieces(decoded):
-                if not segment.text:
+            for segment in await run_in_threadpool(pieces, decoded):
+                if not segment.text.strip():
                     continue
                 delta = segment.text if not parts else separator + segment.text
                 parts.append(delta)
                 event = {"type": "transcript.text.delta", "delta": delta}
+                if parsed.response_format == "diarized_json":  # OpenAI's deltas name their segment when diarised
+                    event["segment_id"] = diarized_segment(segment)["id"]
                 if parsed.logprobs:
                     event["logprobs"] = await run_in_threadpool(logprob_entries, service, [segment])
                     every_logprob += event["logprobs"]
@@ -671,10 +713,11 @@ async def _events(state: ServerState, parsed: TranscriptionRequest, segments: It
 
 def create_app(load_service: Callable[[], TranscriptionService], api_key: str | None = None,
                max_upload_mb: float = 25.0, max_queue: int = 64, sentiment_model: str | None = None,
-               ui: bool = True, diarizer: str = "senko") -> FastAPI:
+               ui: bool = True, diarizer: str = "senko", device: str = "auto") -> FastAPI:
     """The ASGI app. `load_service` runs in a thread at start-up; /health answers 503 until it returns,
     so an orchestrator can tell a loading server from a dead one."""
-    state = ServerState(api_key=api_key, sentiment_model=sentiment_model, diarizer_spec=diarizer)
+    state = ServerState(api_key=api_key, sentiment_model=sentiment_model, diarizer_spec=diarizer,
+                        diarizer_device=device, max_diarising=max_queue)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

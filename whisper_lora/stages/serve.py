@@ -27,7 +27,7 @@ def create_app(config: ServeConfig):
     api_key = config.api_key or os.environ.get("WHISPER_LORA_API_KEY") or None
     return create(lambda: build_service(config), api_key=api_key, max_upload_mb=config.max_upload_mb,
                   max_queue=config.max_queue, sentiment_model=config.sentiment_model, ui=config.ui,
-                  diarizer=config.diarizer)
+                  diarizer=config.diarizer, device=config.device)
 
 
 def check_placement(config: ServeConfig) -> None:

@@ -358,7 +358,7 @@ class Gateway:
                           max_upload_mb=config.max_upload_mb,
                           max_queue=config.max_queue * (config.max_replicas or config.replicas),
                           sentiment_model=config.sentiment_model, ui=False,
-                          diarizer=config.diarizer)
+                          diarizer=config.diarizer, device=config.device)
 
 
 def build_app(config: ServeConfig):
