@@ -12,9 +12,9 @@ espeak-ng voices a labelled synthetic row when espeak-ng is installed.
 DER: pyannote.metrics, 0.25 s collar, on the diarizer's own turns. cpWER: concatenated minimum-permutation
 WER (CHiME-6): each reference speaker's words against the hypothesis speaker they are best paired with,
 unpaired speakers' words all errors. Named: the share of reference turns every word of which carries the true
-speaker's name when given one reference clip per speaker (a word in the turn its end falls in, 0.3 s either side). Time: `transcribe` as the CLI runs it on a clip
-(plain, then with word timestamps), and diarisation alone, all after a warm-up, in one process, the best
-of three runs each.
+speaker's name when given one reference clip per speaker (words matched to the reference by the WER alignment).
+Time: `transcribe` as the CLI runs it on a clip (plain text, then with the word timestamps --diarize turns on:
+aligned words, no timestamp tokens), and diarisation alone, after a warm-up, in one process, best of three.
 """
 from __future__ import annotations
 
@@ -146,13 +146,27 @@ def cp_wer(truth, segments) -> float:
 
 
 def named_turns(truth, segments) -> float:
-    right = 0
-    for start, end, speaker, _ in truth:
-        # a word belongs to the turn its end falls in: Whisper's word timing stretches a word's start back over
-        # the pause before it, never its end
-        said = [w.speaker for s in segments for w in (s.words or []) if start - 0.3 <= w.end <= end + 0.3]
-        right += bool(said) and all(s == speaker for s in said)
-    return right / len(truth)
+    """The share of reference turns whose words all carry the turn's speaker, each hypothesis word matched to a
+    reference word by the WER alignment (jiwer) rather than by time: Whisper stretches a word's time over the
+    pause before or after it, which would put it in the neighbouring turn."""
+    import jiwer
+
+    from whisper_lora.text import normalize
+
+    reference = [(word, turn) for turn, (_, _, _, text) in enumerate(truth) for word in normalize(text, "en").split()]
+    hypothesis = [(word, w.speaker, (w.start + w.end) / 2) for s in segments for w in (s.words or [])
+                  for word in normalize(w.word, "en").split()]
+    aligned = jiwer.process_words(" ".join(w for w, _ in reference), " ".join(h[0] for h in hypothesis))
+    said: dict[int, list[str]] = {}
+    for chunk in aligned.alignments[0]:
+        if chunk.type == "equal":  # a substitution may pair words across a turn change
+            for r, h in zip(range(chunk.ref_start_idx, chunk.ref_end_idx), range(chunk.hyp_start_idx, chunk.hyp_end_idx)):
+                turn = truth[reference[r][1]]
+                if turn[0] - 0.5 <= hypothesis[h][2] <= turn[1] + 0.5:  # the same word said in another turn is not it
+                    said.setdefault(reference[r][1], []).append(hypothesis[h][1])
+    # a turn none of whose words Whisper got exactly ("five five" against "5, 5") tells nothing about naming
+    heard = [i for i in range(len(truth)) if said.get(i)]
+    return sum(all(s == truth[i][2] for s in said[i]) for i in heard) / len(heard)
 
 
 def main() -> None:
@@ -173,7 +187,7 @@ def main() -> None:
     voices = clips_by_speaker()
     references = {s: diarizer.voice_print(voices[s][REFERENCE[s]][0]) for s in REFERENCE}
     plain = DecodeOptions(without_timestamps=True)
-    worded = DecodeOptions(word_timestamps=True)
+    worded = DecodeOptions(word_timestamps=True, without_timestamps=True)  # as `transcribe --diarize` to text
 
     cases = [(f"{name} #{seed}", *build_mix(voices, speakers, seed), True)
              for name, speakers in MIXES.items() for seed in (1, 2)]

@@ -179,8 +179,11 @@ def parse_request(form: AudioForm, task: str, languages: set[str], audio_ctx: Au
             raise APIError(400, "diarisation is available for transcriptions only", param="response_format")
         if logprobs:  # as OpenAI's diarising model: its split segments have no tokens of their own
             raise APIError(400, "include[]=logprobs is not available with diarisation", param="include")
-        # speakers are attached word by word
-        options = replace(options, word_timestamps=True, without_timestamps=False)
+        # speakers are attached word by word, the words timed by the alignment heads; a diarised segment is a
+        # speaker's turn, so timestamp tokens (40% slower to decode) are only wanted for the formats that show
+        # Whisper's own segments, streamed or not
+        options = replace(options, word_timestamps=True,
+                          without_timestamps=response_format in ("json", "text", "diarized_json") and not words)
     return TranscriptionRequest(task, form.model, language, options, response_format, words,
                                 "segment" in granularities or not granularities, form.stream,
                                 form.chunking_strategy is not None, form.sentiment, logprobs, diarize, known)

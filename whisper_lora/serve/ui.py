@@ -99,8 +99,8 @@ class Actions:
                    ) -> tuple[list[Segment], TranscriptionInfo, str | None]:
         if not path:
             raise UserMessage("no audio: upload a file or record from the microphone first")
-        words = words or speakers  # speakers are attached word by word
-        options = DecodeOptions(task=task, word_timestamps=words, without_timestamps=not (timestamps or words))
+        # speakers are attached word by word (timed by the alignment heads, with or without timestamp tokens)
+        options = DecodeOptions(task=task, word_timestamps=words or speakers, without_timestamps=not (timestamps or words))
         try:
             segments, info = self.service().transcribe(path, model, None if language == AUTO else language, options)
             collected = []
