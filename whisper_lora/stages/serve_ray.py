@@ -27,6 +27,7 @@ import random
 import signal
 import tempfile
 import threading
+import time
 from collections import Counter, OrderedDict
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -43,6 +44,7 @@ from ..decode import DecodeOptions
 from ..serve.service import Busy, OpensStreams
 
 APP_NAME = "whisper-lora"
+RESOLVE_SECONDS = 2.0  # how long the gateway trusts a model name it resolved (RemoteService.resolve)
 log = logging.getLogger("whisper_lora.serve")
 
 
@@ -207,6 +209,7 @@ class RemoteService(OpensStreams):
         self.streams_alignatt = described["streams_alignatt"]
         self.has_token_logprobs = described["has_token_logprobs"]
         self._lock = threading.Lock()
+        self._resolved: dict[str | None, tuple[str | None, float]] = {}  # name -> (adapter, until when)
         self._in_flight = 0
         self.calls: Counter = Counter()  # (model, replica, kind) -> calls run there
         self.holdings: dict[str, dict] = {}  # replica -> its last note
@@ -227,7 +230,18 @@ class RemoteService(OpensStreams):
         return self._call(lambda: self.replicas.models.remote().result())
 
     def resolve(self, model: str | None) -> str | None:
-        return self._call(lambda: self.replicas.resolve.remote(model).result())
+        """The adapter a name stands for, remembered for RESOLVE_SECONDS: a request asks twice (the app's early
+        404, then the call) and a realtime stream once a step, each a round trip to a replica otherwise. Only
+        names that resolved are remembered; the replica resolves again when it runs the call."""
+        now = time.monotonic()
+        with self._lock:
+            known = self._resolved.get(model)
+        if known is not None and known[1] > now:
+            return known[0]
+        adapter = self._call(lambda: self.replicas.resolve.remote(model).result())
+        with self._lock:
+            self._resolved[model] = (adapter, now + RESOLVE_SECONDS)
+        return adapter
 
     def token_bytes(self, ids: list[int]) -> list[bytes]:
         return self._call(lambda: self.replicas.token_bytes.remote(ids).result())
