@@ -330,3 +330,55 @@ def test_logprobs_of_every_token_on_json_and_on_the_stream(server, mandarin_adap
         client.audio.transcriptions.create(file=open(ARCTIC, "rb"), model="whisper-1", include=["logprobs"],
                                            response_format="verbose_json")
     assert exc.value.param == "include"
+
+
+def test_segments_release_their_slot_once_however_the_call_ends():
+    from whisper_lora.decode import Segment
+    from whisper_lora.serve.service import Held
+
+    def decoded(fail: bool = False):
+        yield Segment(0, 0.0, 1.0, "one")
+        if fail:
+            raise RuntimeError("decoder died")
+        yield Segment(1, 1.0, 2.0, "two")
+
+    released = []
+    unread = Held(decoded(), lambda: released.append("unread"))
+    unread.close()  # closed before its first segment: a generator's own `finally` would not run here
+    unread.close()
+    whole = Held(decoded(), lambda: released.append("whole"))
+    assert [s.text for s in whole] == ["one", "two"]
+    broken = Held(decoded(fail=True), lambda: released.append("broken"))
+    with pytest.raises(RuntimeError):
+        list(broken)
+    assert released == ["unread", "whole", "broken"]
+
+
+def test_a_stream_whose_client_left_before_its_first_byte_frees_its_slot_and_upload(tmp_path):
+    import asyncio
+    from types import SimpleNamespace
+
+    from whisper_lora.decode import Segment
+    from whisper_lora.serve.api import EventStream, _closer
+    from whisper_lora.serve.service import Held
+
+    released = []
+    segments = Held(iter([Segment(0, 0.0, 1.0, "never sent")]), lambda: released.append("slot"))
+    upload = tmp_path / "upload.wav"
+    upload.write_bytes(b"RIFF")
+    close = _closer(segments, SimpleNamespace(name="a.wav", remove=lambda: upload.unlink(missing_ok=True)))
+
+    async def body():  # never iterated: the response start fails first
+        yield b"data: {}\n\n"
+
+    async def gone(message):
+        raise OSError("the client went away")
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    with pytest.raises(Exception):
+        asyncio.run(EventStream(body(), close)({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, gone))
+    assert released == ["slot"] and not upload.exists()
+    asyncio.run(close())  # the body's own `finally`, had it run: nothing is released twice
+    assert released == ["slot"]

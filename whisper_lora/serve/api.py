@@ -23,7 +23,7 @@ import time
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Annotated, Callable, Iterator
+from typing import Annotated, Awaitable, Callable, Iterator
 
 from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -296,6 +296,40 @@ def render(request: TranscriptionRequest, segments: list[Segment], info: Transcr
     out = io.StringIO()
     WRITERS[request.response_format](segments, info, text, out)
     return PlainTextResponse(out.getvalue(), media_type="text/vtt" if request.response_format == "vtt" else "text/plain")
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events that release what the stream holds (its admission slot, adapter and upload) however the
+    response ends: also when the client left before the first byte, so the body's generator never started and
+    its own `finally` never ran."""
+
+    def __init__(self, body, close: Callable[[], Awaitable[None]]):
+        super().__init__(body, media_type="text/event-stream")
+        self.close = close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.close()
+
+
+def _closer(segments, stored: _Upload) -> Callable[[], Awaitable[None]]:
+    """Closes the segments (freeing their slot and adapter) and removes the upload, once."""
+    closed = False
+
+    async def close() -> None:
+        nonlocal closed
+        if closed:
+            return
+        closed = True
+        try:
+            if getattr(segments, "close", None) is not None:
+                await run_in_threadpool(segments.close)
+        finally:
+            stored.remove()
+
+    return close
 
 
 def sse(payload: dict) -> bytes:
@@ -573,8 +607,8 @@ async def transcribe_upload(form: AudioForm, task: str, service: TranscriptionSe
         stored.remove()
         raise errors.as_api_error(exc, stored.name) from None
     if parsed.stream:
-        return StreamingResponse(_events(state, parsed, segments, info, stored, service, turns),
-                                 media_type="text/event-stream")
+        close = _closer(segments, stored)
+        return EventStream(_events(state, parsed, segments, info, stored, service, turns, close), close)
     try:
         collected = await run_in_threadpool(list, segments)
         if turns is not None:
@@ -662,7 +696,7 @@ def _count_audio(state: ServerState, parsed: TranscriptionRequest, info: Transcr
 
 
 async def _events(state: ServerState, parsed: TranscriptionRequest, segments: Iterator[Segment],
-                  info: TranscriptionInfo, stored: _Upload, service=None, turns=None):
+                  info: TranscriptionInfo, stored: _Upload, service=None, turns=None, close=None):
     """transcript.text.delta per segment as soon as it is decoded, then transcript.text.done with the
     whole text: the deltas, joined, are exactly that text. Diarised, a segment is split where its speaker
     changes, and diarized_json adds OpenAI's transcript.text.segment event after each piece's delta."""
@@ -708,10 +742,7 @@ async def _events(state: ServerState, parsed: TranscriptionRequest, segments: It
         # OpenAI's error event: its `error` key makes the official client raise APIError mid-iteration
         yield sse({"type": "error", **errors.error_body(error.message, error.type, error.param, error.code)})
     finally:
-        close = getattr(segments, "close", None)
-        if close is not None:
-            await run_in_threadpool(close)  # releases the admission slot and the adapter
-        stored.remove()
+        await (close or _closer(segments, stored))()  # the admission slot, the adapter, the upload
 
 
 def create_app(load_service: Callable[[], TranscriptionService], api_key: str | None = None,

@@ -27,7 +27,7 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -541,6 +541,38 @@ class OpensStreams:
         return StreamingTranscriber(decode, language, prompt, options, step=step)
 
 
+class Held:
+    """Segments that hold what their call took (an admission slot, an adapter, a replica's stream) until they
+    are consumed, fail, or are closed, started or not: a generator closed before its first item never runs its
+    `finally`, which is what a client that leaves before the first byte of a stream does."""
+
+    def __init__(self, segments: Iterable[Segment], release: Callable[[], None]):
+        self._segments, self._release, self._released = iter(segments), release, False
+        self._lock = threading.Lock()
+
+    def __iter__(self) -> Held:
+        return self
+
+    def __next__(self) -> Segment:
+        try:
+            return next(self._segments)
+        except BaseException:  # the end, or a failure: either way the call is over
+            self.close()
+            raise
+
+    def close(self) -> None:
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+        try:
+            close = getattr(self._segments, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._release()
+
+
 class TranscriptionService(OpensStreams):
     """What the server, the web UI and realtime streams call: many threads at once, one model."""
 
@@ -617,14 +649,11 @@ class TranscriptionService(OpensStreams):
             admission.__exit__(type(exc), exc, exc.__traceback__)
             raise
 
-        def held() -> Iterator[Segment]:
-            try:
-                yield from segments
-            finally:
-                using.__exit__(None, None, None)
-                admission.__exit__(None, None, None)
+        def release() -> None:
+            using.__exit__(None, None, None)
+            admission.__exit__(None, None, None)
 
-        return held(), info
+        return Held(segments, release), info
 
     def transcribe_clips(self, audios: list[np.ndarray], model: str | None = None, language: str | None = None,
                          options: DecodeOptions = DecodeOptions()) -> list[tuple[list[Segment], TranscriptionInfo]]:

@@ -41,7 +41,7 @@ from ray.serve.request_router import FIFOMixin, MultiplexMixin, RequestRouter
 from ..audio_ctx import parse_audio_ctx
 from ..config import ServeConfig
 from ..decode import DecodeOptions
-from ..serve.service import Busy, OpensStreams
+from ..serve.service import Busy, Held, OpensStreams
 
 APP_NAME = "whisper-lora"
 RESOLVE_SECONDS = 2.0  # how long the gateway trusts a model name it resolved (RemoteService.resolve)
@@ -267,22 +267,24 @@ class RemoteService(OpensStreams):
             raise
         self._record(note)
 
-        def segments():
-            finished = False
-            try:
-                while True:
-                    try:
-                        segment = self._call(lambda: next(results))
-                    except StopIteration:
-                        finished = True
-                        return
-                    yield segment
-            finally:
-                if not finished:
-                    results.cancel()  # the replica's generator closes: its slot and adapter are freed
-                self._ended()
+        finished = False
 
-        return segments(), info
+        def segments():
+            nonlocal finished
+            while True:
+                try:
+                    segment = self._call(lambda: next(results))
+                except StopIteration:
+                    finished = True
+                    return
+                yield segment
+
+        def release() -> None:
+            if not finished:
+                results.cancel()  # the replica's generator closes: its slot and adapter are freed
+            self._ended()
+
+        return Held(segments(), release), info
 
     def stream_step(self, audio, model: str | None, language: str | None, options: DecodeOptions, final: bool,
                     start: float = 0.0):
