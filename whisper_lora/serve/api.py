@@ -430,9 +430,6 @@ class ClientSecrets:
             return self._expiry.get(value, 0) > time.time()
 
 
-_diarising_lock = threading.Lock()
-
-
 @dataclass
 class ServerState:
     """What the routes share: the service once it is loaded (or why loading failed), its metrics, and the
@@ -443,6 +440,7 @@ class ServerState:
     diarizer_device: str = "auto"  # the server's --device
     max_diarising: int = 64  # requests diarising or waiting to (one runs at a time); more get 429
     _diarising: int = 0
+    _diarising_lock: threading.Lock = field(default_factory=threading.Lock)
     service: TranscriptionService | None = None
     metrics: Metrics | None = None
     error: BaseException | None = None
@@ -481,14 +479,14 @@ class ServerState:
         holds a worker thread while it waits for the model."""
         from .service import Busy
 
-        with _diarising_lock:
+        with self._diarising_lock:
             if self._diarising >= self.max_diarising:
                 raise Busy(5.0)
             self._diarising += 1
         try:
             yield
         finally:
-            with _diarising_lock:
+            with self._diarising_lock:
                 self._diarising -= 1
 
     def ready(self) -> TranscriptionService:
@@ -628,13 +626,18 @@ async def transcribe_upload(form: AudioForm, task: str, service: TranscriptionSe
 
 def _diarise(state: ServerState, parsed: TranscriptionRequest, path: str):
     from ..audio import audio_duration
-    from ..diarize import diarize
+    from ..diarize import check_voice_prints, diarize
 
     if not parsed.vad and audio_duration(path) > DIARIZE_BLOCK_SECONDS:
         raise APIError(400, f"chunking_strategy is required to diarise audio longer than {DIARIZE_BLOCK_SECONDS:g} "
                             "seconds (send chunking_strategy=auto), as OpenAI requires", param="chunking_strategy")
     with state.diarising():
         diarizer = state.diarizer()
+        if parsed.known_speakers:
+            try:
+                check_voice_prints(diarizer)
+            except UserError as exc:
+                raise APIError(400, exc.message, param="known_speaker_names") from None
         known = {name: _reference_voice(diarizer, name, url) for name, url in parsed.known_speakers}
         return diarize(diarizer, path, known_speakers=known)
 
@@ -649,7 +652,7 @@ def _reference_voice(diarizer, name: str, url: str):
     from urllib.parse import unquote_to_bytes
 
     from ..audio import load_audio
-    from ..diarize import check_reference, names_voices
+    from ..diarize import reference_voice
     from ..errors import AudioError
 
     def refused(why: str) -> APIError:
@@ -668,11 +671,7 @@ def _reference_voice(diarizer, name: str, url: str):
     try:
         with os.fdopen(handle, "wb") as out:
             out.write(raw)
-        audio = check_reference(load_audio(path), name)
-        if not names_voices(diarizer):
-            raise APIError(400, f"known speakers need voice prints, which this server's diarizer ({diarizer.name}) "
-                                "does not give", param="known_speaker_names")
-        return diarizer.voice_print(audio)
+        return reference_voice(diarizer, load_audio(path), name)
     except AudioError:
         raise refused("the audio cannot be decoded") from None
     except UserError as exc:
@@ -682,8 +681,6 @@ def _reference_voice(diarizer, name: str, url: str):
 
 
 def _sentiment(segments: list[Segment], info: TranscriptionInfo, model: str | None):
-    from dataclasses import replace
-
     from ..sentiment import annotate
 
     scored, overall, note = annotate(segments, join_text(segments, info.language), info.language, model)

@@ -92,14 +92,14 @@ def transcribe_all(backend: Backend, paths: list[Path], config: TranscribeConfig
 
 def known_voices(diarizer, items: list[str]) -> dict[str, np.ndarray]:
     """--known-speakers NAME=CLIP -> {name: voice print}; a bad clip is reported before any audio is decoded."""
-    from ..diarize import check_reference
+    from ..diarize import reference_voice
 
     voices = {}
     for item in items:
         name, clip = (part.strip() for part in item.partition("=")[::2])
         audio = load_audio(clip)  # its AudioError names the file
         try:
-            voices[name] = diarizer.voice_print(check_reference(audio, name))
+            voices[name] = reference_voice(diarizer, audio, name)
         except UserError as exc:
             raise UserError(exc.message, clip) from None
     return voices
