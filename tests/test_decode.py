@@ -3,6 +3,8 @@ import pytest
 
 from conftest import SPEECH_EN
 from whisper_lora.audio import load_audio
+from whisper_lora.constants import HOP_LENGTH
+from whisper_lora.features import EDGE_FRAMES
 from whisper_lora.decode import GREEDY, CT2Backend, DecodeOptions, TransformersBackend, join_text
 from whisper_lora.models import ct2_model_dir, load_model
 from whisper_lora.text import error_rate
@@ -247,3 +249,28 @@ def test_plain_text_of_long_audio_keeps_every_window_in_both_backends(base_trans
         segments, _ = backend.transcribe(audio, "en", GREEDY)
         text = " ".join(s.text for s in segments).lower()
         assert text.count("gregson") >= 3 and "spades" in text, (type(backend).__name__, text)
+
+
+def test_ct2_windows_are_padded_as_whisper_was_trained(base_transcriber):
+    """faster-whisper pads a short window's log-mel with 0.0; padded as trained (zero audio, frames at the log
+    floor) its window is what our transformers backend encodes, but for float32 STFT noise."""
+    from faster_whisper.audio import pad_or_trim
+    from faster_whisper.feature_extractor import FeatureExtractor
+
+    from whisper_lora.audio import log_mel
+    from whisper_lora.decode.ct2_backend import pad_as_trained
+
+    clips = [load_audio(SPEECH_EN / "arctic_a0009.wav"), load_audio(SPEECH_EN / "cards" / "001.wav")]
+    shipped = np.stack([pad_or_trim(FeatureExtractor()(clip)[..., :-1]) for clip in clips])
+    trained = np.stack([log_mel(base_transcriber.processor, clip) for clip in clips])
+    tail = shipped.shape[-1] - 100  # the last second: padding in both clips
+    assert np.all(shipped[..., tail:] == 0.0) and np.all(trained[..., tail:] < -0.3)  # what differed
+    fixed = pad_as_trained(shipped)
+    for clip, window_fixed, window_trained in zip(clips, fixed, trained):
+        end = len(clip) // HOP_LENGTH  # where the STFT windows reach past the audio, the two differ by design
+        far = np.ones(window_fixed.shape[-1], bool)
+        far[end - 1: end + EDGE_FRAMES] = False
+        assert np.abs(window_fixed - window_trained)[:, far].max() < 0.01
+    assert np.array_equal(pad_as_trained(shipped[0]), fixed[0])  # one window, as faster-whisper also passes it
+    unpadded = np.ones((1, 80, 30), np.float32)
+    assert np.array_equal(pad_as_trained(unpadded), unpadded)

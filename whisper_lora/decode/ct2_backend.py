@@ -1,4 +1,5 @@
-"""The CTranslate2 backend: faster-whisper's front end and decoding loop, behind the same Backend protocol.
+"""The CTranslate2 backend: faster-whisper's front end and decoding loop, behind the same Backend protocol,
+its clips padded as Whisper was trained (`pad_as_trained`).
 
 Models come from `whisper-lora export --format ct2`, any faster-whisper folder, or the embedded default
 (already CTranslate2). LoRA adapters cannot be applied to a CTranslate2 model: merge and export them.
@@ -16,6 +17,7 @@ from typing import Iterator
 
 import threading
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -23,6 +25,7 @@ from ..constants import (CHUNK_SECONDS, FRAMES_PER_SECOND, MAX_NEW_TOKENS, MAX_T
                          TASK_PROMPT_TOKENS)
 from ..devices import ct2_placement
 from ..errors import UserError
+from ..features import LOG_FLOOR_BELOW_MAX
 from . import longform
 from ..audio_ctx import FULL, encoder_frames
 from .types import GREEDY, DecodeOptions, Segment, TranscriptionInfo, Word
@@ -31,18 +34,50 @@ ADAPTERS_REFUSED = ("CTranslate2 models cannot load LoRA adapters; merge each ad
                     "export it (`whisper-lora export`) and serve it as its own model, or use the transformers backend")
 
 
-_context = threading.local()  # .frames: encoder frames for the input this thread is transcribing
+_context = threading.local()  # .window: the _Window of the input this thread is transcribing
+
+
+@dataclass(frozen=True)
+class _Window:
+    """How an input's windows reach the encoder: `frames` of context (None: faster-whisper's 3,000) and the
+    padding, as the transformers backend pads the same input: clips as trained (`pad_as_trained`), the
+    sequential long-form loop with zeros in the spectrogram, as openai/whisper's `transcribe` (and
+    faster-whisper) pad it."""
+    frames: int | None = None
+    as_trained: bool = False
+
+
+def pad_as_trained(features: np.ndarray) -> np.ndarray:
+    """A clip's window padded as Whisper was trained on it. faster-whisper pads a window shorter than 30 s
+    with log-mel frames of 0.0; training pads the *audio* with zeros, whose frames sit at the log floor (the
+    spectrogram's maximum - 2), and so do our transformers backend's clips, openai-whisper's decode of a clip
+    and whisper.cpp. A model near a decision hears the difference: the demo's fine-tuned adapter gave other
+    words on 6 of 40 clips in faster-whisper as shipped, none with this (faster-whisper declined the change
+    upstream: SYSTRAN/faster-whisper#1084). Applied where the transformers backend pads audio (`_Window`)."""
+    batch = features if features.ndim == 3 else features[None]
+    heard = np.any(batch != 0.0, axis=1)  # (batch, frames): a frame of real audio is never exactly 0.0 in all bins
+    ends = batch.shape[-1] - np.argmax(heard[:, ::-1], axis=1)
+    padded = [i for i, end in enumerate(ends) if heard[i].any() and end < batch.shape[-1]]
+    if not padded:
+        return features
+    batch = batch.copy()
+    for i in padded:
+        batch[i, :, ends[i]:] = batch[i, :, :ends[i]].max() - LOG_FLOOR_BELOW_MAX
+    return batch if features.ndim == 3 else batch[0]
 
 
 def _model_class():
-    """faster-whisper's WhisperModel, its encoder fed only `_context.frames` of each padded window."""
+    """faster-whisper's WhisperModel, each window padded and cut to its encoder context as `_context.window`
+    says."""
     from faster_whisper import WhisperModel
 
     class FittedContextModel(WhisperModel):
         def encode(self, features):
-            frames = getattr(_context, "frames", None)
-            if frames is not None:
-                features = np.ascontiguousarray(features[..., :frames])
+            window = getattr(_context, "window", None) or _Window()
+            if window.as_trained:
+                features = pad_as_trained(features)
+            if window.frames is not None:
+                features = np.ascontiguousarray(features[..., :window.frames])
             return super().encode(features)
 
     return FittedContextModel
@@ -66,28 +101,29 @@ class CT2Backend:
         self.languages = set(self.model.supported_languages)
 
     @staticmethod
-    def _frames(audio_seconds: float, options: DecodeOptions) -> int | None:
-        """Encoder frames for an input of this length; None: faster-whisper's own 3,000."""
+    def _window(audio_seconds: float, options: DecodeOptions, as_trained: bool) -> _Window:
+        """The encoder's view of an input of this length (`as_trained`: where the transformers backend pads
+        its audio)."""
         frames = round(audio_seconds * FRAMES_PER_SECOND)
         if options.audio_ctx in (None, FULL) or frames > N_FRAMES:
-            return None
-        return encoder_frames(frames, options.audio_ctx)
+            return _Window(None, as_trained)
+        return _Window(encoder_frames(frames, options.audio_ctx), as_trained)
 
     @staticmethod
     @contextmanager
-    def _fitted(frames: int | None):
-        previous, _context.frames = getattr(_context, "frames", None), frames
+    def _fitted(window: _Window):
+        previous, _context.window = getattr(_context, "window", None), window
         try:
             yield
         finally:
-            _context.frames = previous
+            _context.window = previous
 
-    def _segments(self, segments, frames: int | None):
+    def _segments(self, segments, window: _Window):
         """faster-whisper's lazy segments, each pulled with this input's context set: the caller may
         interleave several inputs' generators in one thread."""
         iterator = iter(segments)
         while True:
-            with self._fitted(frames):
+            with self._fitted(window):
                 segment = next(iterator, None)
             if segment is None:
                 return
@@ -153,11 +189,11 @@ class CT2Backend:
             if longform.is_silent(audio):
                 out.append(([], TranscriptionInfo(language if self.multilingual else "en", None, seconds)))
                 continue
-            frames = self._frames(len(audio) / SAMPLE_RATE, options)
-            with self._fitted(frames):  # language detection encodes too
+            window = self._window(len(audio) / SAMPLE_RATE, options, as_trained=True)
+            with self._fitted(window):  # language detection encodes too
                 segments, info = self.model.transcribe(audio, language=language,
                                                        **self._kwargs(options, len(audio) / SAMPLE_RATE))
-            converted = [self._convert(s, 0.0, 0, seconds) for s in self._segments(segments, frames) if s.text.strip()]
+            converted = [self._convert(s, 0.0, 0, seconds) for s in self._segments(segments, window) if s.text.strip()]
             for n, segment in enumerate(converted):
                 segment.id = n
             out.append((converted, TranscriptionInfo(info.language, info.language_probability, seconds)))
@@ -170,12 +206,17 @@ class CT2Backend:
         source, duration = longform.open_source(audio)
         if language is None and self.multilingual:
             head = longform.read_block(source, 0.0, min(duration, CHUNK_SECONDS))
-            with self._fitted(self._frames(duration, options)):
+            with self._fitted(self._window(duration, options, self._clip_like(duration, options, vad))):
                 language, prob, _ = self.model.detect_language(head)
         else:
             prob = None if self.multilingual else 1.0
         info = TranscriptionInfo(language if self.multilingual else "en", prob, duration)
         return self._blocks(source, duration, info.language, options, vad), info
+
+    @staticmethod
+    def _clip_like(duration: float, options: DecodeOptions, vad: bool) -> bool:
+        """Input the transformers backend decodes as one clip (its audio padded), not with its sequential loop."""
+        return duration <= CHUNK_SECONDS and options.without_timestamps and not vad
 
     def _blocks(self, source, duration: float, language: str | None, options: DecodeOptions,
                 vad: bool) -> Iterator[Segment]:
@@ -189,10 +230,10 @@ class CT2Backend:
             block = longform.read_block(source, position, end)
             held = None
             if not longform.is_silent(block):
-                frames = self._frames(duration, options)
+                window = self._window(duration, options, self._clip_like(duration, options, vad))
                 segments, _ = self.model.transcribe(block, language=language, vad_filter=vad,
                                                     **self._kwargs(options, len(block) / SAMPLE_RATE))
-                for s in self._segments(segments, frames):
+                for s in self._segments(segments, window):
                     if not s.text.strip():
                         continue
                     if held is not None:
