@@ -307,10 +307,12 @@ class Transcriber:
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         try:  # the Ray node too: two nodes of one test machine share a host name
             import ray
-
+        except ImportError:  # outside Ray: the host and process name it
+            ray = None
+        # (asked outside a Ray session, the runtime context starts a whole local Ray instance: 8 s, and its
+        # daemons then slowed this process's decoding by ~15%)
+        if ray is not None and ray.is_initialized():
             self.worker = f"{ray.get_runtime_context().get_node_id()[:8]}:{self.worker}"
-        except Exception:  # noqa: BLE001  (outside Ray: the host and process name it)
-            pass
         self.schema = shard_schema(spec.options.word_timestamps)
 
     def __call__(self, batch: "pyarrow.Table") -> "pyarrow.Table":  # noqa: F821
