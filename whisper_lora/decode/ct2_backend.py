@@ -189,7 +189,7 @@ class CT2Backend:
             if longform.is_silent(audio):
                 out.append(([], TranscriptionInfo(language if self.multilingual else "en", None, seconds)))
                 continue
-            window = self._window(len(audio) / SAMPLE_RATE, options, as_trained=True)
+            window = self._window(len(audio) / SAMPLE_RATE, options, as_trained=seconds <= CHUNK_SECONDS)
             with self._fitted(window):  # language detection encodes too
                 segments, info = self.model.transcribe(audio, language=language,
                                                        **self._kwargs(options, len(audio) / SAMPLE_RATE))
