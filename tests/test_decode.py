@@ -274,3 +274,23 @@ def test_ct2_windows_are_padded_as_whisper_was_trained(base_transcriber):
     assert np.array_equal(pad_as_trained(shipped[0]), fixed[0])  # one window, as faster-whisper also passes it
     unpadded = np.ones((1, 80, 30), np.float32)
     assert np.array_equal(pad_as_trained(unpadded), unpadded)
+
+
+def test_the_ct2_backend_pads_clips_as_trained_and_long_form_as_openai_whisper(ct2_transcriber, monkeypatch):
+    """Wired where the transformers backend pads each way: every window of a clip at the clip's log floor (a
+    later window too), the last window of long-form input with zeros as openai-whisper's transcribe loop."""
+    from faster_whisper import WhisperModel
+
+    seen = []
+    real = WhisperModel.encode
+    monkeypatch.setattr(WhisperModel, "encode", lambda self, features: seen.append(np.array(features)) or
+                        real(self, features))
+    clip = load_audio(SPEECH_EN / "arctic_a0009.wav")
+    ct2_transcriber.transcribe_batch([clip], ["en"], DecodeOptions(temperature=(0.0,)))
+    floor = seen[0].max() - 2.0
+    tail = slice(len(clip) // HOP_LENGTH + EDGE_FRAMES, None)
+    assert seen and all(np.allclose(window[..., -100:], floor) for window in seen)
+    assert np.allclose(seen[0][..., tail], floor)
+    seen.clear()
+    list(ct2_transcriber.transcribe(gregson_and_cards(), "en", DecodeOptions(temperature=(0.0,)))[0])
+    assert len(seen) >= 2 and np.all(seen[-1][..., -100:] == 0.0)

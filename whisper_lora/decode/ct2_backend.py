@@ -37,23 +37,27 @@ ADAPTERS_REFUSED = ("CTranslate2 models cannot load LoRA adapters; merge each ad
 _context = threading.local()  # .window: the _Window of the input this thread is transcribing
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Window:
     """How an input's windows reach the encoder: `frames` of context (None: faster-whisper's 3,000) and the
     padding, as the transformers backend pads the same input: clips as trained (`pad_as_trained`), the
     sequential long-form loop with zeros in the spectrogram, as openai/whisper's `transcribe` (and
-    faster-whisper) pad it."""
+    faster-whisper) pad it. `--vad` input keeps faster-whisper's padding: its VAD joins the speech into one
+    input, a path unlike ours. `floor`: a clip's log floor, from its first window, which holds all of it (a
+    later window of the clip, after a cut at a timestamp, is padded at the clip's floor, not its own)."""
     frames: int | None = None
     as_trained: bool = False
+    floor: float | None = None
 
 
-def pad_as_trained(features: np.ndarray) -> np.ndarray:
+def pad_as_trained(features: np.ndarray, floor: float | None = None) -> np.ndarray:
     """A clip's window padded as Whisper was trained on it. faster-whisper pads a window shorter than 30 s
     with log-mel frames of 0.0; training pads the *audio* with zeros, whose frames sit at the log floor (the
     spectrogram's maximum - 2), and so do our transformers backend's clips, openai-whisper's decode of a clip
     and whisper.cpp. A model near a decision hears the difference: the demo's fine-tuned adapter gave other
     words on 6 of 40 clips in faster-whisper as shipped, none with this (faster-whisper declined the change
-    upstream: SYSTRAN/faster-whisper#1084). Applied where the transformers backend pads audio (`_Window`)."""
+    upstream: SYSTRAN/faster-whisper#1084). Applied where the transformers backend pads audio (`_Window`).
+    `floor`: the clip's, when this window is a later part of it; else each row's own maximum - 2."""
     batch = features if features.ndim == 3 else features[None]
     heard = np.any(batch != 0.0, axis=1)  # (batch, frames): a frame of real audio is never exactly 0.0 in all bins
     ends = batch.shape[-1] - np.argmax(heard[:, ::-1], axis=1)
@@ -62,7 +66,7 @@ def pad_as_trained(features: np.ndarray) -> np.ndarray:
         return features
     batch = batch.copy()
     for i in padded:
-        batch[i, :, ends[i]:] = batch[i, :, :ends[i]].max() - LOG_FLOOR_BELOW_MAX
+        batch[i, :, ends[i]:] = batch[i, :, :ends[i]].max() - LOG_FLOOR_BELOW_MAX if floor is None else floor
     return batch if features.ndim == 3 else batch[0]
 
 
@@ -75,7 +79,9 @@ def _model_class():
         def encode(self, features):
             window = getattr(_context, "window", None) or _Window()
             if window.as_trained:
-                features = pad_as_trained(features)
+                if window.floor is None:  # the clip's first window: all of its frames
+                    window.floor = float(features.max()) - LOG_FLOOR_BELOW_MAX
+                features = pad_as_trained(features, window.floor)
             if window.frames is not None:
                 features = np.ascontiguousarray(features[..., :window.frames])
             return super().encode(features)
