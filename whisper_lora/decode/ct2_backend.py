@@ -50,23 +50,34 @@ class _Window:
     floor: float | None = None
 
 
-def pad_as_trained(features: np.ndarray, floor: float | None = None) -> np.ndarray:
+def _audio_ends(batch: np.ndarray) -> np.ndarray:
+    """Per row of (batch, mels, frames): the frames before faster-whisper's trailing padding (a frame of real
+    audio is never exactly 0.0 in every bin; a row of nothing but zeros counts as unpadded)."""
+    heard = np.any(batch != 0.0, axis=1)
+    return np.where(heard.any(axis=1), batch.shape[-1] - np.argmax(heard[:, ::-1], axis=1), batch.shape[-1])
+
+
+def log_floor(features: np.ndarray) -> float:
+    """A clip's log floor (the maximum of its real frames - 2), from a window that holds all of it. Not the
+    window's plain maximum: quiet audio's frames all lie below the padding's 0.0."""
+    batch = features if features.ndim == 3 else features[None]
+    return max(float(row[:, :end].max()) for row, end in zip(batch, _audio_ends(batch)) if end) - LOG_FLOOR_BELOW_MAX
+
+
+def pad_as_trained(features: np.ndarray, floor: float) -> np.ndarray:
     """A clip's window padded as Whisper was trained on it. faster-whisper pads a window shorter than 30 s
     with log-mel frames of 0.0; training pads the *audio* with zeros, whose frames sit at the log floor (the
-    spectrogram's maximum - 2), and so do our transformers backend's clips, openai-whisper's decode of a clip
-    and whisper.cpp. A model near a decision hears the difference: the demo's fine-tuned adapter gave other
-    words on 6 of 40 clips in faster-whisper as shipped, none with this (faster-whisper declined the change
-    upstream: SYSTRAN/faster-whisper#1084). Applied where the transformers backend pads audio (`_Window`).
-    `floor`: the clip's, when this window is a later part of it; else each row's own maximum - 2."""
+    spectrogram's maximum - 2, `log_floor`), and so do our transformers backend's clips, openai-whisper's decode
+    of a clip and whisper.cpp. A model near a decision hears the difference: the demo's fine-tuned adapter gave
+    other words on 6 of 40 clips in faster-whisper as shipped, none with this (faster-whisper declined the change
+    upstream: SYSTRAN/faster-whisper#1084). Applied where the transformers backend pads audio (`_Window`)."""
     batch = features if features.ndim == 3 else features[None]
-    heard = np.any(batch != 0.0, axis=1)  # (batch, frames): a frame of real audio is never exactly 0.0 in all bins
-    ends = batch.shape[-1] - np.argmax(heard[:, ::-1], axis=1)
-    padded = [i for i, end in enumerate(ends) if heard[i].any() and end < batch.shape[-1]]
-    if not padded:
+    ends = _audio_ends(batch)
+    if (ends == batch.shape[-1]).all():
         return features
     batch = batch.copy()
-    for i in padded:
-        batch[i, :, ends[i]:] = batch[i, :, :ends[i]].max() - LOG_FLOOR_BELOW_MAX if floor is None else floor
+    for row, end in zip(batch, ends):
+        row[:, end:] = floor
     return batch if features.ndim == 3 else batch[0]
 
 
@@ -80,7 +91,7 @@ def _model_class():
             window = getattr(_context, "window", None) or _Window()
             if window.as_trained:
                 if window.floor is None:  # the clip's first window: all of its frames
-                    window.floor = float(features.max()) - LOG_FLOOR_BELOW_MAX
+                    window.floor = log_floor(features)
                 features = pad_as_trained(features, window.floor)
             if window.frames is not None:
                 features = np.ascontiguousarray(features[..., :window.frames])
