@@ -14,7 +14,7 @@ WER (CHiME-6): each reference speaker's words against the hypothesis speaker the
 unpaired speakers' words all errors. Named: the share of reference turns every word of which carries the true
 speaker's name when given one reference clip per speaker (words matched to the reference by the WER alignment).
 Time: `transcribe` as the CLI runs it on a clip (plain text, then with the word timestamps --diarize turns on:
-aligned words, no timestamp tokens), and diarisation alone, after a warm-up, in one process, best of three.
+aligned words, no timestamp tokens), and diarisation alone, after a warm-up, in one process, best of five.
 """
 from __future__ import annotations
 
@@ -173,7 +173,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / f"diarize_{platform.node()}.json")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3, help="timings: the best of this many runs")
+    parser.add_argument("--repeats", type=int, default=5, help="timings: the best of this many runs")
     args = parser.parse_args()
     import torch
 
@@ -210,18 +210,19 @@ def main() -> None:
     header = f"{'conversation':44} {'audio s':>7} {'DER':>6} {'cpWER':>6} {'named':>6} {'diar s':>6} {'plain s':>7} {'words s':>7} {'added':>6}"
     print(header + "\n" + "-" * len(header))
     for name, audio, truth, known in cases:
-        def timed(run):
-            # best of --repeats, the three runs interleaved: this machine's neighbours make single timings noisy
-            best, value = float("inf"), None
-            for _ in range(args.repeats):
+        # best of --repeats, the three interleaved (plain, words, diarisation, plain, …): this machine's
+        # neighbours make single timings noisy, and a slow spell then falls on all three alike
+        runs = {"plain": lambda: backend.transcribe_batch([audio], ["en"], plain),
+                "words": lambda: backend.transcribe_batch([audio], ["en"], worded),
+                "diarize": lambda: diarize(diarizer, audio)}
+        best, value = dict.fromkeys(runs, float("inf")), {}
+        for _ in range(args.repeats):
+            for key, run in runs.items():
                 started = time.perf_counter()
-                value = run()
-                best = min(best, time.perf_counter() - started)
-            return best, value
-
-        plain_s, _ = timed(lambda: backend.transcribe_batch([audio], ["en"], plain))
-        words_s, ((segments, _),) = timed(lambda: backend.transcribe_batch([audio], ["en"], worded))
-        diarize_s, result = timed(lambda: diarize(diarizer, audio))
+                value[key] = run()
+                best[key] = min(best[key], time.perf_counter() - started)
+        plain_s, words_s, diarize_s = best["plain"], best["words"], best["diarize"]
+        ((segments, _),), result = value["words"], value["diarize"]
         attributed = assign_speakers(list(segments), result.turns)
         named = None
         if known:

@@ -297,3 +297,41 @@ def test_the_ct2_backend_pads_clips_as_trained_and_long_form_as_openai_whisper(c
     seen.clear()
     list(ct2_transcriber.transcribe(gregson_and_cards(), "en", DecodeOptions(temperature=(0.0,)))[0])
     assert len(seen) >= 2 and np.all(seen[-1][..., -100:] == 0.0)
+
+
+def test_a_text_only_decode_records_what_the_alignment_pass_would_compute(base_transcriber):
+    """Word timestamps of a clip without timestamp tokens come from the decode's own attention: it runs the very
+    sequence openai/whisper's alignment pass runs again. Rows of one batch ending at different steps each keep
+    their own attention, their end-of-text row included, and give the pass's words."""
+    import torch
+
+    from whisper_lora.decode.longform import clip_features
+    from whisper_lora.decode.timing import find_alignment, words_from_attention
+
+    backend, tokens = base_transcriber, base_transcriber.tokens
+    clips = [load_audio(SPEECH_EN / name) for name in ("cards/001.wav", "arctic_a0009.wav", "cards/005.wav")]
+    encoded = backend.encode(clip_features(backend, clips, None))
+    prefix = tokens.prompt("en", "transcribe", timestamps=False)
+    options = DecodeOptions(word_timestamps=True, without_timestamps=True, temperature=(0.0,))
+    results = backend.decode(encoded, [prefix] * len(clips), options, False)
+    assert len({len(r.tokens) for r in results}) == len(clips)  # the rows leave the batch at different steps
+    for row, (clip, result) in enumerate(zip(clips, results)):
+        sequence = [*prefix, *result.tokens, tokens.eot]
+        with torch.inference_mode():
+            caches, hidden = backend.network.start(torch.tensor([sequence]), encoded[row:row + 1], len(sequence),
+                                                   None, backend.alignment_heads)
+            probs = backend.network.logits(hidden[0])[len(prefix) - 1:-1, :tokens.eot].softmax(-1)
+        torch.testing.assert_close(result.attention, caches.attention[0], atol=2e-5, rtol=1e-3)
+        expected = probs[torch.arange(len(result.tokens)), torch.tensor(result.tokens)]
+        np.testing.assert_allclose(result.text_probs, expected.numpy(), atol=1e-4)
+        frames = round(len(clip) / HOP_LENGTH)
+        recorded = words_from_attention(tokens, result.attention, result.text_probs, result.tokens, "en", frames,
+                                        len(prefix))
+        passed = find_alignment(backend.network, tokens, backend.alignment_heads, encoded[row], result.tokens, "en",
+                                "transcribe", frames)
+        assert [(w.word, w.start, w.end) for w in recorded] == [(w.word, w.start, w.end) for w in passed]
+        assert len(recorded) > 1
+    # nothing is recorded where nothing will use it, nor in beam search (each beam would carry it)
+    for other in (DecodeOptions(without_timestamps=True, temperature=(0.0,)), DecodeOptions(
+            word_timestamps=True, without_timestamps=True, temperature=(0.0,), num_beams=2)):
+        assert all(r.attention is None for r in backend.decode(encoded, [prefix] * len(clips), other, False))

@@ -113,7 +113,7 @@ class AlignAttDecoder:
         adapters = None if adapter is None else [adapter]
         caches, hidden = net.start(torch.tensor([prefix], device=net.device), encoded, len(prefix) + max_new + 1,
                                    adapters, self.heads)
-        rows = [caches.attention]  # (heads, tokens, positions), every token of the decode
+        rows = [caches.attention[0]]  # (heads, tokens, positions), every token of the decode
         logits = net.logits(hidden[:, -1])
         sampled: list[int] = []
         logprobs: list[float] = []
@@ -143,7 +143,7 @@ class AlignAttDecoder:
                 stop, kept = "loop", loop
                 break
             hidden = net.step(torch.tensor([[token]], device=net.device), caches, self.heads)
-            rows.append(caches.attention)
+            rows.append(caches.attention[0])
             logits = net.logits(hidden)
         words = self._words(sampled, positions, logprobs, language)
         if stop == "rewind":

@@ -32,7 +32,7 @@ class Caches:
     cross_values: list[torch.Tensor]
     adapters: list[str] | None
     length: int = 0
-    attention: torch.Tensor | None = None  # alignment heads' cross-attention of row 0, when asked for
+    attention: torch.Tensor | None = None  # alignment heads' cross-attention of the last tokens run, when asked for
 
     def select(self, index: torch.Tensor) -> None:
         """Keep (or repeat, for beams) the rows in `index`."""
@@ -155,7 +155,7 @@ class Network:
               alignment_heads: dict[int, list[int]] | None = None) -> tuple[Caches, torch.Tensor]:
         """Run the prompt `ids` (batch, tokens); returns the caches and the hidden states of every prompt
         token. With `alignment_heads` ({layer: [head, …]}) the caches also carry those heads'
-        cross-attention weights over the encoder frames, `caches.attention` (heads, tokens, frames) of row 0."""
+        cross-attention weights over the encoder frames, `caches.attention` (rows, heads, tokens, frames)."""
         batch = ids.shape[0]
         shape = (batch, self.heads, max_length, self.head_dim)
         # Cross-attention keys are kept transposed, (batch, heads, head_dim, frames): a plain `q @ keys`
@@ -174,7 +174,7 @@ class Network:
     def step(self, ids: torch.Tensor, caches: Caches, alignment_heads: dict[int, list[int]] | None = None
              ) -> torch.Tensor:
         """One more token per row (batch, 1) -> its hidden state (batch, d_model); with `alignment_heads`,
-        `caches.attention` holds their cross-attention for it (heads, 1, frames) of row 0."""
+        `caches.attention` holds their cross-attention for it (rows, heads, 1, frames)."""
         return self._run(ids, caches, alignment_heads)[:, -1]
 
     def _run(self, ids: torch.Tensor, caches: Caches, alignment_heads: dict[int, list[int]] | None = None) -> torch.Tensor:
@@ -197,12 +197,12 @@ class Network:
             q = self._split_heads(linear(attention.q_proj, x, adapters) * attention.scaling)
             weights = (q @ caches.cross_keys[i]).softmax(-1)
             if alignment_heads and i in alignment_heads:
-                captured.append(weights[0, alignment_heads[i]].float())
+                captured.append(weights[:, alignment_heads[i]].float())
             x = weights @ caches.cross_values[i]
             hidden = hidden + linear(attention.out_proj, x.transpose(1, 2).reshape(hidden.shape), adapters)
             x = layer.activation_fn(linear(layer.fc1, layer.final_layer_norm(hidden), adapters))
             hidden = hidden + linear(layer.fc2, x, adapters)
         caches.length = end
         if alignment_heads:
-            caches.attention = torch.cat(captured)
+            caches.attention = torch.cat(captured, 1)
         return self.decoder.layer_norm(hidden)

@@ -26,7 +26,7 @@ from ..tokens import SpecialTokens
 from ..audio_ctx import AudioContext, encoder_frames
 from .alignatt import AlignAttResult
 from .search import WindowResult, is_silence
-from .timing import WordTiming, assign_words
+from .timing import WordTiming, assign_words, words_from_attention
 from .types import DecodeOptions, Segment, TranscriptionInfo, Word
 
 BLOCK_SECONDS = 300  # seconds of audio read and turned into features at a time (bounds memory)
@@ -165,6 +165,14 @@ def _text_tokens(pieces: list[Piece], eot: int) -> list[int]:
     return [t for p in pieces for t in p.tokens if t < eot]
 
 
+def _decoded_as_aligned(tokens: SpecialTokens, result: WindowResult, prefix: list[int], text: list[int],
+                        language: str | None, task: str) -> bool:
+    """Whether the decode recorded the attention of the very sequence `find_alignment` would run: the plain
+    text-only prompt (no previous text, no forced prefix) and the text as sampled, ended by end-of-text."""
+    return (result.attention is not None and prefix == tokens.prompt(language, task, timestamps=False)
+            and text == result.tokens and result.attention.shape[1] == len(prefix) + len(text) + 1)
+
+
 def _time_in(offset: float, length: float):
     """Window time -> input time for a window that starts `offset` s into the input and holds `length` s."""
     return lambda t, is_end: offset + min(max(t, 0.0), length)
@@ -284,8 +292,12 @@ def clips(model: WindowModel, audios: list[np.ndarray], languages: list[str | No
             if not tokens.decode(pieces[0].tokens).strip():
                 continue
         if options.word_timestamps and pieces:
-            alignment = model.align(encoded[row], _text_tokens(pieces, tokens.eot), lang, options.task,
-                                    round(seconds * FRAMES_PER_SECOND), adapter)
+            text, frames = _text_tokens(pieces, tokens.eot), round(seconds * FRAMES_PER_SECOND)
+            if _decoded_as_aligned(tokens, result, prefixes[row], text, lang, options.task):
+                alignment = words_from_attention(tokens, result.attention, result.text_probs, text, lang, frames,
+                                                 len(prefixes[row]))
+            else:
+                alignment = model.align(encoded[row], text, lang, options.task, frames, adapter)
             assign_words(pieces, alignment, tokens.eot, 0.0, 0.0)
         to_time = _time_in(0.0, seconds)
         segments = [make_segment(tokens, p, result, to_time, 0) for p in pieces]

@@ -30,6 +30,12 @@ class WindowResult:
     token_logprobs: list[float] | None = None  # of each token in `tokens` (after the logit rules), as sampled
     end_logprob: float = 0.0  # of the end-of-text token (0 when the window ran out of tokens first): with
     # token_logprobs it sums to avg_logprob x (len(tokens) + 1), openai/whisper's mean
+    # Recorded when a text-only decode is asked for word timestamps (timing.words_from_attention): the alignment
+    # heads' attention of every token of prefix + tokens + end-of-text (heads, tokens, frames), and each sampled
+    # token's probability among the text tokens before the logit rules. The decode of such a window runs the very
+    # sequence openai/whisper's alignment pass runs again; this spares that pass. None where it was not recorded.
+    attention: torch.Tensor | None = None
+    text_probs: list[float] | None = None
 
 
 def compression_ratio(text: str) -> float:
@@ -55,34 +61,53 @@ def is_silence(result: WindowResult, options: DecodeOptions) -> bool:
     return options.log_prob_threshold is None or result.avg_logprob <= options.log_prob_threshold
 
 
+@dataclass
+class Sampled:
+    """One window's decode at one temperature."""
+    tokens: list[int]
+    total: float  # the sum of their log-probabilities with the end-of-text one
+    no_speech: float
+    token_logprobs: list[float]
+    end: float  # the end-of-text token's log-probability
+    attention: torch.Tensor | None = None  # see WindowResult
+    text_probs: list[float] | None = None
+
+
 class Search:
-    def __init__(self, network: Network, tokens: SpecialTokens, rules: LogitRules):
+    def __init__(self, network: Network, tokens: SpecialTokens, rules: LogitRules,
+                 alignment_heads: dict[int, list[int]] | None = None):
         self.network, self.tokens, self.rules = network, tokens, rules
+        self.alignment_heads = alignment_heads
 
     def _sample(self, encoded: torch.Tensor, prefixes: list[list[int]], sot_index: int, timestamps: bool,
-                temperature: float, max_new: int, adapters: list[str] | None
-                ) -> list[tuple[list[int], float, float, list[float], float]]:
-        """Greedy (temperature 0) or sampled decoding of a batch of windows.
-
-        Returns (tokens, sum of their log-probabilities with the end-of-text one, no-speech probability, each
-        token's log-probability, the end-of-text one's) per window. Each window samples from a generator of its own, seeded alike: its draws do not depend
+                temperature: float, max_new: int, adapters: list[str] | None, record: bool = False
+                ) -> list[Sampled]:
+        """Greedy (temperature 0) or sampled decoding of a batch of windows; with `record`, each window's
+        alignment attention and text probabilities too (WindowResult), for the windows that end with
+        end-of-text. Each window samples from a generator of its own, seeded alike: its draws do not depend
         on which other windows share the batch, so a request decodes the same alone or among others, and
         concurrent calls neither share nor disturb random state.
         """
         net, eot = self.network, self.tokens.eot
         rows = len(prefixes)
+        heads = self.alignment_heads if record else None
         caches, hidden = net.start(torch.tensor(prefixes, device=net.device), encoded, len(prefixes[0]) + max_new,
-                                   adapters)
+                                   adapters, heads)
+        attention: list[list[torch.Tensor]] = [[caches.attention[i]] if record else [] for i in range(rows)]
+        text_probs: list[list[float]] = [[] for _ in range(rows)]
         no_speech = net.logits(hidden[:, sot_index]).softmax(-1)[:, self.tokens.no_speech].tolist()
         logits = net.logits(hidden[:, -1])
         sampled: list[list[int]] = [[] for _ in range(rows)]
         sampled_logprobs: list[list[float]] = [[] for _ in range(rows)]
         ends = [0.0] * rows
         totals = [0.0] * rows
+        ended: set[int] = set()
         active = list(range(rows))
         generators = [torch.Generator(device=net.device).manual_seed(SAMPLING_SEED) for _ in range(rows)] \
             if temperature > 0 else []
         for step in range(max_new):
+            # before the logit rules, which write into `logits`: find_alignment's probabilities are the model's own
+            text_logprobs = logits[:, :eot].log_softmax(-1) if record else None
             logits = self.rules.apply(logits, [sampled[i] for i in active], step == 0, timestamps, encoded.shape[1])
             if temperature > 0:
                 probs = (logits / temperature).softmax(-1)
@@ -97,21 +122,43 @@ class Search:
                     sampled[i].append(token)
                     sampled_logprobs[i].append(logprobs[j])
                     keep.append(j)
+                    if record:
+                        text_probs[i].append(float(text_logprobs[j, token].exp()))
                 else:
                     ends[i] = logprobs[j]
-            if not keep or step == max_new - 1:
+                    ended.add(i)
+            last = not keep or step == max_new - 1
+            if record and len(keep) < len(active):
+                # the windows that chose end-of-text run it too (the alignment pass's last row, part of its
+                # normalisation) in the step the others take anyway, and leave after it
+                hidden = net.step(chosen[:, None], caches, heads)
+                for j, i in enumerate(active):
+                    attention[i].append(caches.attention[j])
+                if last:
+                    break
+                index = torch.tensor(keep, device=net.device)
+                caches.select(index)
+                active = [active[j] for j in keep]
+                logits = net.logits(hidden[index])
+                continue
+            if last:
                 break
             if len(keep) < len(active):
                 index = torch.tensor(keep, device=net.device)
                 caches.select(index)
                 chosen = chosen[index]
                 active = [active[j] for j in keep]
-            logits = net.logits(net.step(chosen[:, None], caches))
-        return [(sampled[i], totals[i], no_speech[i], sampled_logprobs[i], ends[i]) for i in range(rows)]
+            hidden = net.step(chosen[:, None], caches, heads)
+            if record:
+                for j, i in enumerate(active):
+                    attention[i].append(caches.attention[j])
+            logits = net.logits(hidden)
+        return [Sampled(sampled[i], totals[i], no_speech[i], sampled_logprobs[i], ends[i],
+                        torch.cat(attention[i], 1) if record and i in ended else None,
+                        text_probs[i] if record and i in ended else None) for i in range(rows)]
 
     def _beam_search(self, encoded: torch.Tensor, prefixes: list[list[int]], sot_index: int, timestamps: bool,
-                     beams: int, max_new: int, adapters: list[str] | None
-                     ) -> list[tuple[list[int], float, float, list[float], float]]:
+                     beams: int, max_new: int, adapters: list[str] | None) -> list[Sampled]:
         """openai/whisper's beam search (patience 1; the finished candidate with the best mean log-probability)."""
         net, eot = self.network, self.tokens.eot
         audios = len(prefixes)
@@ -167,7 +214,7 @@ class Search:
                 finished_steps[audio].setdefault(tuple(sampled[row]), [*steps[row], 0.0])  # never ended
             best = max(candidates, key=lambda c: candidates[c] / max(1, len(c)))
             *token_steps, end = finished_steps[audio][best]
-            results.append((list(best), candidates[best], no_speech[audio], token_steps, end))
+            results.append(Sampled(list(best), candidates[best], no_speech[audio], token_steps, end))
         return results
 
     def decode(self, encoded: torch.Tensor, prefixes: list[list[int]], options: DecodeOptions, timestamps: bool,
@@ -176,8 +223,10 @@ class Search:
 
         Prefixes must have one length. A window that fails at every temperature keeps its most confident
         attempt among those that do not loop (faster-whisper's rule; openai/whisper would keep the
-        hottest, often garbled, one).
+        hottest, often garbled, one). A text-only decode for word timestamps records what they need
+        (WindowResult.attention), except in beam search, whose beams would each have to carry it.
         """
+        record = options.word_timestamps and not timestamps and self.alignment_heads is not None
         sot_index = prefixes[0].index(self.tokens.sot)
         max_new = max(1, min(options.max_new_tokens, MAX_TARGET_TOKENS - len(prefixes[0])))
         attempts: list[list[WindowResult]] = [[] for _ in prefixes]
@@ -192,12 +241,13 @@ class Search:
                 decoded = self._beam_search(rows, batch, sot_index, timestamps, options.num_beams, max_new,
                                             row_adapters)
             else:
-                decoded = self._sample(rows, batch, sot_index, timestamps, temperature, max_new, row_adapters)
+                decoded = self._sample(rows, batch, sot_index, timestamps, temperature, max_new, row_adapters,
+                                       record)
             retry = []
-            for i, (tokens, total, no_speech, token_logprobs, end) in zip(todo, decoded):
-                result = WindowResult(tokens, total / (len(tokens) + 1), no_speech,
-                                      compression_ratio(self.tokens.decode(tokens).strip()), temperature,
-                                      token_logprobs, end)
+            for i, run in zip(todo, decoded):
+                result = WindowResult(run.tokens, run.total / (len(run.tokens) + 1), run.no_speech,
+                                      compression_ratio(self.tokens.decode(run.tokens).strip()), temperature,
+                                      run.token_logprobs, run.end, run.attention, run.text_probs)
                 attempts[i].append(result)
                 results[i] = result
                 if needs_fallback(result, options):

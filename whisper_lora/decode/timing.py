@@ -144,21 +144,34 @@ def alignment_heads(generation_config, model_config) -> dict[int, list[int]]:
 def find_alignment(network: Network, tokens: SpecialTokens, heads: dict[int, list[int]], encoded: torch.Tensor,
                    text_tokens: list[int], language: str | None, task: str, num_frames: int,
                    adapter: str | None = None) -> list[WordTiming]:
-    """Word start/end times (seconds into the window) by DTW over the alignment heads' attention.
-    `encoded`: the window's encoder output, (frames, d_model)."""
+    """Word start/end times (seconds into the window) by DTW over the alignment heads' attention, from a
+    decoder pass over the window's text (openai/whisper's way). `encoded`: the window's encoder output,
+    (frames, d_model)."""
     if not text_tokens:
         return []
-    start = tokens.prompt(language, task, timestamps=True)
-    sequence = [*start, tokens.no_timestamps, *text_tokens, tokens.eot]
+    start = tokens.prompt(language, task, timestamps=False)
+    sequence = [*start, *text_tokens, tokens.eot]
     ids = torch.tensor([sequence], device=network.device)
     caches, hidden = network.start(ids, encoded[None], len(sequence), None if adapter is None else [adapter], heads)
     logits = network.logits(hidden[0])
-    token_probs = logits[len(start):len(start) + len(text_tokens), :tokens.eot].softmax(-1)
+    token_probs = logits[len(start) - 1:len(start) - 1 + len(text_tokens), :tokens.eot].softmax(-1)
     text_token_probs = token_probs[torch.arange(len(text_tokens)), torch.tensor(text_tokens)].tolist()
-    weights = caches.attention[:, :, :max(1, num_frames // 2)]
+    return words_from_attention(tokens, caches.attention[0], text_token_probs, text_tokens, language, num_frames,
+                                len(start))
+
+
+def words_from_attention(tokens: SpecialTokens, attention: torch.Tensor, text_token_probs: list[float],
+                         text_tokens: list[int], language: str | None, num_frames: int, prompt_length: int
+                         ) -> list[WordTiming]:
+    """The DTW half of `find_alignment`: `attention` (heads, tokens, frames), the alignment heads' attention of
+    every token of `prompt + text_tokens + [eot]` (a pass over them, or what a decode of that very sequence
+    recorded); `text_token_probs`: each text token's probability among the text tokens."""
+    if not text_tokens:
+        return []
+    weights = attention[:, :, :max(1, num_frames // 2)]
     std, mean = torch.std_mean(weights, dim=-2, keepdim=True, unbiased=False)
     weights = median_filter((weights - mean) / std, MEDIAN_FILTER_WIDTH)
-    matrix = weights.mean(0)[len(start):-1]
+    matrix = weights.mean(0)[prompt_length - 1:-1]
     text_indices, time_indices = dtw(-matrix.double().cpu().numpy())
     words, word_tokens = split_words(tokens, text_tokens + [tokens.eot], language)
     if len(word_tokens) <= 1:

@@ -51,9 +51,10 @@ class TransformersBackend:
         if compile:
             # The encoder always sees (batch, n_mels, 3000): one graph, and most of a window's compute.
             self.network.encode = torch.compile(self.network.encode)
-        self.search = Search(self.network, self.tokens,
-                             LogitRules(self.tokens, self.generation_config, self.network.vocab_size, self.device))
         self.alignment_heads = alignment_heads(self.generation_config, base.config)
+        self.search = Search(self.network, self.tokens,
+                             LogitRules(self.tokens, self.generation_config, self.network.vocab_size, self.device),
+                             self.alignment_heads)
         self.alignatt_decoder = AlignAttDecoder(self.network, self.tokens, self.search.rules, self.alignment_heads)
         self.multilingual = self.tokens.multilingual
         self.languages = self.tokens.languages
