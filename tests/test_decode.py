@@ -303,6 +303,8 @@ def test_a_text_only_decode_records_what_the_alignment_pass_would_compute(base_t
     """Word timestamps of a clip without timestamp tokens come from the decode's own attention: it runs the very
     sequence openai/whisper's alignment pass runs again. Rows of one batch ending at different steps each keep
     their own attention, their end-of-text row included, and give the pass's words."""
+    from dataclasses import replace
+
     import torch
 
     from whisper_lora.decode.longform import clip_features
@@ -331,7 +333,9 @@ def test_a_text_only_decode_records_what_the_alignment_pass_would_compute(base_t
                                 "transcribe", frames)
         assert [(w.word, w.start, w.end) for w in recorded] == [(w.word, w.start, w.end) for w in passed]
         assert len(recorded) > 1
-    # nothing is recorded where nothing will use it, nor in beam search (each beam would carry it)
-    for other in (DecodeOptions(without_timestamps=True, temperature=(0.0,)), DecodeOptions(
-            word_timestamps=True, without_timestamps=True, temperature=(0.0,), num_beams=2)):
-        assert all(r.attention is None for r in backend.decode(encoded, [prefix] * len(clips), other, False))
+    # nothing is recorded where nothing will use it: no words asked for, beam search (each beam would carry it),
+    # a window after previous text (not the sequence the alignment pass runs)
+    prompted = tokens.prefix("en", "transcribe", False, tokens.prompt_ids("Inspector Gregson's notes."))
+    for other, first in ((DecodeOptions(without_timestamps=True, temperature=(0.0,)), prefix),
+                         (replace(options, num_beams=2), prefix), (options, prompted)):
+        assert all(r.attention is None for r in backend.decode(encoded, [first] * len(clips), other, False))

@@ -226,7 +226,9 @@ class Search:
         hottest, often garbled, one). A text-only decode for word timestamps records what they need
         (WindowResult.attention), except in beam search, whose beams would each have to carry it.
         """
-        record = options.word_timestamps and not timestamps and self.alignment_heads is not None
+        # a window after previous text runs another sequence than the alignment pass's (which has none)
+        record = (options.word_timestamps and not timestamps and self.alignment_heads is not None
+                  and all(prefix[0] == self.tokens.sot for prefix in prefixes))
         sot_index = prefixes[0].index(self.tokens.sot)
         max_new = max(1, min(options.max_new_tokens, MAX_TARGET_TOKENS - len(prefixes[0])))
         attempts: list[list[WindowResult]] = [[] for _ in prefixes]
