@@ -8,6 +8,7 @@ rows from the inputs, minus the rows the output folder already holds -> Ray -> a
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import uuid
@@ -61,6 +62,25 @@ class ShardNames:
         return f"{SHARD_PREFIX}{self.run_id}-{write_uuid}-{task_index:06d}.{self.extension}"
 
 
+# A Ray this command starts for itself shares the machine with the job, and on two cores its daemons' periodic
+# work took ~10% of the CPU (docs/scale.md): their sampling, metrics, usage report and pre-started idle workers
+# are turned down here, for that Ray only. A cluster joined with --ray-address / RAY_ADDRESS keeps its operator's
+# settings. Read by Ray's daemons when they start, hence environment variables set before ray.init; a value
+# already in the environment wins.
+QUIET_LOCAL_RAY_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",  # no report home (hourly, and once a minute in)
+    "REPORTER_UPDATE_INTERVAL_MS": "60000",  # the dashboard agent samples every process (psutil) every 5 s
+    "AUTOSCALER_UPDATE_INTERVAL_S": "30",  # one node: nothing for the autoscaler monitor to add
+    "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0",  # the log monitor lists the log folder 10 times a second,
+    "LOG_NAME_UPDATE_INTERVAL_S": "5",  # log_to_driver being off; every 5 s is plenty
+}
+QUIET_LOCAL_RAY_CONFIG = {
+    "enable_metrics_collection": False,  # Prometheus metrics nobody scrapes (no dashboard)
+    "prestart_worker_first_driver": False,  # a worker per CPU started idle at once; actors start their own
+    "task_events_report_interval_ms": 0,  # task events for `ray list tasks` / the timeline, flushed every second
+}
+
+
 def connect(ray, address: str | None):
     """This machine's Ray (or the cluster `address` names, or RAY_ADDRESS's), quiet unless something fails."""
     import logging
@@ -68,8 +88,23 @@ def connect(ray, address: str | None):
     if ray.is_initialized():  # a caller's own session (a notebook, a test's cluster)
         return
     kwargs = {"address": address} if address else {}
+    if not address and not os.environ.get("RAY_ADDRESS"):
+        for name, value in QUIET_LOCAL_RAY_ENV.items():
+            os.environ.setdefault(name, value)
+        # Ray reads RAY_<key> too, but _system_config would win over it
+        kwargs["_system_config"] = {key: value for key, value in QUIET_LOCAL_RAY_CONFIG.items()
+                                    if f"RAY_{key}" not in os.environ}
     ray.init(**kwargs, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
              configure_logging=True)
+
+
+def quiet_data_context(ray) -> None:
+    """Ray Data's per-job background work that costs CPU on a small machine: a thread in every actor call reading
+    the process's memory map once a second (USS, for a statistic), and a progress bar per operator redrawn
+    beside the job's own (rows, resources), which stays."""
+    context = ray.data.DataContext.get_current()
+    context.memory_usage_poll_interval_s = None
+    context.enable_operator_progress_bars = False
 
 
 def run(config: TranscribeConfig) -> int:
@@ -96,6 +131,7 @@ def run(config: TranscribeConfig) -> int:
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     if todo:
         connect(ray, config.ray_address)
+        quiet_data_context(ray)
         resources = ray.cluster_resources()
         per_worker = config.gpus_per_worker or config.cpus_per_worker
         available = resources.get("GPU" if config.gpus_per_worker else "CPU", 0)
