@@ -299,7 +299,7 @@ def test_the_ct2_backend_pads_clips_as_trained_and_long_form_as_openai_whisper(c
     assert len(seen) >= 2 and np.all(seen[-1][..., -100:] == 0.0)
 
 
-def test_a_text_only_decode_records_what_the_alignment_pass_would_compute(base_transcriber):
+def test_a_text_only_decode_records_what_the_alignment_pass_would_compute(base_transcriber, monkeypatch):
     """Word timestamps of a clip without timestamp tokens come from the decode's own attention: it runs the very
     sequence openai/whisper's alignment pass runs again. Rows of one batch ending at different steps each keep
     their own attention, their end-of-text row included, and give the pass's words."""
@@ -334,8 +334,18 @@ def test_a_text_only_decode_records_what_the_alignment_pass_would_compute(base_t
         assert [(w.word, w.start, w.end) for w in recorded] == [(w.word, w.start, w.end) for w in passed]
         assert len(recorded) > 1
     # nothing is recorded where nothing will use it: no words asked for, beam search (each beam would carry it),
-    # a window after previous text (not the sequence the alignment pass runs)
+    # a window after previous text (not the sequence the alignment pass runs), a window cut off before its
+    # end-of-text (the pass would add one the decode never ran)
     prompted = tokens.prefix("en", "transcribe", False, tokens.prompt_ids("Inspector Gregson's notes."))
+    forced = prefix + tokens.prompt_ids("He turned")
     for other, first in ((DecodeOptions(without_timestamps=True, temperature=(0.0,)), prefix),
-                         (replace(options, num_beams=2), prefix), (options, prompted)):
+                         (replace(options, num_beams=2), prefix), (options, prompted), (options, forced),
+                         (replace(options, max_new_tokens=3), prefix)):
         assert all(r.attention is None for r in backend.decode(encoded, [first] * len(clips), other, False))
+    # and those windows get their words from the pass
+    ((cut, _),) = backend.transcribe_batch(clips[1:2], ["en"], replace(options, max_new_tokens=3))
+    assert len(cut[0].words) >= 2 and cut[0].words[0].start < cut[0].words[-1].start
+    # the others never run it
+    monkeypatch.setattr(backend, "align", lambda *args: pytest.fail("the recorded attention was not used"))
+    for segments, _ in backend.transcribe_batch(clips, ["en"] * len(clips), options):
+        assert [w.word for w in segments[0].words] and all(w.start <= w.end for w in segments[0].words)

@@ -106,7 +106,7 @@ class Search:
         generators = [torch.Generator(device=net.device).manual_seed(SAMPLING_SEED) for _ in range(rows)] \
             if temperature > 0 else []
         for step in range(max_new):
-            # before the logit rules, which write into `logits`: find_alignment's probabilities are the model's own
+            # before the logit rules: find_alignment's probabilities are the model's own
             text_logprobs = logits[:, :eot].log_softmax(-1) if record else None
             logits = self.rules.apply(logits, [sampled[i] for i in active], step == 0, timestamps, encoded.shape[1])
             if temperature > 0:
@@ -115,6 +115,8 @@ class Search:
             else:
                 chosen = logits.argmax(-1)
             logprobs = logits.log_softmax(-1).gather(1, chosen[:, None]).squeeze(1).tolist()
+            if record:  # a special token (a timestamp, sampled hot) has none; its window falls back to the pass
+                among_text = text_logprobs.gather(1, chosen.clamp(max=eot - 1)[:, None]).squeeze(1).exp().tolist()
             keep = []
             for j, (i, token) in enumerate(zip(active, chosen.tolist())):
                 totals[i] += logprobs[j]
@@ -123,7 +125,7 @@ class Search:
                     sampled_logprobs[i].append(logprobs[j])
                     keep.append(j)
                     if record:
-                        text_probs[i].append(float(text_logprobs[j, token].exp()))
+                        text_probs[i].append(among_text[j] if token < eot else 0.0)
                 else:
                     ends[i] = logprobs[j]
                     ended.add(i)
@@ -226,9 +228,10 @@ class Search:
         hottest, often garbled, one). A text-only decode for word timestamps records what they need
         (WindowResult.attention), except in beam search, whose beams would each have to carry it.
         """
-        # a window after previous text runs another sequence than the alignment pass's (which has none)
+        # the alignment pass's sequence: no previous text before the prompt, no forced text after it
         record = (options.word_timestamps and not timestamps and self.alignment_heads is not None
-                  and all(prefix[0] == self.tokens.sot for prefix in prefixes))
+                  and all(prefix[0] == self.tokens.sot and prefix[-1] == self.tokens.no_timestamps
+                          for prefix in prefixes))
         sot_index = prefixes[0].index(self.tokens.sot)
         max_new = max(1, min(options.max_new_tokens, MAX_TARGET_TOKENS - len(prefixes[0])))
         attempts: list[list[WindowResult]] = [[] for _ in prefixes]
@@ -262,6 +265,10 @@ class Search:
             fluent = [r for r in attempts[i] if threshold is None or r.compression_ratio <= threshold]
             best = max(fluent or attempts[i], key=lambda r: r.avg_logprob)
             results[i] = replace(best, temperature=options.temperature[-1])  # no prompt from it, as the hottest
+        for i, tried in enumerate(attempts):  # the attention of attempts not kept is not held on to
+            for result in tried:
+                if result.attention is not None and result.tokens is not results[i].tokens:
+                    result.attention = None
         return results
 
     def detect_language(self, encoded: torch.Tensor, adapters: list[str] | None = None) -> list[tuple[str, float]]:
