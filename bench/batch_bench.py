@@ -9,7 +9,10 @@ order, with pauses and a random gain, 1-25 s each. Every configuration runs the 
 process and is timed from start to exit (model loading and, for Ray, starting Ray and its actors
 included): what a user waits for. WER against the references checks that every run read the same files.
 
-Ray's overhead = Ray's wall time / the single process's - 1, with the same CPUs doing the decoding.
+Ray's overhead = Ray's wall time / the single process's - 1, with the same CPUs doing the decoding. With
+`--repeats N` the configurations run in turn N times (one process, Ray, Ray, one process, …) and each ratio is
+the median of the rounds' own ratios: this shared machine's speed drifts by 15-20% between minutes, more than
+the 10% the overhead is held to, so one run of each tells little.
 The projection to N machines assumes the per-worker rate measured here and no shared bottleneck (the
 files are read from local disk or object storage by each worker, and nothing else is shared).
 """
@@ -71,6 +74,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--files", type=int, default=220, help="recordings made of the repository's real clips")
     parser.add_argument("--model", default=None, help="default: the embedded whisper-base")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds of every configuration, in turn")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / f"batch_{platform.node()}.json")
     args = parser.parse_args()
     from whisper_lora.batch import read_shards
@@ -90,27 +94,40 @@ def main() -> None:
         configs.append((f"transcribe --ray, {workers} worker{'s' * (workers > 1)} x {per} CPU", cpus, workers,
                         base + ["--ray", "--output-dir", str(work / f"ray-{workers}"), "--num-workers", str(workers),
                                 "--cpus-per-worker", str(per)]))
+    import shutil
+    import statistics
+
+    walls: dict[str, list[float]] = {name: [] for name, *_ in configs}
+    texts_of: dict[str, dict[str, str]] = {}
+    for round_ in range(args.repeats):
+        for name, used_cpus, workers, command in configs:
+            if "--ray" in command:  # a fresh output folder: the same command again would resume, not transcribe
+                shutil.rmtree(command[command.index("--output-dir") + 1], ignore_errors=True)
+            walls[name].append(timed(command))
+            if "--ray" in command:
+                shards, _ = read_shards(command[command.index("--output-dir") + 1], set_aside=False)
+                texts_of[name] = {r["path"]: r["text"] or "" for r in shards}
+            else:
+                texts_of[name] = {}
+                for line in Path(work / "single.jsonl").read_text().splitlines():
+                    row = json.loads(line)
+                    texts_of[name][row["path"]] = row["text"]
+            print(f"round {round_ + 1}: {name}: {walls[name][-1]:.1f} s", flush=True)
     rows = []
+    single_name = configs[0][0]
     for name, used_cpus, workers, command in configs:
-        wall = timed(command)
-        if "--ray" in command:
-            shards, _ = read_shards(command[command.index("--output-dir") + 1], set_aside=False)
-            texts = {r["path"]: r["text"] or "" for r in shards}
-        else:
-            texts = {}
-            for line in Path(work / "single.jsonl").read_text().splitlines():
-                row = json.loads(line)
-                texts[row["path"]] = row["text"]
-        paths = list(corpus)
+        texts, paths = texts_of[name], list(corpus)
         wer = error_rate([corpus[p] for p in paths], [texts.get(p, "") for p in paths], "wer", ["en"] * len(paths))
+        wall = statistics.median(walls[name])
         rate = audio_s / wall
+        ratios = [mine / single for mine, single in zip(walls[name], walls[single_name])]
         rows.append({"system": name, "workers": workers, "files": len(texts), "wall_s": round(wall, 1),
+                     "wall_s_runs": [round(w, 1) for w in walls[name]],
                      "audio_hours_per_wall_hour": round(rate, 1),
-                     "per_worker": round(rate / workers, 1), "wer": round(wer * 100, 2)})
+                     "per_worker": round(rate / workers, 1), "wer": round(wer * 100, 2),
+                     "vs_one_process": round(statistics.median(ratios), 3),
+                     "vs_one_process_runs": [round(r, 3) for r in ratios]})
         print(rows[-1], flush=True)
-    single = rows[0]["wall_s"]
-    for row in rows:
-        row["vs_one_process"] = round(row["wall_s"] / single, 3)
     print(f"\n{len(corpus)} real-speech files, {audio_s / 60:.1f} min of audio; {machine()}\n")
     print(format_table(["system", "files", "wall s", "x one process", "audio-h per wall-h", "per worker", "WER"],
                        [[r["system"], r["files"], f"{r['wall_s']:.1f}", f"{r['vs_one_process']:.2f}",
@@ -124,7 +141,7 @@ def main() -> None:
           f"~{10000 / (100 * machine_rate):.1f} h.")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": machine(), "cpus": cpus, "files": len(corpus),
-                                    "audio_s": round(audio_s, 1), "rows": rows}, indent=2))
+                                    "audio_s": round(audio_s, 1), "repeats": args.repeats, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":
