@@ -22,6 +22,8 @@ import argparse
 import json
 import os
 import platform
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -94,9 +96,6 @@ def main() -> None:
         configs.append((f"transcribe --ray, {workers} worker{'s' * (workers > 1)} x {per} CPU", cpus, workers,
                         base + ["--ray", "--output-dir", str(work / f"ray-{workers}"), "--num-workers", str(workers),
                                 "--cpus-per-worker", str(per)]))
-    import shutil
-    import statistics
-
     walls: dict[str, list[float]] = {name: [] for name, *_ in configs}
     texts_of: dict[str, dict[str, str]] = {}
     for round_ in range(args.repeats):

@@ -170,7 +170,7 @@ def _decoded_as_aligned(tokens: SpecialTokens, result: WindowResult, prefix: lis
     """Whether the decode recorded the attention of the very sequence `find_alignment` would run: the plain
     text-only prompt (no previous text, no forced prefix) and the text as sampled, ended by end-of-text."""
     return (result.attention is not None and prefix == tokens.prompt(language, task, timestamps=False)
-            and text == result.tokens and result.attention.shape[1] == len(prefix) + len(text) + 1)
+            and text == result.tokens)
 
 
 def _time_in(offset: float, length: float):

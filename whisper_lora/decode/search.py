@@ -130,23 +130,14 @@ class Search:
                     ends[i] = logprobs[j]
                     ended.add(i)
             last = not keep or step == max_new - 1
-            if record and len(keep) < len(active):
-                # the windows that chose end-of-text run it too (the alignment pass's last row, part of its
-                # normalisation) in the step the others take anyway, and leave after it
-                hidden = net.step(chosen[:, None], caches, heads)
-                for j, i in enumerate(active):
-                    attention[i].append(caches.attention[j])
-                if last:
-                    break
-                index = torch.tensor(keep, device=net.device)
-                caches.select(index)
-                active = [active[j] for j in keep]
-                logits = net.logits(hidden[index])
-                continue
-            if last:
+            leaving = len(keep) < len(active)
+            # a recording decode runs the end-of-text of the windows that chose it too (the alignment pass's last
+            # row, part of its normalisation) in the step the others take anyway: they leave after it, not before
+            leave_after = record and leaving
+            if last and not leave_after:
                 break
-            if len(keep) < len(active):
-                index = torch.tensor(keep, device=net.device)
+            index = torch.tensor(keep, device=net.device) if leaving else None
+            if leaving and not leave_after:
                 caches.select(index)
                 chosen = chosen[index]
                 active = [active[j] for j in keep]
@@ -154,6 +145,12 @@ class Search:
             if record:
                 for j, i in enumerate(active):
                     attention[i].append(caches.attention[j])
+            if last:
+                break
+            if leave_after:
+                caches.select(index)
+                hidden = hidden[index]
+                active = [active[j] for j in keep]
             logits = net.logits(hidden)
         return [Sampled(sampled[i], totals[i], no_speech[i], sampled_logprobs[i], ends[i],
                         torch.cat(attention[i], 1) if record and i in ended else None,
@@ -265,10 +262,6 @@ class Search:
             fluent = [r for r in attempts[i] if threshold is None or r.compression_ratio <= threshold]
             best = max(fluent or attempts[i], key=lambda r: r.avg_logprob)
             results[i] = replace(best, temperature=options.temperature[-1])  # no prompt from it, as the hottest
-        for i, tried in enumerate(attempts):  # the attention of attempts not kept is not held on to
-            for result in tried:
-                if result.attention is not None and result.tokens is not results[i].tokens:
-                    result.attention = None
         return results
 
     def detect_language(self, encoded: torch.Tensor, adapters: list[str] | None = None) -> list[tuple[str, float]]:
