@@ -13,9 +13,21 @@ which returns `(segments, info)` with `segments` a lazy iterator, as in faster-w
 """
 from __future__ import annotations
 
-from .ct2_backend import CT2Backend
-from .transformers_backend import TransformersBackend, default_device
 from .types import GREEDY, Backend, DecodeOptions, Segment, Sentiment, TranscriptionInfo, Word, join_text
+
+# The backends import torch (2.4 s on two cores). Loaded when first named, so a process that only describes a
+# decode (DecodeOptions, Segment: `transcribe --ray`'s driver, which hands the decoding to its actors) never
+# pays for it.
+_BACKENDS = {"CT2Backend": "ct2_backend", "TransformersBackend": "transformers_backend",
+             "default_device": "transformers_backend"}
+
+
+def __getattr__(name: str):
+    if name in _BACKENDS:
+        from importlib import import_module
+
+        return getattr(import_module(f".{_BACKENDS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def load_backend(model: str | None = None, backend: str = "transformers", compute_type: str = "default",
@@ -25,6 +37,8 @@ def load_backend(model: str | None = None, backend: str = "transformers", comput
     `device` and `dtype` as `--device` and `--dtype` take them (see devices.py)."""
     from ..devices import torch_placement
     from ..models import ct2_model_dir, load_model, recorded_audio_ctx, resolve_model
+    from .ct2_backend import CT2Backend
+    from .transformers_backend import TransformersBackend
 
     if backend == "ct2":
         return CT2Backend(ct2_model_dir(model), compute_type, device or "auto", dtype=dtype)
