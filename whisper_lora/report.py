@@ -24,7 +24,11 @@ def machine() -> str:
     name = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as info:
-            name = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), name)
+            lines = info.read().splitlines()
+        name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), name)
+        flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), None)
+        if flags is not None:  # "AMD EPYC" alone names CPUs with and without AVX-512, which differ in speed
+            name += ", AVX-512" if "avx512f" in flags else ", no AVX-512"
     except OSError:
         pass
     return f"{os.cpu_count()} CPU cores ({name})"
