@@ -38,8 +38,11 @@ SR = 16000
 
 @pytest.fixture(scope="session", autouse=True)
 def isolated_cache(tmp_path_factory):
-    """Model conversions go to a per-session cache, so tests never depend on a user's cache."""
-    os.environ["WHISPER_LORA_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    """Model conversions go to a cache of this `pytest` run, so tests never depend on a user's cache. Its xdist
+    workers share it (conversions take a file lock each): each embedded model is converted once per run."""
+    cache = session_root(tmp_path_factory) / "model-cache"
+    cache.mkdir(exist_ok=True)
+    os.environ["WHISPER_LORA_CACHE"] = str(cache)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
 

@@ -1,10 +1,12 @@
-"""End-to-end CLI runs in real subprocesses: every command, and every bad input as a one-line error."""
+"""End-to-end CLI runs in real subprocesses: every command, and every bad input as a one-line error. Bad audio
+is found only after the model has loaded, so those runs call the entry point in this process (the message and
+exit code are main()'s own; a subprocess would add ~10 s of imports to each)."""
 import dataclasses
 import json
 
 import pytest
 
-from conftest import REPO, assert_one_line_error, run_cli, write_tone
+from conftest import REPO, assert_one_line_error, cli_here, run_cli, write_tone
 from whisper_lora.cli import STAGES
 
 
@@ -76,20 +78,20 @@ def test_missing_audio_file(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("content,problem", [(b"", "audio file is empty"), (b"RIFF\x00\x00\x00\x00WAVEfmt junk", "cannot decode audio")])
-def test_empty_or_corrupt_audio_in_transcribe(tiny_model_dir, tmp_path, content, problem):
+def test_empty_or_corrupt_audio_in_transcribe(tiny_model_dir, tmp_path, content, problem, capsys):
     (tmp_path / "bad.wav").write_bytes(content)
-    result = run_cli("transcribe", str(tmp_path / "bad.wav"), "--model", str(tiny_model_dir))
+    result = cli_here(capsys, "transcribe", str(tmp_path / "bad.wav"), "--model", str(tiny_model_dir))
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert f"bad.wav: {problem}" in result.stderr
 
 
-def test_zero_sample_audio_in_transcribe(tiny_model_dir, tmp_path):
+def test_zero_sample_audio_in_transcribe(tiny_model_dir, tmp_path, capsys):
     import numpy as np
     import soundfile as sf
 
     sf.write(tmp_path / "zero.wav", np.zeros(0, np.float32), 16000)
-    result = run_cli("transcribe", str(tmp_path / "zero.wav"), "--model", str(tiny_model_dir))
+    result = cli_here(capsys, "transcribe", str(tmp_path / "zero.wav"), "--model", str(tiny_model_dir))
     assert result.returncode == 1 and "zero.wav: audio has zero samples" in result.stderr
 
 

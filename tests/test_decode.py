@@ -341,7 +341,7 @@ def test_a_text_only_decode_records_what_the_alignment_pass_would_compute(base_t
     for other, first in ((DecodeOptions(without_timestamps=True, temperature=(0.0,)), prefix),
                          (replace(options, num_beams=2), prefix), (options, prompted), (options, forced),
                          (replace(options, max_new_tokens=3), prefix)):
-        assert all(r.attention is None for r in backend.decode(encoded, [first] * len(clips), other, False))
+        assert all(r.attention is None for r in backend.decode(encoded[:1], [first], other, False))
     # and those windows get their words from the pass
     ((cut, _),) = backend.transcribe_batch(clips[1:2], ["en"], replace(options, max_new_tokens=3))
     assert len(cut[0].words) >= 2 and cut[0].words[0].start < cut[0].words[-1].start

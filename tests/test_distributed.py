@@ -23,20 +23,29 @@ def losses(out) -> list[float]:
     return [h["loss"] for h in json.loads((out / "metrics.json").read_text())["history"] if "loss" in h]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def single_process(tiny_model_dir, tmp_path_factory):
-    from conftest import DEMO
+    """The reference: the same run in one process, trained once per `pytest` run (xdist workers take turns at a
+    lock, the first trains, the others read its metrics) and in this process: only the runs under test need
+    launchers of their own."""
+    from filelock import FileLock
 
-    corpus = tmp_path_factory.mktemp("corpus")
-    rows = (DEMO / "train.jsonl").read_text(encoding="utf-8").splitlines()
-    (corpus / "audio").mkdir()
-    for line in rows[:20]:
-        path = json.loads(line)["audio"]["path"]
-        shutil.copy(DEMO / path, corpus / path)
-    (corpus / "train.jsonl").write_text("\n".join(rows[:16]) + "\n", encoding="utf-8")
-    (corpus / "dev.jsonl").write_text("\n".join(rows[16:20]) + "\n", encoding="utf-8")
-    out = tmp_path_factory.mktemp("single")
-    run_launcher([sys.executable, "-m", "whisper_lora", *train_args(tiny_model_dir, corpus, out, GLOBAL_BATCH)])
+    from conftest import DEMO, session_root
+    from whisper_lora.cli import main
+
+    root = session_root(tmp_path_factory)
+    corpus, out = root / "distributed-corpus", root / "distributed-single"
+    with FileLock(str(root / "distributed.lock")):
+        if not (out / "metrics.json").is_file():
+            rows = (DEMO / "train.jsonl").read_text(encoding="utf-8").splitlines()
+            (corpus / "audio").mkdir(parents=True, exist_ok=True)
+            for line in rows[:20]:
+                path = json.loads(line)["audio"]["path"]
+                shutil.copy(DEMO / path, corpus / path)
+            (corpus / "train.jsonl").write_text("\n".join(rows[:16]) + "\n", encoding="utf-8")
+            (corpus / "dev.jsonl").write_text("\n".join(rows[16:20]) + "\n", encoding="utf-8")
+            shutil.rmtree(out, ignore_errors=True)  # a worker that died mid-run
+            assert main([*train_args(tiny_model_dir, corpus, out, GLOBAL_BATCH)]) == 0
     return corpus, losses(out)
 
 

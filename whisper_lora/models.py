@@ -240,6 +240,8 @@ def ct2_model_dir(spec: str | None) -> str:
 
             target.mkdir(parents=True, exist_ok=True)
             with FileLock(str(target) + ".lock"):
+                if (target / "model.bin").is_file():  # joined by another process while this one waited
+                    return str(target)
                 source = _package_dir(em.package, em.pip) / em.subdir
                 for name in ("config.json", "tokenizer.json", "vocabulary.txt"):
                     if (source / name).is_file():
