@@ -395,6 +395,8 @@ def start_processes(config: TrainConfig, trackers: list[str]) -> tuple[object, P
             import deepspeed  # noqa: F401
         except ImportError:
             raise UserError("--deepspeed needs the deepspeed package: pip install 'whisper-lora[deepspeed]'") from None
+        if not torch.cuda.is_available():
+            skip_deepspeed_shm_build()
         from accelerate.utils import DeepSpeedPlugin
 
         deepspeed_plugin = DeepSpeedPlugin(hf_ds_config=config.deepspeed)
@@ -808,6 +810,16 @@ def write_run_card(loop: Loop, state) -> None:
             kind="adapter" if (loop.out / folder / "adapter_config.json").is_file() else "merged",
             base_model=public_name(config.model), languages=languages, datasets=datasets, scores=scores,
             training_config=dataclasses.asdict(config)))
+
+
+def skip_deepspeed_shm_build() -> None:
+    """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (its ShareMemCommBuilder op) in every new
+    environment when it starts: ~40 s of C++ on two idle cores, 100 s+ on busy ones, for a kernel only its
+    inference all_reduce calls; training reduces through gloo. Marked unavailable, DeepSpeed skips the build
+    (the same way it does on platforms the kernel does not support)."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def deepspeed_stage(accelerator) -> int | None:
