@@ -25,7 +25,7 @@ demo: install
 	$(BIN)/whisper-lora demo
 
 # One pytest-xdist worker per core (at most 4), one compute thread each (tests/conftest.py): on two cores
-# the suite's tests take ~12.5 min (12m37s with another process keeping one core busy) instead of ~21.5 as one process. `pytest` alone runs in one process, for one file.
+# the suite's tests take ~12.5-14 min (13m54s on an AMD EPYC without AVX-512) instead of ~21.5 as one process. `pytest` alone runs in one process, for one file.
 test: install
 	$(BIN)/python -m pytest -n auto --maxprocesses 4 --dist worksteal
 
