@@ -816,10 +816,13 @@ def skip_deepspeed_shm_build() -> None:
     """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (its ShareMemCommBuilder op) in every new
     environment when it starts: ~40 s of C++ on two idle cores, 100 s+ on busy ones, for a kernel only its
     inference all_reduce calls; training reduces through gloo. Marked unavailable, DeepSpeed skips the build
-    (the same way it does on platforms the kernel does not support)."""
+    (the same way it does on platforms the kernel does not support). A DeepSpeed without that table builds as it
+    would have: slower to start, never a failure."""
     import deepspeed.ops
 
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if isinstance(compatible, dict):
+        compatible["deepspeed_shm_comm"] = False
 
 
 def deepspeed_stage(accelerator) -> int | None:
